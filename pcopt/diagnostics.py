@@ -1,0 +1,73 @@
+"""Spectral diagnostics from the paper: modified condition number (MCN) and its geometric mean (GMCN)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from pcopt.parametrizations import _full, effective_weight, is_preconditioned
+
+__all__ = ["ATTENTION_FFN_TARGETS", "modified_condition_number", "condition_numbers", "gmcn"]
+
+# Every attention (q, k, v, fused qkv, output) and FFN matrix, torchtitan and Hugging Face Llama names.
+ATTENTION_FFN_TARGETS = (
+    r"(^|\.)(attention\.(wq|wk|wv|wqkv|wo)|feed_forward\.w[123]"
+    r"|self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate|up|down)_proj)$"
+)
+
+
+@torch.no_grad()
+def modified_condition_number(W: Tensor, fraction: float = 0.1) -> Tensor:
+    """``sigma_1 / mean(bottom k singular values)``, ``k = max(1, ceil(fraction * min(m, n)))``.
+
+    Computed in float64; ``W`` is a matrix (returns a 0-d tensor) or a batch ``(..., m, n)``. A matrix whose
+    bottom singular values are all zero has MCN ``inf``.
+    """
+    if W.ndim < 2:
+        raise ValueError(
+            f"modified_condition_number expects a matrix or a batch of matrices, got shape {tuple(W.shape)}."
+        )
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
+    s = torch.linalg.svdvals(_full(W).detach().to(torch.float64))  # descending
+    k = max(1, math.ceil(fraction * s.shape[-1]))
+    return s[..., 0] / s[..., -k:].mean(dim=-1)
+
+
+def condition_numbers(model: nn.Module, targets: str | None = None) -> dict[str, float]:
+    """MCN of every attention/FFN matrix in ``model`` (of ``W_eff`` for preconditioned ones), by weight FQN.
+
+    Sharded weights are all-gathered (every rank must call it).
+    """
+    pattern = re.compile(targets or ATTENTION_FFN_TARGETS)
+    out: dict[str, float] = {}
+    for fqn, mod in model.named_modules():
+        if not pattern.search(fqn):
+            continue
+        if is_preconditioned(mod, "weight"):
+            W = effective_weight(mod, "weight", include_gamma=False)
+        elif isinstance(mod._parameters.get("weight"), Tensor) and not parametrize.is_parametrized(
+            mod, "weight"
+        ):
+            W = mod._parameters["weight"]
+        else:
+            continue
+        if W.ndim != 2:
+            continue
+        out[f"{fqn}.weight"] = float(modified_condition_number(W))
+    return out
+
+
+def gmcn(model: nn.Module, targets: str | None = None) -> float:
+    """Geometric mean of the MCN over all attention and FFN matrices (``W_eff`` for preconditioned ones)."""
+    values = list(condition_numbers(model, targets).values())
+    if not values:
+        raise ValueError(
+            "gmcn found no attention/FFN matrices in the model; pass targets=<regex on module names> "
+            f"(the default is {ATTENTION_FFN_TARGETS!r})."
+        )
+    return math.exp(sum(math.log(v) for v in values) / len(values))

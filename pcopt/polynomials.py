@@ -1,0 +1,108 @@
+"""Odd matrix polynomials that flatten a spectrum, and their evaluation on the smaller Gram matrix.
+
+An odd polynomial ``p(x) = a_0 x + a_1 x^3 + ... + a_k x^(2k+1)`` acts on the singular values of a
+matrix ``X = U diag(s) V^T`` as ``p(X) = U diag(p(s)) V^T``. Writing ``q(g) = a_0 + a_1 g + ... + a_k g^k``,
+``p(X) = X q(X^T X)`` (tall ``X``) ``= q(X X^T) X`` (wide ``X``), so only the ``min(m, n)``-sized Gram
+matrix is ever formed.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+from torch import Tensor
+
+__all__ = ["PC_COEFFICIENTS", "polynomial", "apply_polynomial", "validate_coefficients", "evaluate_scalar"]
+
+# Coefficients (a_0, a_1, ...) of x, x^3, x^5, ... for the PC layer polynomials, by degree of p.
+# Source: Wang et al., "PC Layer: Polynomial Weight Preconditioning" (2026), released training configs
+# (pc_level 1..4). Each set sums to 1, so p(1) = 1 and the top singular direction keeps its scale.
+PC_COEFFICIENTS: dict[int, tuple[float, ...]] = {
+    3: (1.507, -0.507),
+    5: (2.083, -1.643, 0.560),
+    7: (2.909, -4.649, 4.023, -1.283),
+    9: (3.625, -9.261, 14.097, -10.351, 2.890),
+}
+
+
+def polynomial(degree: int) -> tuple[float, ...]:
+    """Return the coefficients of the PC polynomial of the given degree (3, 5, 7 or 9).
+
+    The tuple holds the coefficients of ``x, x^3, x^5, ...`` in that order.
+    """
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree not in PC_COEFFICIENTS:
+        raise ValueError(
+            f"Unsupported PC polynomial degree: expected one of {sorted(PC_COEFFICIENTS)}, got {degree!r}. "
+            "Pass degree=3, 5, 7 or 9, or give your own odd polynomial with coefficients=(a_1, a_3, ...)."
+        )
+    return PC_COEFFICIENTS[degree]
+
+
+def evaluate_scalar(coefficients: Sequence[float], x):
+    """Evaluate the odd polynomial on scalars or arrays (numpy or torch): ``sum_j a_j x^(2j+1)``."""
+    x2 = x * x
+    acc = 0.0 * x + coefficients[-1]
+    for a in reversed(coefficients[:-1]):
+        acc = acc * x2 + a
+    return acc * x
+
+
+def validate_coefficients(coefficients: Sequence[float]) -> tuple[float, ...]:
+    """Check a custom coefficient set and return it as a tuple of floats.
+
+    The coefficients are those of the odd powers ``x, x^3, x^5, ...``. They must be finite and non-empty.
+    A set that does not map 1 to 1 (``sum != 1``) is accepted with a warning: the top singular value is then
+    rescaled by ``p(1)`` and only the learnable gamma can compensate.
+    """
+    if isinstance(coefficients, (str, bytes)) or not isinstance(coefficients, Sequence):
+        raise ValueError(
+            "PC coefficients must be a sequence of floats (the coefficients of x, x^3, x^5, ...), "
+            f"got {type(coefficients).__name__}. Example: coefficients=(1.5, -0.5)."
+        )
+    try:
+        values = tuple(float(c) for c in coefficients)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"PC coefficients must all be real numbers (coefficients of x, x^3, x^5, ...), got {coefficients!r}."
+        ) from None
+    if not values:
+        raise ValueError(
+            "PC coefficients are empty: expected at least one coefficient (of x). Example: coefficients=(1.5, -0.5)."
+        )
+    if not all(math.isfinite(c) for c in values):
+        raise ValueError(f"PC coefficients must be finite, got {values}. Remove the inf/nan entries.")
+    total = math.fsum(values)
+    if abs(total - 1.0) > 1e-6:
+        warnings.warn(
+            f"PC coefficients {values} sum to {total:.6g}, so p(1) != 1: the top singular value of the "
+            "effective weight is scaled by that factor. Normalise them to sum to 1 to keep the scale of W.",
+            stacklevel=3,
+        )
+    return values
+
+
+def apply_polynomial(X: Tensor, coefficients: Sequence[float]) -> Tensor:
+    """Apply the odd polynomial with ``coefficients`` (of ``x, x^3, ...``) to the singular values of ``X``.
+
+    ``X`` is a matrix ``(m, n)`` or a batch ``(..., m, n)``. The Gram matrix of the smaller side is formed
+    once and ``q`` is evaluated by Horner's rule with one matmul per coefficient after the first and an
+    in-place diagonal shift (no identity matrix is materialised). Differentiable.
+    """
+    if X.ndim < 2:
+        raise ValueError(
+            f"apply_polynomial expects a matrix or a batch of matrices, got shape {tuple(X.shape)}."
+        )
+    coefficients = tuple(coefficients)
+    if len(coefficients) == 1:
+        return X * coefficients[0]
+    tall = X.shape[-2] >= X.shape[-1]
+    gram = X.mT @ X if tall else X @ X.mT
+    # Horner: Q = a_k G + a_{k-1} I, then Q = G Q + a_j I down to a_0.
+    q = gram * coefficients[-1]
+    q.diagonal(dim1=-2, dim2=-1).add_(coefficients[-2])
+    for a in reversed(coefficients[:-2]):
+        q = gram @ q
+        q.diagonal(dim1=-2, dim2=-1).add_(a)
+    return X @ q if tall else q @ X
