@@ -90,6 +90,8 @@ class _PolynomialPC(nn.Module):
         self._label = f"weight of shape {tuple(shape)}"
         self._warned_reinit = False
         self._identity_inverse = True  # registration keeps the raw weight as it is
+        # When set (by pcopt.accumulation), forward returns this precomputed W_eff leaf instead.
+        self._cached_weight: Tensor | None = None
         _REGISTRY.add(self)
 
     def __setstate__(self, state) -> None:  # deepcopy / unpickle: keep the copy discoverable
@@ -108,6 +110,8 @@ class _PolynomialPC(nn.Module):
         return self._owner.original
 
     def forward(self, W: Tensor) -> Tensor:
+        if self._cached_weight is not None:
+            return self._cached_weight
         if _is_dtensor(W):
             raise RuntimeError(
                 f"PC layer ({self._label}) received a DTensor weight in forward; it expects the full, unsharded "
