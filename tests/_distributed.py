@@ -48,7 +48,11 @@ def run_distributed(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> 
     port = _free_port()
     try:
         mp.start_processes(
-            _worker, args=(world_size, port, fn, args, errors), nprocs=world_size, join=True, start_method="spawn"
+            _worker,
+            args=(world_size, port, fn, args, errors),
+            nprocs=world_size,
+            join=True,
+            start_method="spawn",
         )
     except Exception as exc:  # ProcessRaisedException carries only the text; prefer the queued traceback
         if not errors.empty():

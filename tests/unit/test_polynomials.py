@@ -1,0 +1,60 @@
+import math
+
+import pytest
+import torch
+
+import pcopt
+from pcopt.polynomials import PC_COEFFICIENTS, apply_polynomial, evaluate_scalar, validate_coefficients
+
+
+def _svd_reference(X: torch.Tensor, coeffs) -> torch.Tensor:
+    """p applied to the singular values through a float64 SVD: U diag(p(s)) V^T."""
+    U, S, Vh = torch.linalg.svd(X.double(), full_matrices=False)
+    return (U * evaluate_scalar(coeffs, S).unsqueeze(-2)) @ Vh
+
+
+@pytest.mark.parametrize("degree", [3, 5, 7, 9])
+def test_coefficients_map_one_to_one_and_amplify_small_values(degree):
+    coeffs = pcopt.polynomial(degree)
+    assert len(coeffs) == (degree + 1) // 2
+    assert math.isclose(evaluate_scalar(coeffs, 1.0), 1.0, abs_tol=1e-9)
+    assert coeffs[0] > 1.0  # p'(0) > 1: small singular values grow
+    # p >= 0.9 from these points on (the reference's flattening thresholds) and never above ~1.02
+    start = {3: 0.726, 5: 0.549, 7: 0.396, 9: 0.320}[degree]
+    y = evaluate_scalar(coeffs, torch.linspace(start, 1.0, 500, dtype=torch.float64))
+    assert y.min() > 0.899 and y.max() < 1.021
+
+
+@pytest.mark.parametrize("degree", [3, 5, 7, 9])
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40), (3, 16, 20), (32, 32)])
+def test_apply_polynomial_matches_svd_reference(degree, shape):
+    g = torch.Generator().manual_seed(degree)
+    X = torch.randn(*shape, generator=g, dtype=torch.float64)
+    X = X / torch.linalg.matrix_norm(X, 2, keepdim=True)  # singular values in [0, 1]
+    coeffs = PC_COEFFICIENTS[degree]
+    ref = _svd_reference(X, coeffs)
+    got64 = apply_polynomial(X, coeffs)
+    assert torch.allclose(got64, ref, atol=1e-12, rtol=0)
+    got32 = apply_polynomial(X.float(), coeffs).double()
+    assert (got32 - ref).norm() / ref.norm() < 1e-6
+
+
+def test_single_coefficient_is_scaling():
+    X = torch.randn(5, 7)
+    assert torch.equal(apply_polynomial(X, (0.5,)), X * 0.5)
+
+
+def test_validate_coefficients():
+    assert validate_coefficients([1.5, -0.5]) == (1.5, -0.5)
+    with pytest.warns(UserWarning, match=r"sum to 2.*p\(1\) != 1"):
+        validate_coefficients((1.0, 1.0))
+    with pytest.raises(ValueError, match="must be finite"):
+        validate_coefficients((1.0, float("nan")))
+    with pytest.raises(ValueError, match="are empty"):
+        validate_coefficients(())
+    with pytest.raises(ValueError, match="sequence of floats"):
+        validate_coefficients("1.5,-0.5")
+    with pytest.raises(
+        ValueError, match="Unsupported PC polynomial degree: expected one of \\[3, 5, 7, 9\\], got 4"
+    ):
+        pcopt.polynomial(4)
