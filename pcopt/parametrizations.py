@@ -257,15 +257,15 @@ def precondition(
             f"{type(module).__name__} has no parameter named {name!r}; expected one of {available}. "
             "Pass the name of a matrix parameter, e.g. name='weight'."
         )
-    if param.ndim not in (2, 3):
-        raise ValueError(
-            f"precondition expects a matrix (out x in) or a batch of matrices for {name!r}, got a tensor of "
-            f"{param.ndim} dimension(s) with shape {tuple(param.shape)}. Precondition only 2-D/3-D weights."
-        )
     if _is_dtensor(param) or type(module).__name__.startswith("FSDP"):
         raise ValueError(
             f"{type(module).__name__}.{name} is already sharded (fully_shard was applied). Call "
             "pcopt.precondition / precondition_model before fully_shard."
+        )
+    if param.ndim not in (2, 3):
+        raise ValueError(
+            f"precondition expects a matrix (out x in) or a batch of matrices for {name!r}, got a tensor of "
+            f"{param.ndim} dimension(s) with shape {tuple(param.shape)}. Precondition only 2-D/3-D weights."
         )
     coeffs = validate_coefficients(coefficients) if coefficients is not None else polynomial(degree)
     _check_int(num_power_iterations, "num_power_iterations", 1)

@@ -124,7 +124,7 @@ def power_iteration_(
         local, index, mesh_dims, _ = _local_view(w)
         dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
         mesh = w.device_mesh if mesh_dims else None
-        key = (id(mesh), mesh_dims, dtype)
+        key = (mesh, mesh_dims, dtype)  # meshes compare by value: equal meshes share one all-reduce
         entry = groups.setdefault(key, (mesh, [], []))
         entry[1].append(_Item(local.to(dtype), u.to(dtype), v.to(dtype), index))
         entry[2].append((u, v))
