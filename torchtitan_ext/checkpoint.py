@@ -1,0 +1,105 @@
+"""torchtitan's DCP checkpoint manager, extended so a dense checkpoint can start a PC run.
+
+A PC run's checkpoints hold, besides torchtitan's usual state (optimizer, lr scheduler, dataloader,
+step), every PC matrix as ``<m>.parametrizations.weight.original`` (raw weight),
+``<m>.parametrizations.weight.0.gamma`` and the power-iteration buffers ``...0.u`` / ``...0.v``; the
+optimizer state is keyed by the same parameter FQNs. Resuming restores all of it, so a resumed run
+continues exactly.
+
+:class:`PCCheckpointManager` adds, for an *initial* load (``--checkpoint.initial_load_path``, used when
+the run's own checkpoint folder is empty):
+
+* a **dense** DCP checkpoint (a baseline run's: ``<m>.weight`` keys) loads into a PC model: each
+  dense weight becomes the raw weight (``pcopt.load_dense_state_dict`` semantics), then gamma is set
+  to 1 and u, v are re-initialised and refreshed for the loaded weights;
+* the same after a Hugging Face initial load (``--checkpoint.initial_load_in_hf``), whose key mapping
+  :class:`torchtitan_ext.state_dict_adapter.PCLlamaStateDictAdapter` provides.
+
+It refuses ``--checkpoint.last_save_in_hf`` for a PC model: that path would write raw weights, not the
+merged ones. Export with ``python -m torchtitan_ext.export`` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed.checkpoint as dcp
+from torchtitan.components.checkpoint import CheckpointManager
+from torchtitan.components.checkpointer.base import DATALOADER, LR_SCHEDULER, MODEL, OPTIMIZER, TRAIN_STATE
+
+import pcopt
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PCCheckpointManager"]
+
+_RAW = ".parametrizations.weight.original"
+_PC_STATE = (
+    ".parametrizations.weight.0.gamma",
+    ".parametrizations.weight.0.u",
+    ".parametrizations.weight.0.v",
+)
+
+
+class PCCheckpointManager(CheckpointManager):
+    """``CheckpointManager`` that starts PC runs from dense checkpoints (see the module docstring)."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(CheckpointManager.Config):
+        pass
+
+    def __init__(self, config: Config, *, model_parts, **kwargs) -> None:
+        self._pc_model_parts = model_parts
+        self._has_pc = any(pcopt.preconditioners(m) for m in model_parts)
+        if self._has_pc and config.enable and config.last_save_in_hf:
+            raise ValueError(
+                "checkpoint.last_save_in_hf would save the raw PC weights, not the merged ones a Hugging Face "
+                "model needs. Save DCP checkpoints and export them with `python -m torchtitan_ext.export "
+                "--config <name> --checkpoint <step folder> --output <dir>` (merged, zero inference overhead)."
+            )
+        super().__init__(config, model_parts=model_parts, **kwargs)
+
+    def _reset_pc_state(self, why: str) -> None:
+        n = sum(pcopt.reset_preconditioners(m) for m in self._pc_model_parts)
+        logger.info("%s: reset gamma to 1 and refreshed u, v of %d PC matrices", why, n)
+
+    def dcp_load(
+        self, state_dict: dict[str, Any], checkpoint_id: str, from_hf: bool, from_quantized: bool
+    ) -> None:
+        if not self._has_pc:
+            return super().dcp_load(state_dict, checkpoint_id, from_hf, from_quantized)
+        if from_hf:
+            super().dcp_load(state_dict, checkpoint_id, from_hf, from_quantized)
+            self._reset_pc_state(f"dense Hugging Face weights loaded from {checkpoint_id}")
+            return
+        saved = set(dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata)
+        raw_keys = [k for k in state_dict if k.endswith(_RAW)]
+        dense_start = bool(raw_keys) and not any(k in saved for k in raw_keys)
+        if not dense_start:
+            return super().dcp_load(state_dict, checkpoint_id, from_hf, from_quantized)
+
+        # A dense checkpoint: load each dense weight in place into the PC raw weight.
+        extra = sorted(k for k in state_dict if k in (OPTIMIZER, LR_SCHEDULER, DATALOADER, TRAIN_STATE))
+        if extra:
+            raise ValueError(
+                f"Checkpoint {checkpoint_id} is dense (no PC keys); it can start a PC run with model weights only, "
+                f"but {extra} were requested too. Pass --checkpoint.initial_load_model_only (the default)."
+            )
+        missing = [k for k in raw_keys if k[: -len(_RAW)] + ".weight" not in saved]
+        if missing:
+            raise RuntimeError(
+                f"Checkpoint {checkpoint_id} has neither PC keys nor dense weights for {missing[:4]} "
+                "(expected '<module>.weight'). It does not match this model's architecture."
+            )
+        remapped = {}
+        for key, value in state_dict.items():
+            if key.endswith(_PC_STATE):
+                continue  # not in a dense checkpoint; reset below
+            if key.endswith(_RAW):
+                key = key[: -len(_RAW)] + ".weight"
+            remapped[key] = value
+        dcp.load(remapped, checkpoint_id=checkpoint_id)
+        self.states[MODEL].load_state_dict({k: v for k, v in state_dict.items() if not k.endswith(_PC_STATE)})
+        self._reset_pc_state(f"dense checkpoint {checkpoint_id} loaded into the PC raw weights")

@@ -1,0 +1,93 @@
+"""PC diagnostics through torchtitan's metrics (console, TensorBoard, W&B).
+
+:class:`PCMetricsProcessor` adds, every ``--metrics.pc_log_freq`` steps (0, the default, turns it
+off: it all-gathers every matrix and runs SVDs), to the metrics torchtitan logs at that step:
+
+* ``pc/gmcn`` - the paper's GMCN: geometric mean over all attention and FFN matrices of
+  sigma_1 / mean(bottom 10% singular values), of W_eff for PC matrices (``pcopt.gmcn``);
+* ``pc/sigma/<fqn>`` and ``pc/gamma/<fqn>`` - the streaming sigma estimate u^T W v + eps and the
+  learned scale of every PC matrix, plus ``pc/sigma_mean`` and ``pc/gamma_mean``.
+
+Metrics are logged only at steps torchtitan logs (``step == 1`` or a multiple of
+``--metrics.log_freq``), so ``pc_log_freq`` must be a multiple of ``log_freq``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+from torchtitan.components.metrics import MetricsProcessor
+
+import pcopt
+from pcopt.spectral import sigma_estimate
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PCMetricsProcessor", "pc_metrics"]
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def pc_metrics(model_parts: list[torch.nn.Module], *, with_gmcn: bool = True) -> dict[str, float]:
+    """GMCN and per-matrix sigma/gamma of ``model_parts``. Collective under FSDP2: call on every rank."""
+    out: dict[str, float] = {}
+    sigmas, gammas = [], []
+    for model in model_parts:
+        for fqn, pc in pcopt.preconditioners(model):
+            raw = _full(pc.raw_weight.detach()).float()
+            sigma = float(sigma_estimate(raw, pc.u.float(), pc.v.float()).flatten()[0]) + pc.eps
+            gamma = float(_full(pc.gamma.detach()).flatten()[0])
+            out[f"pc/sigma/{fqn}"] = sigma
+            out[f"pc/gamma/{fqn}"] = gamma
+            sigmas.append(sigma)
+            gammas.append(gamma)
+    if sigmas:
+        out["pc/sigma_mean"] = sum(sigmas) / len(sigmas)
+        out["pc/gamma_mean"] = sum(gammas) / len(gammas)
+    if with_gmcn:
+        per_matrix = [v for m in model_parts for v in pcopt.condition_numbers(m).values()]
+        if per_matrix:
+            out["pc/gmcn"] = math.exp(sum(math.log(v) for v in per_matrix) / len(per_matrix))
+    return out
+
+
+class PCMetricsProcessor(MetricsProcessor):
+    """torchtitan's ``MetricsProcessor`` plus the PC diagnostics above every ``pc_log_freq`` steps."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(MetricsProcessor.Config):
+        pc_log_freq: int = 0
+        """Log GMCN and sigma/gamma every this many steps (a multiple of log_freq); 0 disables it."""
+
+        def __post_init__(self) -> None:
+            if self.pc_log_freq < 0:
+                raise ValueError(f"metrics.pc_log_freq must be >= 0 (0 disables it), got {self.pc_log_freq}.")
+            if self.pc_log_freq and self.pc_log_freq % self.log_freq:
+                raise ValueError(
+                    f"metrics.pc_log_freq ({self.pc_log_freq}) must be a multiple of metrics.log_freq "
+                    f"({self.log_freq}): PC metrics are logged with torchtitan's metrics at its logging steps."
+                )
+
+    def log(
+        self,
+        step: int,
+        global_avg_loss: float,
+        global_max_loss: float,
+        grad_norm: float,
+        extra_metrics: dict[str, Any] | None = None,
+    ):
+        freq = self.config.pc_log_freq
+        if freq and step % freq == 0 and self.model_parts is not None:
+            metrics = pc_metrics(self.model_parts)
+            extra_metrics = {**(extra_metrics or {}), **metrics}
+            summary = {k: v for k, v in metrics.items() if k.count("/") == 1}
+            logger.info("step %d PC metrics: %s", step, {k: round(v, 5) for k, v in summary.items()})
+        super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=extra_metrics)

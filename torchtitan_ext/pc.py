@@ -1,0 +1,216 @@
+"""Where and when the PC layer enters a torchtitan model.
+
+1. **Config time** - :class:`PCConverter` (a torchtitan ``ModelConfigConverter``) swaps the
+   ``Linear.Config`` of every target matrix (by default the attention output and the FFN matrices)
+   for :class:`PCLinear.Config`, which carries the PC settings. Nothing is registered yet: torchtitan
+   builds the model on the meta device and checks that every submodule follows its ``Module``
+   protocol, which the containers of ``torch.nn.utils.parametrize`` do not.
+2. **Parallelize time** - :func:`parallelize_llama_pc` wraps torchtitan's ``parallelize_llama``: it
+   calls :meth:`PCLinear.attach` (``pcopt.precondition``) on every ``PCLinear`` first, i.e. before
+   activation checkpointing, ``torch.compile`` and ``fully_shard``, so FSDP2 shards the raw weight
+   ``parametrizations.weight.original`` and hands the parametrization the full weight in forward.
+3. **Init time** - after ``to_empty``, torchtitan initialises each module's *direct* parameters from
+   its ``param_init``. :meth:`PCLinear._init_self_parameters` applies the ``weight`` initialiser to
+   ``parametrizations.weight.original`` instead (the same draw, in the same order, as the baseline's
+   ``weight``), then ``pcopt.reset_preconditioners`` sets gamma to 1 and refreshes u, v.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
+from torchtitan.config.override import derive
+from torchtitan.distributed import ParallelDims
+from torchtitan.distributed.activation_checkpoint import ActivationCheckpointingConfig
+from torchtitan.models.common.linear import Linear
+from torchtitan.models.llama3.parallelize import parallelize_llama
+from torchtitan.protocols.model import ModelConfigConverter
+from torchtitan.protocols.module import Module
+
+import pcopt
+from torchtitan_ext.compat import check_spmd_backend, force_sum_reduction_on_gloo
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_TARGETS", "PCConverter", "PCLinear", "parallelize_llama_pc"]
+
+DEFAULT_TARGETS = r"^layers\.\d+\.(attention\.wo|feed_forward\.w[123])$"
+"""Module FQNs (torchtitan Llama) that get the PC layer: attention output and FFN, as in the paper."""
+
+
+class PCLinear(Linear):
+    """A torchtitan ``Linear`` whose weight gets the PC layer before parallelization."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Linear.Config):
+        degree: int = 9
+        """Degree of the PC polynomial (3, 5, 7 or 9; the paper: 9 with AdamW, 5 with Muon)."""
+
+        num_power_iterations: int = 10
+        """Warm-started power iterations per refresh of the sigma estimate."""
+
+        learn_gamma: bool = True
+        """Train the per-matrix scale gamma."""
+
+        eps: float = 1e-7
+        """Added to the sigma estimate."""
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self._pc_config = config
+
+    def attach(self) -> None:
+        """Register the PC parametrization on ``weight`` (idempotent). Must precede ``fully_shard``."""
+        if pcopt.is_preconditioned(self):
+            return
+        c = self._pc_config
+        pcopt.precondition(
+            self,
+            "weight",
+            degree=c.degree,
+            num_power_iterations=c.num_power_iterations,
+            learn_gamma=c.learn_gamma,
+            eps=c.eps,
+        )
+
+    def _init_self_parameters(self) -> None:
+        if not pcopt.is_preconditioned(self):
+            Linear._init_self_parameters(self)
+            return
+        if self._param_init is None or "weight" not in self._param_init:
+            raise ValueError(
+                f"{type(self).__name__} needs a param_init with a 'weight' initialiser (got "
+                f"{self._param_init!r}); the PC layer initialises the raw weight from it."
+            )
+        # The raw weight gets exactly the draw the baseline's plain ``weight`` gets.
+        self._param_init["weight"](self.parametrizations.weight.original)
+        for name, param in self.named_parameters(recurse=False):  # e.g. a bias
+            self._init_param(name, param)
+        pcopt.reset_preconditioners(self)
+
+
+class PCConverter(ModelConfigConverter):
+    """Swap target ``Linear`` configs for :class:`PCLinear` configs (see the module docstring)."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(ModelConfigConverter.Config):
+        targets: str = DEFAULT_TARGETS
+        """Regex searched in module FQNs (e.g. ``layers.3.feed_forward.w1``) selecting the PC matrices."""
+
+        degree: int = 9
+        num_power_iterations: int = 10
+        learn_gamma: bool = True
+        eps: float = 1e-7
+
+    def __init__(self, config: Config, **kwargs):
+        try:
+            self.pattern = re.compile(config.targets)
+        except re.error as e:
+            raise ValueError(f"PC targets {config.targets!r} is not a valid regex: {e}") from None
+        if config.degree not in pcopt.PC_COEFFICIENTS:
+            raise ValueError(
+                f"PC degree must be one of {sorted(pcopt.PC_COEFFICIENTS)}, got {config.degree!r}."
+            )
+        self.config = config
+
+    def convert(self, model_config: Module.Config) -> Module.Config:
+        c = self.config
+        linears = list(model_config.traverse(Linear.Config))
+        matched = 0
+        for fqn, cfg, parent, attr in linears:
+            if not self.pattern.search(fqn):
+                continue
+            if isinstance(cfg, PCLinear.Config):
+                raise ValueError(f"{fqn} already has the PC layer; apply PCConverter once.")
+            if type(cfg) is not Linear.Config:
+                raise ValueError(
+                    f"PC target {fqn} is a {type(cfg).__qualname__}, but the PC layer supports plain "
+                    "torchtitan Linear layers only. Narrow the targets regex or drop the other converter."
+                )
+            if cfg.param_init is None or "weight" not in cfg.param_init:
+                raise ValueError(
+                    f"PC target {fqn} has no param_init['weight']; set it so the raw weight is initialised."
+                )
+            new = derive(
+                cfg,
+                PCLinear.Config,
+                degree=c.degree,
+                num_power_iterations=c.num_power_iterations,
+                learn_gamma=c.learn_gamma,
+                eps=c.eps,
+            )
+            if parent is None:
+                model_config = new
+            elif isinstance(parent, list):
+                parent[attr] = new
+            else:
+                setattr(parent, attr, new)
+            matched += 1
+        if matched == 0:
+            available = [fqn for fqn, *_ in linears]
+            raise ValueError(
+                f"PC targets {c.targets!r} matched no Linear layer of the model. Linear layers: "
+                f"{available[:12]}{' ...' if len(available) > 12 else ''}. Fix the regex (it is searched in "
+                "these module FQNs)."
+            )
+        logger.info(
+            "PC layer (degree %d) will be applied to %d matrices matching %r", c.degree, matched, c.targets
+        )
+        return model_config
+
+
+def attach_pc(model) -> list[str]:
+    """Register the PC layer on every :class:`PCLinear` of ``model``; returns their FQNs."""
+    fqns = []
+    for fqn, module in model.named_modules():
+        if isinstance(module, PCLinear):
+            module.attach()
+            fqns.append(fqn)
+    return fqns
+
+
+def parallelize_llama_pc(
+    model,
+    *,
+    parallel_dims: ParallelDims,
+    training: TrainingConfig,
+    parallelism: ParallelismConfig,
+    compile_config: CompileConfig,
+    ac_config: ActivationCheckpointingConfig,
+    dump_folder: str,
+):
+    """torchtitan's ``parallelize_llama`` with the PC layer attached first and gloo reductions fixed."""
+    check_spmd_backend(parallelism.spmd_backend)
+    has_pc = any(isinstance(m, PCLinear) for m in model.modules())
+    if has_pc:
+        if parallelism.spmd_backend != "partial_dtensor":
+            raise ValueError(
+                f"The PC layer needs parallelism.spmd_backend='partial_dtensor' (got "
+                f"{parallelism.spmd_backend!r}): its parametrization must receive the full, unsharded "
+                "weight, which FSDP2 hands it only on that backend. Pass --parallelism.spmd_backend "
+                "partial_dtensor."
+            )
+        if parallel_dims.tp_enabled or parallel_dims.cp_enabled:
+            raise ValueError(
+                f"The PC layer supports data parallelism (FSDP2/HSDP) and pipeline parallelism only, got "
+                f"tensor_parallel_degree={parallel_dims.tp}, context_parallel_degree={parallel_dims.cp}: "
+                "the polynomial needs the whole matrix. Set both degrees to 1."
+            )
+        fqns = attach_pc(model)
+        logger.info("PC layer attached to %d matrices before FSDP: %s ...", len(fqns), fqns[:4])
+    model = parallelize_llama(
+        model,
+        parallel_dims=parallel_dims,
+        training=training,
+        parallelism=parallelism,
+        compile_config=compile_config,
+        ac_config=ac_config,
+        dump_folder=dump_folder,
+    )
+    n = force_sum_reduction_on_gloo(model)
+    if n:
+        logger.info("gloo: FSDP2 gradient reductions use SUM on %d modules", n)
+    return model

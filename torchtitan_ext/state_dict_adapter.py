@@ -1,0 +1,63 @@
+"""Hugging Face <-> torchtitan key mapping for Llama-2 style models with the PC layer.
+
+torchtitan's ``Llama3StateDictAdapter`` silently skips keys it does not know, so the PC keys
+(``<m>.parametrizations.weight.original``, ``.0.gamma``, ``.0.u``, ``.0.v``) would vanish. This
+adapter maps a PC matrix's **raw** weight to the Hugging Face name of the matrix, which is what
+*loading* a dense Hugging Face checkpoint into a PC model needs (``--checkpoint.initial_load_in_hf``:
+the dense weight becomes the raw weight, as ``pcopt.load_dense_state_dict`` does; gamma, u, v are
+then reset by :class:`torchtitan_ext.checkpoint.PCCheckpointManager`).
+
+Saving a PC model to Hugging Face format must write the **merged** weight instead, which needs
+the whole PC state: use ``python -m torchtitan_ext.export`` (the checkpoint manager refuses
+``--checkpoint.last_save_in_hf`` for PC models rather than write raw weights).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torchtitan.models.common.linear import Linear
+from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter
+
+__all__ = ["PCLlamaStateDictAdapter", "pc_module_fqns"]
+
+_RAW = ".parametrizations.weight.original"
+_PC_STATE = (
+    ".parametrizations.weight.0.gamma",
+    ".parametrizations.weight.0.u",
+    ".parametrizations.weight.0.v",
+)
+
+
+def pc_module_fqns(model_config) -> set[str]:
+    """FQNs of the modules that carry the PC layer in a model config (``PCLinear`` configs)."""
+    from torchtitan_ext.pc import PCLinear
+
+    return {fqn for fqn, cfg, *_ in model_config.traverse(Linear.Config) if isinstance(cfg, PCLinear.Config)}
+
+
+class PCLlamaStateDictAdapter(Llama3StateDictAdapter):
+    """``Llama3StateDictAdapter`` that maps PC raw weights to their dense Hugging Face names."""
+
+    def __init__(self, model_config, hf_assets_path: str | None):
+        super().__init__(model_config, hf_assets_path)
+        self.pc_fqns = pc_module_fqns(model_config)
+
+    def to_hf(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        dense: dict[str, Any] = {}
+        for key, value in state_dict.items():
+            if key.endswith(_PC_STATE):
+                continue
+            if key.endswith(_RAW) and key[: -len(_RAW)] in self.pc_fqns:
+                key = key[: -len(_RAW)] + ".weight"
+            dense[key] = value
+        return super().to_hf(dense)
+
+    def from_hf(self, hf_state_dict: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in super().from_hf(hf_state_dict).items():
+            module = key.removesuffix(".weight")
+            if key.endswith(".weight") and module in self.pc_fqns:
+                key = module + _RAW
+            out[key] = value
+        return out
