@@ -26,7 +26,7 @@ from torchtitan.components.optimizer import LRSchedulersContainer
 from torchtitan.components.validate import Validator
 from torchtitan.config import ParallelismConfig, TrainingConfig
 from torchtitan.config.configs import DebugConfig
-from torchtitan.distributed.activation_checkpoint import SelectiveAC
+from torchtitan.distributed.activation_checkpoint import FullAC
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
 from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm, compute_ffn_hidden_dim
@@ -148,6 +148,7 @@ def _config(flavor: str, optimizer: str, pc: bool) -> Trainer.Config:
         hf_assets_path = str(TOKENIZER_DIR)
         dataloader = HuggingFaceTextDataLoader.Config(dataset="kjv_sample")
         log_freq, ckpt_interval = 1, 10
+        activation_checkpoint = None  # CPU-sized: nothing to save, recompute only costs time
     else:
         steps = 22_000 if flavor == "271M" else 61_100
         warmup = steps // 100
@@ -161,6 +162,7 @@ def _config(flavor: str, optimizer: str, pc: bool) -> Trainer.Config:
         hf_assets_path = "./assets/hf/Llama-2-7b-hf"  # the Llama-2 tokenizer (vocab 32000)
         dataloader = HuggingFaceTextDataLoader.Config(dataset="text", dataset_path="HuggingFaceFW/fineweb")
         log_freq, ckpt_interval = 10, 1000
+        activation_checkpoint = FullAC.Config()
 
     config = Trainer.Config(
         model_spec=model_spec,
@@ -177,7 +179,7 @@ def _config(flavor: str, optimizer: str, pc: bool) -> Trainer.Config:
         metrics=PCMetricsProcessor.Config(log_freq=log_freq),
         parallelism=ParallelismConfig(spmd_backend="partial_dtensor"),
         checkpoint=PCCheckpointManager.Config(interval=ckpt_interval, last_save_model_only=False),
-        activation_checkpoint=SelectiveAC.Config(),
+        activation_checkpoint=activation_checkpoint,
         validator=Validator.Config(enable=False, freq=500, steps=40 if flavor != "1B" else 80),
         debug=DebugConfig(seed=42),
     )

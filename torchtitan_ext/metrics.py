@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from torch.distributed.tensor import DTensor
 from torchtitan.components.metrics import MetricsProcessor
 
 import pcopt
+from pcopt.diagnostics import ATTENTION_FFN_TARGETS
 from pcopt.spectral import sigma_estimate
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,23 @@ __all__ = ["PCMetricsProcessor", "pc_metrics"]
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _condition_numbers(model: torch.nn.Module) -> list[float]:
+    """MCN of every attention/FFN matrix (of W_eff for PC ones; MCN is scale-free, so gamma is moot)."""
+    pattern = re.compile(ATTENTION_FFN_TARGETS)
+    out = []
+    for fqn, mod in model.named_modules():
+        if not pattern.search(fqn):
+            continue
+        if pcopt.is_preconditioned(mod):
+            W = pcopt.effective_weight(mod, "weight")
+        elif isinstance(mod._parameters.get("weight"), torch.Tensor):
+            W = mod._parameters["weight"]
+        else:
+            continue
+        out.append(float(pcopt.modified_condition_number(W)))
+    return out
 
 
 @torch.no_grad()
@@ -53,7 +72,7 @@ def pc_metrics(model_parts: list[torch.nn.Module], *, with_gmcn: bool = True) ->
         out["pc/sigma_mean"] = sum(sigmas) / len(sigmas)
         out["pc/gamma_mean"] = sum(gammas) / len(gammas)
     if with_gmcn:
-        per_matrix = [v for m in model_parts for v in pcopt.condition_numbers(m).values()]
+        per_matrix = [v for m in model_parts for v in _condition_numbers(m)]
         if per_matrix:
             out["pc/gmcn"] = math.exp(sum(math.log(v) for v in per_matrix) / len(per_matrix))
     return out

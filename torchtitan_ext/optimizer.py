@@ -14,6 +14,7 @@ in the model parts, batched into one vector all-reduce per half-iteration.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from torch.optim import Optimizer
 from torchtitan.components.optimizer import OptimizersContainer, ParamGroupConfig
 
 import pcopt
+import pcopt.optim
 
 logger = logging.getLogger(__name__)
 
@@ -40,22 +42,10 @@ the start: torchtitan matches patterns against module-wrapper FQNs (``_checkpoin
 _MATRIX_ONLY = {"Muon"}
 
 
-def _muon_factory() -> Callable[..., Optimizer]:
-    try:  # TEMPORARY stand-in until pcopt.optim lands
-        from pcopt.optim import Muon
-    except ImportError:
-        from torch.optim import Muon
-
-    return Muon
-
-
-def _pc_adamw_factory() -> Callable[..., Optimizer]:
-    try:  # TEMPORARY stand-in until pcopt.optim lands
-        from pcopt.optim import AdamW
-    except ImportError:
-        from torch.optim import AdamW
-
-    return AdamW
+def _pcopt_factory(cls: type[Optimizer]) -> Callable[..., Optimizer]:
+    # The container refreshes every PC weight once per step (one batched all-reduce per half-iteration);
+    # the optimizers' own per-optimizer refresh would repeat it.
+    return functools.partial(cls, refresh_preconditioners=False)
 
 
 class PCOptimizersContainer(OptimizersContainer):
@@ -69,9 +59,9 @@ class PCOptimizersContainer(OptimizersContainer):
     @staticmethod
     def _resolve_optimizer_factory(name: str) -> Callable[..., Optimizer]:
         if name == "Muon":
-            return _muon_factory()
+            return _pcopt_factory(pcopt.optim.Muon)
         if name == "PCAdamW":
-            return _pc_adamw_factory()
+            return _pcopt_factory(pcopt.optim.AdamW)
         try:
             return OptimizersContainer._resolve_optimizer_factory(name)
         except NotImplementedError:

@@ -1,0 +1,239 @@
+"""End-to-end torchtitan runs: 2 gloo ranks on the CPU, FSDP2 (dp_shard=2), the embedded text sample.
+
+The runs are module-scoped fixtures shared by several tests and run serially (the CI box has 2 cores):
+a baseline AdamW run, a PC + Muon run with checkpoints at steps 4 and 8, its resumption from step 4, a
+PC run started from the baseline's dense checkpoint, and three bad configs that must fail before step 1.
+
+Regenerate the golden loss file after an intended numerical change with
+``PCOPT_REGEN_GOLDEN=1 python -m pytest -q tests/torchtitan/test_train_runs.py -k golden``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.torchtitan._harness import torchrun
+
+pytestmark = [pytest.mark.torchtitan, pytest.mark.slow]
+
+GOLDEN = Path(__file__).parent / "golden" / "debug_muon_pc_losses.json"
+PC_STEPS, PC_CKPT_EVERY = 8, 4
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("torchtitan")
+
+
+@pytest.fixture(scope="module")
+def baseline(workdir):
+    """Stock AdamW debug model; saves a (dense) checkpoint at its last step."""
+    dump = workdir / "baseline"
+    return torchrun(
+        "debug_adamw", dump, "--training.steps", "6", "--checkpoint.enable", "--checkpoint.interval", "6"
+    ).check()
+
+
+@pytest.fixture(scope="module")
+def pc_muon(workdir):
+    """PC (degree 5) + Muon; checkpoints at steps 4 and 8; PC metrics every 4 steps."""
+    dump = workdir / "pc_muon"
+    return torchrun(
+        "debug_muon_pc",
+        dump,
+        "--training.steps",
+        str(PC_STEPS),
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        str(PC_CKPT_EVERY),
+        "--metrics.pc_log_freq",
+        "4",
+    ).check()
+
+
+def _decreases(losses: dict[int, float]) -> None:
+    steps = sorted(losses)
+    assert steps == list(range(1, len(steps) + 1)), steps
+    assert all(math.isfinite(v) for v in losses.values()), losses
+    first = sum(losses[s] for s in steps[:2]) / 2
+    last = sum(losses[s] for s in steps[-2:]) / 2
+    assert last < first - 0.3, f"loss did not decrease: {losses}"
+
+
+def test_baseline_loss_decreases(baseline):
+    assert len(baseline.losses) == 6
+    _decreases(baseline.losses)
+    assert "dp_shard=2" in baseline.log
+    assert "Applied FSDP to the model" in baseline.log
+    assert "PC layer" not in baseline.log
+
+
+def test_pc_muon_loss_decreases_and_logs_param_groups(pc_muon):
+    assert len(pc_muon.losses) == PC_STEPS
+    _decreases(pc_muon.losses)
+    log = pc_muon.log
+    # 6 layers x (wq, wk, wv, wo, w1, w2, w3) matrices to Muon; embeddings, head, norms and the 24 gammas to AdamW.
+    assert re.search(r"PC layer attached to 24 matrices before FSDP", log)
+    assert re.search(r"Optimizer Muon \(model_part=0\): 42 params .*parametrizations", log)
+    assert re.search(r"Optimizer AdamW \(model_part=0\): 39 params \[\.\*\]", log)
+    pc_lines = re.findall(r"step (\d+) PC metrics: (\{.*\})", log)
+    assert {int(s) for s, _ in pc_lines} == {4, 8}
+    for _, payload in pc_lines:
+        metrics = json.loads(payload.replace("'", '"'))
+        assert 1.0 < metrics["pc/gmcn"] < 1e4
+        assert metrics["pc/sigma_mean"] > 0 and metrics["pc/gamma_mean"] > 0
+
+
+def test_pc_muon_matches_golden_losses(pc_muon):
+    got = {str(s): [loss, gnorm] for s, (loss, gnorm) in sorted(pc_muon.steps.items())}
+    if os.environ.get("PCOPT_REGEN_GOLDEN"):
+        GOLDEN.write_text(json.dumps(got, indent=1) + "\n")
+        pytest.skip(f"regenerated {GOLDEN}")
+    golden = json.loads(GOLDEN.read_text())
+    assert sorted(got) == sorted(golden)
+    for step in sorted(golden, key=int):
+        (loss, gnorm), (gl, gg) = got[step], golden[step]
+        assert abs(loss - gl) <= 2e-4, f"step {step}: loss {loss} vs golden {gl}"
+        assert abs(gnorm - gg) <= 2e-3, f"step {step}: grad_norm {gnorm} vs golden {gg}"
+
+
+def _checkpoint_tensors(step_dir: Path, tmp: Path) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp / f"{step_dir.parent.parent.name}-{step_dir.name}.pt"
+    dcp_to_torch_save(step_dir, out)
+    return torch.load(out, weights_only=False)
+
+
+def _flat(obj, prefix=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _flat(v, f"{prefix}{k}.")
+    elif isinstance(obj, torch.Tensor):
+        yield prefix[:-1], obj
+
+
+def test_resume_from_step_4_is_exact(pc_muon, workdir):
+    dump = workdir / "resumed"
+    (dump / "checkpoint").mkdir(parents=True)
+    shutil.copytree(pc_muon.dump / "checkpoint" / f"step-{PC_CKPT_EVERY}", dump / "checkpoint" / "step-4")
+    resumed = torchrun(
+        "debug_muon_pc",
+        dump,
+        "--training.steps",
+        str(PC_STEPS),
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        str(PC_CKPT_EVERY),
+        "--metrics.pc_log_freq",
+        "4",
+    ).check()
+    assert "Training starts at step 5" in resumed.log
+    assert sorted(resumed.steps) == [5, 6, 7, 8]
+    for step in (5, 6, 7, 8):
+        assert resumed.steps[step] == pc_muon.steps[step], (step, resumed.steps[step], pc_muon.steps[step])
+
+    # The final states agree bit for bit: raw weights, gamma, u, v and the optimizer state.
+    a = dict(_flat(_checkpoint_tensors(pc_muon.dump / "checkpoint" / "step-8", workdir)))
+    b = dict(_flat(_checkpoint_tensors(dump / "checkpoint" / "step-8", workdir)))
+    assert a.keys() == b.keys()
+    keys = list(a)
+    assert any(k.endswith(".parametrizations.weight.0.u") for k in keys)
+    assert any(k.endswith(".parametrizations.weight.0.gamma") for k in keys)
+    assert any("momentum_buffer" in k for k in keys) and any("exp_avg_sq" in k for k in keys)
+    for k in keys:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_export_matches_torchtitan_logits(pc_muon, baseline, workdir):
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    from torchtitan_ext.export import build_model, export, load_checkpoint, load_trainer_config
+
+    for config, run, step in (("debug_muon_pc", pc_muon, PC_STEPS), ("debug_adamw", baseline, 6)):
+        ckpt = run.dump / "checkpoint" / f"step-{step}"
+        out = export(config, ckpt, workdir / f"hf_{config}")
+        sd = load_file(out / "model.safetensors")
+        assert not any("parametrizations" in k for k in sd), "the export must hold merged weights only"
+        assert "model.layers.0.self_attn.o_proj.weight" in sd and len(sd) == 2 + 1 + 6 * 9
+
+        model = build_model(load_trainer_config(config), dense_attention=True)
+        load_checkpoint(model, ckpt)
+        hf = LlamaForCausalLM.from_pretrained(out).eval()
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, 2048, (2, 96), generator=g)
+        positions = torch.arange(96).expand(2, 96)
+        with torch.no_grad():
+            ref = model(
+                tokens, attention_masks=model.get_attention_masks(positions=positions), positions=positions
+            )
+            got = hf(tokens).logits
+        assert ref.shape == got.shape
+        assert (ref - got).abs().max().item() <= 1e-4, config
+
+
+def test_dense_checkpoint_starts_pc_run(baseline, workdir):
+    dump = workdir / "dense_to_pc"
+    dense = baseline.dump / "checkpoint" / "step-6"
+    run = torchrun(
+        "debug_muon_pc",
+        dump,
+        "--training.steps",
+        "2",
+        "--checkpoint.enable",
+        "--checkpoint.initial_load_path",
+        str(dense),
+    ).check()
+    assert re.search(
+        r"dense checkpoint .*step-6 loaded into the PC raw weights: reset gamma to 1 and refreshed u, v of 24",
+        run.log,
+    )
+    # It starts from the baseline's trained weights, not from the PC run's own random init.
+    fresh_step1 = json.loads(GOLDEN.read_text())["1"][0]
+    assert all(math.isfinite(v) for v in run.losses.values())
+    assert abs(run.losses[1] - fresh_step1) > 0.05, (run.losses, fresh_step1)
+
+
+BAD_CONFIGS = [
+    ("pc_targets_match_nothing", r"PC targets 'no_such_module' matched no Linear layer"),
+    (
+        "muon_on_norm_weights",
+        r"Muon optimizes matrices only, but its param group pattern .* matched \d+ parameter\(s\) that are not 2-D",
+    ),
+]
+
+
+@pytest.mark.parametrize("config,message", BAD_CONFIGS)
+def test_bad_config_fails_before_training(workdir, config, message):
+    run = torchrun(config, workdir / f"bad_{config}", module="tests.torchtitan.bad_configs", timeout=120)
+    assert run.returncode != 0
+    assert re.search(message, run.log), run.log[-3000:]
+    assert not run.steps, "training must not start"
+
+
+@pytest.mark.skipif(
+    tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14),
+    reason="full_dtensor is refused only on torch < 2.14",
+)
+def test_full_dtensor_refused_on_old_torch(workdir):
+    run = torchrun(
+        "debug_muon_pc",
+        workdir / "bad_full_dtensor",
+        "--parallelism.spmd_backend",
+        "full_dtensor",
+        timeout=120,
+    )
+    assert run.returncode != 0
+    assert re.search(
+        r"spmd_backend='full_dtensor' is refused on torch 2\.1\d.*silently doubled loss", run.log
+    )
+    assert not run.steps
