@@ -1,0 +1,182 @@
+"""Newton-Schulz orthogonalization (the "zeroth power" of a matrix) and its coefficient sets.
+
+One step of the quintic iteration maps ``X -> a X + (b A + c A^2) X`` with ``A = X X^T``; on singular values
+it applies the odd polynomial ``p(s) = a s + b s^3 + c s^5``. After Frobenius pre-normalization (so every
+singular value lies in [0, 1]) a few steps push all singular values towards 1, approximating ``U V^T`` of
+the SVD ``X = U S V^T``.
+
+The kernel works on a batch ``(..., m, n)`` of same-shaped matrices with batched matmuls; tall matrices
+(``m > n``) are transposed so the Gram matrix is the smaller ``min(m, n)`` square. For every slice it does
+the same operations in the same order as ``torch.optim.Muon`` (cast, transpose, divide by the clamped
+Frobenius norm, then ``addmm``-style updates), so with a single repeated triple in bf16 the results are
+bitwise identical to the stock optimizer's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CoeffSetT",
+    "NS_COEFFICIENT_SETS",
+    "KELLER_COEFFICIENTS",
+    "newton_schulz",
+    "newton_schulz_flops",
+    "resolve_coefficients",
+    "resolve_dtype",
+]
+
+CoeffSetT = Literal["keller", "polar_express"]
+
+# Keller Jordan's quintic, repeated at every step (also torch.optim.Muon's default).
+# Source: https://kellerjordan.github.io/posts/muon/ ; same constants as torch/optim/_muon.py.
+KELLER_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.775, 2.0315)
+
+# Polar Express (Amsel, Persson, Musco, Gower, arXiv:2505.16932), Algorithm 1: per-step minimax-optimal odd
+# quintics for sign() on [l, 1]. The greedy construction makes every prefix optimal for its own number of
+# steps, so using the first ``ns_steps`` triples is correct; the last triple repeats after the list ends.
+_POLAR_EXPRESS_RAW: tuple[tuple[float, float, float], ...] = (
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    (1.875, -1.25, 0.375),
+)
+# The paper's safety factor against bf16 round-off: p(x) -> p(x / 1.01) for every triple but the last
+# (a / 1.01, b / 1.01^3, c / 1.01^5), and the input is normalized by 1.01 * ||X||_F.
+_POLAR_EXPRESS_SAFETY = 1.01
+_POLAR_EXPRESS: tuple[tuple[float, float, float], ...] = tuple(
+    (a / _POLAR_EXPRESS_SAFETY, b / _POLAR_EXPRESS_SAFETY**3, c / _POLAR_EXPRESS_SAFETY**5)
+    for a, b, c in _POLAR_EXPRESS_RAW[:-1]
+) + (_POLAR_EXPRESS_RAW[-1],)
+
+# name -> (per-step triples, factor applied to the Frobenius norm before dividing by it)
+NS_COEFFICIENT_SETS: dict[str, tuple[tuple[tuple[float, float, float], ...], float]] = {
+    "keller": ((KELLER_COEFFICIENTS,), 1.0),
+    "polar_express": (_POLAR_EXPRESS, _POLAR_EXPRESS_SAFETY),
+}
+
+_DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp64": torch.float64,
+    "float64": torch.float64,
+}
+
+
+def _is_triple(x: object) -> bool:
+    return (
+        isinstance(x, (tuple, list))
+        and len(x) == 3
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in x)
+    )
+
+
+def resolve_dtype(ns_dtype: torch.dtype | str) -> torch.dtype:
+    """Map ``ns_dtype`` (a floating torch dtype or one of 'bf16', 'fp16', 'fp32', 'fp64') to a dtype."""
+    if isinstance(ns_dtype, torch.dtype) and ns_dtype in _DTYPES.values():
+        return ns_dtype
+    if isinstance(ns_dtype, str) and ns_dtype.lower().removeprefix("torch.") in _DTYPES:
+        return _DTYPES[ns_dtype.lower().removeprefix("torch.")]
+    raise ValueError(
+        f"Invalid ns_dtype: {ns_dtype!r}. Expected torch.bfloat16, torch.float16, torch.float32, torch.float64 "
+        "or one of the strings 'bf16', 'fp16', 'fp32', 'fp64'."
+    )
+
+
+def resolve_coefficients(
+    ns_coefficients: Sequence[float],
+    ns_coefficient_set: CoeffSetT | Sequence[Sequence[float]] | None,
+    ns_steps: int,
+) -> tuple[tuple[tuple[float, float, float], ...], float]:
+    """Return ``(one (a, b, c) triple per step, norm factor)`` for a Muon param group.
+
+    ``ns_coefficient_set=None`` repeats ``ns_coefficients`` (torch's argument) at every step. A name picks a
+    set from ``NS_COEFFICIENT_SETS``; a sequence of triples is a custom per-step list. Lists shorter than
+    ``ns_steps`` repeat their last triple. Raises ``ValueError`` on anything else.
+    """
+    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or not 1 <= ns_steps < 100:
+        raise ValueError(f"Invalid ns_steps: {ns_steps!r}. Expected an integer in [1, 99].")
+    if not _is_triple(ns_coefficients):
+        raise ValueError(
+            f"Invalid ns_coefficients: {ns_coefficients!r}. Expected a tuple of three finite floats (a, b, c)."
+        )
+    if ns_coefficient_set is None:
+        triples: tuple[tuple[float, float, float], ...] = (tuple(float(v) for v in ns_coefficients),)  # type: ignore[assignment]
+        norm_factor = 1.0
+    elif isinstance(ns_coefficient_set, str):
+        if ns_coefficient_set not in NS_COEFFICIENT_SETS:
+            raise ValueError(
+                f"Unknown ns_coefficient_set: {ns_coefficient_set!r}. Expected one of "
+                f"{sorted(NS_COEFFICIENT_SETS)} or a list of (a, b, c) triples, one per Newton-Schulz step."
+            )
+        triples, norm_factor = NS_COEFFICIENT_SETS[ns_coefficient_set]
+    else:
+        items = list(ns_coefficient_set) if isinstance(ns_coefficient_set, Sequence) else None
+        if not items or not all(_is_triple(t) for t in items):
+            raise ValueError(
+                f"Invalid ns_coefficient_set: {ns_coefficient_set!r}. Expected a name "
+                f"({', '.join(sorted(NS_COEFFICIENT_SETS))}) or a non-empty list of (a, b, c) triples of "
+                "finite floats, one per Newton-Schulz step."
+            )
+        triples = tuple(tuple(float(v) for v in t) for t in items)  # type: ignore[misc]
+        norm_factor = 1.0
+    per_step = tuple(triples[min(i, len(triples) - 1)] for i in range(ns_steps))
+    return per_step, norm_factor
+
+
+def newton_schulz(
+    G: Tensor,
+    coefficients: Sequence[tuple[float, float, float]],
+    *,
+    eps: float = 1e-7,
+    dtype: torch.dtype = torch.bfloat16,
+    norm_factor: float = 1.0,
+) -> Tensor:
+    """Orthogonalize every matrix of ``G`` (shape ``(..., m, n)``) by Newton-Schulz; returns ``dtype``.
+
+    ``coefficients`` holds one ``(a, b, c)`` per step. Each matrix is first divided by
+    ``max(norm_factor * ||X||_F, eps)``. The result has the shape of ``G``.
+    """
+    if G.ndim < 2:
+        raise ValueError(
+            f"newton_schulz expects a matrix or a batch of matrices, got shape {tuple(G.shape)}."
+        )
+    tall = G.size(-2) > G.size(-1)
+    X = G.to(dtype)
+    if tall:
+        X = X.mT
+    # Always one contiguous (b, m, n) batch: every matrix then goes through the same kernels whatever the
+    # batch size, so a result never depends on which other matrices it was batched with.
+    X = X.reshape(-1, *X.shape[-2:]).contiguous()
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+    if norm_factor != 1.0:
+        norm = norm * norm_factor
+    X = X / norm.clamp(min=eps)
+    for a, b, c in coefficients:
+        A = torch.bmm(X, X.mT)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a)
+    X = X.reshape(*G.shape[:-2], *X.shape[-2:])
+    return X.mT if tall else X
+
+
+def newton_schulz_flops(shape: Sequence[int], ns_steps: int) -> int:
+    """Matmul FLOPs of ``ns_steps`` Newton-Schulz steps on one ``(m, n)`` matrix (multiply-add = 2 FLOPs).
+
+    Per step with ``s = min(m, n)``, ``l = max(m, n)``: Gram ``2 s^2 l``, ``A^2`` ``2 s^3``, apply ``2 s^2 l``.
+    """
+    s, l_ = sorted(int(d) for d in shape[-2:])
+    return ns_steps * (4 * s * s * l_ + 2 * s**3)

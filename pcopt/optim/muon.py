@@ -1,0 +1,476 @@
+"""Muon with ``torch.optim.Muon`` semantics, named Newton-Schulz coefficient sets, and FSDP2 support.
+
+Drop-in for ``torch.optim.Muon``: same positional arguments, defaults, state key (``momentum_buffer``) and,
+on plain tensors with the default settings, bitwise the same updates. Additions (keyword-only): named or
+per-step Newton-Schulz coefficients, the iteration dtype, batched Newton-Schulz over same-shaped matrices,
+exact and non-redundant orthogonalization of FSDP2 ``Shard(0)`` DTensors (see ``_distributed.py``), and a
+refresh of the PC layer's power-iteration state after every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, MutableMapping, Sequence
+from functools import partial
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from pcopt.optim._awareness import refresh_owned
+from pcopt.optim._distributed import orthogonalize_sharded, shard_layout
+from pcopt.optim._newton_schulz import (
+    KELLER_COEFFICIENTS,
+    CoeffSetT,
+    newton_schulz,
+    newton_schulz_flops,
+    resolve_coefficients,
+    resolve_dtype,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Muon", "muon", "AdjustLrT"]
+
+EPS = 1e-7
+DEFAULT_NS_STEPS = 5
+AdjustLrT = Literal["original", "match_rms_adamw"]
+_ADJUST_LR_FNS = ("original", "match_rms_adamw")
+# Same-shaped matrices are orthogonalized together in batches of at most this many elements (bounds the
+# extra memory of the stacked copy and its Gram matrices).
+_MAX_BATCH_ELEMENTS = 1 << 27
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (an alias, so in-place ops update the DTensor), else ``t``."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _adjust_lr(lr: float, adjust_lr_fn: str | None, shape: Sequence[int]) -> float:
+    """Learning rate for a ``(A, B)`` matrix: Keller's ``sqrt(max(1, A/B))`` or Moonshot's ``0.2 sqrt(max(A, B))``."""
+    rows, cols = shape[0], shape[1]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1.0, rows / cols))
+    return lr * 0.2 * math.sqrt(max(rows, cols))
+
+
+def _validate_options(options: MutableMapping[str, Any]) -> None:
+    """Raise ``ValueError`` for invalid Muon hyperparameters (constructor defaults or a param group)."""
+    lr = options["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got a tensor of shape {tuple(lr.shape)}.")
+        lr = lr.item()
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}. Expected lr >= 0.")
+    if not 0.0 <= options["momentum"] < 1.0:
+        raise ValueError(f"Invalid momentum value: {options['momentum']}. Expected 0 <= momentum < 1.")
+    if not 0.0 <= options["weight_decay"]:
+        raise ValueError(
+            f"Invalid weight_decay value: {options['weight_decay']}. Expected weight_decay >= 0."
+        )
+    eps = options["eps"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0.0:
+        raise ValueError(f"Invalid epsilon value: {eps}. Expected a float > 0 (default {EPS}).")
+    if options["adjust_lr_fn"] is not None and options["adjust_lr_fn"] not in _ADJUST_LR_FNS:
+        raise ValueError(
+            f"Adjust learning rate function {options['adjust_lr_fn']!r} is not supported. "
+            f"Expected None, 'original' or 'match_rms_adamw'."
+        )
+    resolve_coefficients(options["ns_coefficients"], options["ns_coefficient_set"], options["ns_steps"])
+    custom = options["ns_coefficient_set"]
+    if custom is not None and not isinstance(custom, str) and len(custom) > options["ns_steps"]:
+        warnings.warn(
+            f"ns_coefficient_set has {len(custom)} triples but ns_steps={options['ns_steps']}; the last "
+            f"{len(custom) - options['ns_steps']} are unused. Pass ns_steps={len(custom)} to use them all.",
+            stacklevel=4,
+        )
+    resolve_dtype(options["ns_dtype"])
+
+
+class Muon(Optimizer):
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = KELLER_COEFFICIENTS,
+        eps: float = EPS,
+        ns_steps: int = DEFAULT_NS_STEPS,
+        adjust_lr_fn: AdjustLrT | None = None,
+        *,
+        ns_coefficient_set: CoeffSetT | Sequence[tuple[float, float, float]] | None = None,
+        ns_dtype: torch.dtype | str = torch.bfloat16,
+        foreach: bool | None = None,
+        refresh_preconditioners: bool = True,
+        num_power_iterations: int | None = None,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "ns_coefficients": ns_coefficients,
+            "eps": eps,
+            "ns_steps": ns_steps,
+            "adjust_lr_fn": adjust_lr_fn,
+            "ns_coefficient_set": ns_coefficient_set,
+            "ns_dtype": ns_dtype,
+            "foreach": foreach,
+        }
+        _validate_options(defaults)
+        if num_power_iterations is not None and (
+            isinstance(num_power_iterations, bool)
+            or not isinstance(num_power_iterations, int)
+            or num_power_iterations < 1
+        ):
+            raise ValueError(
+                f"Invalid num_power_iterations: {num_power_iterations!r}. Expected None (each PC weight's own "
+                "setting, 10 by default) or an integer >= 1."
+            )
+        self.refresh_preconditioners = bool(refresh_preconditioners)
+        self.num_power_iterations = num_power_iterations
+        super().__init__(params, defaults)
+        for i, group in enumerate(self.param_groups):
+            logger.info(
+                "Muon param group %d: %d matrices, %d elements, lr=%s, weight_decay=%s, momentum=%s, "
+                "nesterov=%s, adjust_lr_fn=%s, ns_steps=%d, ns_coefficient_set=%s, ns_dtype=%s",
+                i, len(group["params"]), sum(p.numel() for p in group["params"]), group["lr"],
+                group["weight_decay"], group["momentum"], group["nesterov"], group["adjust_lr_fn"],
+                group["ns_steps"], group["ns_coefficient_set"], group["ns_dtype"],
+            )  # fmt: skip
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _validate_options(group)
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(
+                        f"Muon only supports 2D parameters whereas we found a parameter with size: {p.size()}. "
+                        "Route embeddings, the LM head, norms, biases and gamma to AdamW "
+                        "(pcopt.optim.param_groups / build_optimizer do this by name)."
+                    )
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["refresh_preconditioners"] = self.refresh_preconditioners
+        state["num_power_iterations"] = self.num_power_iterations
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # checkpoints written by torch.optim.Muon lack the extra keys
+            group.setdefault("ns_coefficient_set", None)
+            group.setdefault("ns_dtype", torch.bfloat16)
+            group.setdefault("foreach", None)
+        self.__dict__.setdefault("refresh_preconditioners", True)
+        self.__dict__.setdefault("num_power_iterations", None)
+
+    def _init_group(
+        self,
+        group: MutableMapping[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        momentum_buffers: list[Tensor],
+    ) -> None:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if torch.is_complex(p) or torch.is_complex(p.grad):
+                raise RuntimeError(
+                    f"Muon does not support complex parameters or gradients, got dtype {p.grad.dtype} for a "
+                    f"parameter of shape {tuple(p.shape)}. Optimize real and imaginary parts as separate "
+                    "real parameters (torch.view_as_real)."
+                )
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"Muon does not support sparse gradients (parameter of shape {tuple(p.shape)}). Use "
+                    "dense gradients (e.g. nn.Embedding(sparse=False)) or optimize it with another optimizer."
+                )
+            if p.grad.ndim != 2:
+                raise RuntimeError(
+                    f"Muon expects 2D gradients, got shape {tuple(p.grad.shape)} for a parameter of shape "
+                    f"{tuple(p.shape)}."
+                )
+            params.append(p)
+            grads.append(p.grad)
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+            momentum_buffers.append(state["momentum_buffer"])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform a single optimization step, then refresh the PC weights this optimizer owns.
+
+        Args:
+            closure (Callable, optional): a closure that reevaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            momentum_buffers: list[Tensor] = []
+            self._init_group(group, params, grads, momentum_buffers)
+            muon(
+                params,
+                grads,
+                momentum_buffers,
+                foreach=group["foreach"],
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                momentum=group["momentum"],
+                nesterov=group["nesterov"],
+                ns_coefficients=group["ns_coefficients"],
+                eps=group["eps"],
+                ns_steps=group["ns_steps"],
+                adjust_lr_fn=group["adjust_lr_fn"],
+                ns_coefficient_set=group["ns_coefficient_set"],
+                ns_dtype=group["ns_dtype"],
+            )
+        if self.refresh_preconditioners:
+            refresh_owned(self, self.num_power_iterations)
+        return loss
+
+
+Muon.__doc__ = r"""Implements Muon (MomentUm Orthogonalized by Newton-Schulz), compatible with ``torch.optim.Muon``.
+
+    .. math::
+       \begin{aligned}
+            &\textbf{input}: \gamma \text{ (lr)},\ \lambda \text{ (weight decay)},\ \mu \text{ (momentum)},\
+                \textit{nesterov},\ (a_t, b_t, c_t)_{t=1}^{k} \text{ (NS coefficients)},\ \varepsilon,\
+                s \text{ (norm factor)} \\
+            &\textbf{initialize}: B_0 \leftarrow 0 \\
+            &\textbf{for}\ t = 1, 2, \ldots: \\
+            &\quad g_t \leftarrow \nabla_\theta f_t(\theta_{t-1}) \\
+            &\quad B_t \leftarrow \mu B_{t-1} + (1 - \mu) g_t
+                \quad \text{(EMA, stored as ``momentum\_buffer``)} \\
+            &\quad \widetilde B_t \leftarrow (1 - \mu) g_t + \mu B_t \ \text{if nesterov, else } B_t \\
+            &\quad X \leftarrow \widetilde B_t^{(\top \text{ if rows} > \text{cols})} /
+                \max(s \lVert \widetilde B_t \rVert_F, \varepsilon) \quad \text{(in ns\_dtype)} \\
+            &\quad \textbf{for}\ j = 1..k:\ A \leftarrow X X^\top;\ X \leftarrow a_j X + (b_j A + c_j A^2) X \\
+            &\quad O_t \leftarrow X^{(\top \text{ if transposed})} \\
+            &\quad \theta_t \leftarrow (1 - \gamma \lambda)\, \theta_{t-1}
+                \quad \text{(decoupled weight decay, unadjusted lr)} \\
+            &\quad \theta_t \leftarrow \theta_t - \mathrm{AdjustLR}(\gamma; A, B)\, O_t \\
+            &\quad \text{refresh } u, v \text{ of every PC weight whose raw parameter is in this optimizer}
+       \end{aligned}
+
+    ``AdjustLR`` is ``gamma * sqrt(max(1, A/B))`` for ``adjust_lr_fn=None``/``"original"`` (Keller Jordan) and
+    ``0.2 * gamma * sqrt(max(A, B))`` for ``"match_rms_adamw"`` (Moonshot; the PC-layer paper's Muon, which
+    then shares its lr with the AdamW group).
+
+    Args:
+        params (iterable): 2-D parameters or param-group dicts (extra group keys are kept and ignored).
+            Embeddings, the LM head, norms, biases and PC ``gamma`` belong to AdamW; use
+            :func:`pcopt.optim.param_groups` or :func:`pcopt.optim.build_optimizer` to split a model by name.
+        lr (float, Tensor, optional): learning rate (default: 1e-3).
+        weight_decay (float, optional): decoupled weight decay, applied with the unadjusted lr (default: 0.1).
+        momentum (float, optional): EMA momentum in ``[0, 1)`` (default: 0.95).
+        nesterov (bool, optional): Nesterov-style mix of gradient and momentum (default: True).
+        ns_coefficients (tuple of three floats, optional): ``(a, b, c)`` used at every Newton-Schulz step
+            when ``ns_coefficient_set`` is None (default: Keller Jordan's (3.4445, -4.775, 2.0315)).
+        eps (float, optional): lower clamp of the Frobenius norm before normalization (default: 1e-7).
+        ns_steps (int, optional): number of Newton-Schulz steps, 1..99 (default: 5).
+        adjust_lr_fn (str, optional): None or ``"original"``, or ``"match_rms_adamw"`` (default: None).
+
+    Keyword-only args (pcopt additions):
+        ns_coefficient_set (str or list of triples, optional): ``"keller"`` (Keller's triple at every step),
+            ``"polar_express"`` (Amsel et al. 2025 per-step coefficients with the 1.01 safety factor, also on
+            the normalization; use ``ns_steps`` up to 8, the last triple repeats beyond), or a list of
+            ``(a, b, c)``, one per step (the last repeats if the list is shorter than ``ns_steps``; extra
+            triples are unused). None (default) uses ``ns_coefficients`` at every step, as torch.
+        ns_dtype (torch.dtype or str, optional): dtype of the iteration: bf16 (default, as torch), fp16, fp32
+            or fp64 (also as strings ``"bf16"``, ``"fp32"``...).
+        foreach (bool, optional): None/True batch same-shaped matrices into one batched matmul (default);
+            False runs the per-matrix reference loop. Both give the same bits.
+        refresh_preconditioners (bool, optional): after each step, run the power iteration of every PC weight
+            whose raw parameter this optimizer owns, as :func:`pcopt.refresh` (default: True).
+        num_power_iterations (int, optional): iterations of that refresh; None uses each weight's own
+            setting (10 by default).
+
+    FSDP2: parameters that are ``Shard(0)`` DTensors (``fully_shard``) are orthogonalized on the full matrix,
+    once in the world: each matrix has an owner rank (balanced by FLOPs) that gathers it, runs Newton-Schulz
+    batched with its other same-shaped matrices, and scatters the result rows back (two ``all_to_all``
+    collectives per param group and step, in ``ns_dtype``). The result is bitwise the same as unsharded.
+    Momentum and the update stay on the local shards.
+
+    Example::
+
+        >>> from pcopt.optim import Muon
+        >>> opt = Muon([p for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n],
+        ...            lr=0.02, adjust_lr_fn="match_rms_adamw", ns_coefficient_set="polar_express")
+        >>> loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
+    """
+
+
+def _momentum(
+    grads: Sequence[Tensor], bufs: Sequence[Tensor], momentum: float, nesterov: bool
+) -> list[Tensor]:
+    """EMA momentum in place on the (local) buffers; returns the (local) update directions."""
+    out = []
+    for g, buf in zip(grads, bufs):
+        g, buf = _local(g), _local(buf)
+        buf.lerp_(g, 1 - momentum)
+        out.append(g.lerp(buf, momentum) if nesterov else buf)
+    return out
+
+
+def _apply_updates(
+    params: Sequence[Tensor],
+    updates: Sequence[Tensor],
+    lr: float,
+    weight_decay: float,
+    adjust_lr_fn: str | None,
+) -> None:
+    for p, update in zip(params, updates):
+        adjusted_lr = _adjust_lr(lr, adjust_lr_fn, p.shape)  # global shape for DTensors
+        local = _local(p)
+        local.mul_(1 - lr * weight_decay)
+        local.add_(update, alpha=-adjusted_lr)
+
+
+def _orthogonalize(
+    params: Sequence[Tensor],
+    updates: Sequence[Tensor],
+    ns: Callable[[Tensor], Tensor],
+    dtype: torch.dtype,
+    ns_steps: int,
+    batch: bool,
+) -> list[Tensor]:
+    """Newton-Schulz of every update; local updates of sharded params come back as local blocks."""
+    out: list[Tensor | None] = [None] * len(params)
+    plain: list[int] = []
+    sharded: dict[int, tuple[Any, list[int]]] = {}
+    for i, p in enumerate(params):
+        layout = shard_layout(p) if _is_dtensor(p) else None
+        if layout is None:
+            plain.append(i)
+        else:
+            sharded.setdefault(id(layout.group), (layout, []))[1].append(i)
+
+    if batch:
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i in plain:
+            by_shape.setdefault(tuple(updates[i].shape), []).append(i)
+        for shape, idx in by_shape.items():
+            per_batch = max(1, _MAX_BATCH_ELEMENTS // max(1, math.prod(shape)))
+            for start in range(0, len(idx), per_batch):
+                chunk = idx[start : start + per_batch]
+                result = ns(torch.stack([updates[i] for i in chunk]))
+                for j, i in enumerate(chunk):
+                    out[i] = result[j]
+    else:
+        for i in plain:
+            out[i] = ns(updates[i])
+
+    cost = partial(newton_schulz_flops, ns_steps=ns_steps)
+    for layout, idx in sharded.values():
+        groups = [idx] if batch else [[i] for i in idx]
+        for chunk in groups:
+            blocks = [updates[i].to(dtype) for i in chunk]
+            shapes = [tuple(params[i].shape) for i in chunk]
+            for i, r in zip(chunk, orthogonalize_sharded(blocks, shapes, layout, ns, cost)):
+                out[i] = r
+    return out  # type: ignore[return-value]
+
+
+def _muon_impl(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    batch: bool,
+    lr: float | Tensor,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+    ns_coefficients: tuple[float, float, float],
+    ns_steps: int,
+    eps: float,
+    adjust_lr_fn: str | None,
+    ns_coefficient_set: CoeffSetT | Sequence[tuple[float, float, float]] | None,
+    ns_dtype: torch.dtype | str,
+) -> None:
+    if not params:
+        return
+    lr = lr.item() if isinstance(lr, Tensor) else lr
+    coefficients, norm_factor = resolve_coefficients(ns_coefficients, ns_coefficient_set, ns_steps)
+    dtype = resolve_dtype(ns_dtype)
+    ns = partial(newton_schulz, coefficients=coefficients, eps=eps, dtype=dtype, norm_factor=norm_factor)
+    if any(_is_dtensor(p) != _is_dtensor(g) for p, g in zip(params, grads)):
+        raise RuntimeError(
+            "Muon got a DTensor parameter with a plain-tensor gradient (or the reverse); "
+            "parameters and gradients must both be DTensors with the same placements."
+        )
+    if batch:
+        updates = _momentum(grads, momentum_buffers, momentum, nesterov)
+        updates = _orthogonalize(params, updates, ns, dtype, ns_steps, batch=True)
+        _apply_updates(params, updates, lr, weight_decay, adjust_lr_fn)
+    else:  # the readable reference: one matrix at a time
+        for p, g, buf in zip(params, grads, momentum_buffers):
+            (update,) = _momentum([g], [buf], momentum, nesterov)
+            (update,) = _orthogonalize([p], [update], ns, dtype, ns_steps, batch=False)
+            _apply_updates([p], [update], lr, weight_decay, adjust_lr_fn)
+
+
+def muon(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    foreach: bool | None = None,
+    lr: float | Tensor,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+    ns_coefficients: tuple[float, float, float],
+    ns_steps: int,
+    eps: float,
+    adjust_lr_fn: str | None,
+    ns_coefficient_set: CoeffSetT | Sequence[tuple[float, float, float]] | None = None,
+    ns_dtype: torch.dtype | str = torch.bfloat16,
+) -> None:
+    r"""Functional Muon step (see :class:`Muon`). Updates ``params`` and ``momentum_buffers`` in place.
+
+    ``foreach=False`` runs the per-matrix loop; None or True batch same-shaped matrices. DTensor parameters
+    sharded on dim 0 are gathered to one owner rank per matrix in both modes (every rank must call this).
+    """
+    _muon_impl(
+        params,
+        grads,
+        momentum_buffers,
+        batch=foreach is None or bool(foreach),
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        nesterov=nesterov,
+        ns_coefficients=ns_coefficients,
+        ns_steps=ns_steps,
+        eps=eps,
+        adjust_lr_fn=adjust_lr_fn,
+        ns_coefficient_set=ns_coefficient_set,
+        ns_dtype=ns_dtype,
+    )

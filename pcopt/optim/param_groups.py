@@ -1,0 +1,261 @@
+"""Split a model's parameters between Muon and AdamW by name, and build the paper's optimizer in one call.
+
+Routing (first rule that applies wins; ``name`` is the parameter's FQN from ``model.named_parameters()``):
+
+==========================================================  ==========  ==============================
+parameter                                                   optimizer   group
+==========================================================  ==========  ==============================
+frozen (``requires_grad=False``)                            none        not returned
+matches ``adamw_pattern`` (default: token embeddings         AdamW       ``"adamw"``
+``tok_embeddings``/``embed_tokens``/``wte``/``wpe``/
+``word_embeddings`` and LM head ``output``/``lm_head``,
+plain or preconditioned), or owned by an ``nn.Embedding``
+PC ``gamma`` (``...parametrizations.<name>.0.gamma``)        AdamW       ``"adamw"`` gamma group
+2-D and matches ``muon_pattern`` (default: ``...weight``     Muon        ``"muon"``
+and raw PC weights ``...parametrizations.weight.original``)
+any other non-matrix parameter (norms, biases, ...)          AdamW       ``"adamw"``
+any other 2-D parameter                                      error       ``ValueError`` naming it
+==========================================================  ==========  ==============================
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from pcopt.optim._newton_schulz import KELLER_COEFFICIENTS, CoeffSetT
+from pcopt.optim.adamw import AdamW
+from pcopt.optim.combined import ROUTING_KEY, CombinedOptimizer
+from pcopt.optim.muon import AdjustLrT, Muon
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_ADAMW_PATTERN",
+    "DEFAULT_MUON_PATTERN",
+    "EMBEDDING_PATTERN",
+    "GAMMA_PATTERN",
+    "HEAD_PATTERN",
+    "build_optimizer",
+    "param_groups",
+]
+
+_WEIGHT = r"(weight|parametrizations\.weight\.original)$"
+EMBEDDING_PATTERN = r"(^|\.)(tok_embeddings|embed_tokens|wte|wpe|word_embeddings)\." + _WEIGHT
+HEAD_PATTERN = r"(^|\.)(output|lm_head)\." + _WEIGHT
+DEFAULT_ADAMW_PATTERN = f"{EMBEDDING_PATTERN}|{HEAD_PATTERN}"
+GAMMA_PATTERN = r"(^|\.)parametrizations\.[^.]+\.0\.gamma$"
+DEFAULT_MUON_PATTERN = r"(^|\.)" + _WEIGHT
+
+
+def _compile(pattern: str, what: str) -> re.Pattern[str]:
+    if not isinstance(pattern, str):
+        raise ValueError(f"{what} must be a regular expression string, got {pattern!r}.")
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{what} is not a valid regular expression: {pattern!r} ({exc}).") from None
+
+
+def _check_wd(value: float | None, what: str) -> None:
+    if value is not None and not (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    ):
+        raise ValueError(f"Invalid {what}: {value!r}. Expected a float >= 0 or None.")
+
+
+def param_groups(
+    model: nn.Module,
+    *,
+    muon_pattern: str | None = None,
+    adamw_pattern: str | None = None,
+    muon_weight_decay: float | None = None,
+    adamw_weight_decay: float | None = None,
+    gamma_weight_decay: float | None = None,
+) -> list[dict[str, Any]]:
+    """Split the trainable parameters of ``model`` into Muon and AdamW param groups, by name.
+
+    Returns plain dicts ``{"params": [...], "param_names": [...], "algorithm": "muon" | "adamw", ...}``:
+    a Muon group (hidden matrices, including raw PC weights), an AdamW group (embeddings, LM head, norms,
+    biases, every other non-matrix parameter) and, if the model has PC layers with learnable gamma, a second
+    AdamW group holding the gammas. Empty groups are left out. See the module docstring for the rules.
+
+    Args:
+        model: any ``nn.Module`` (plain, preconditioned with :func:`pcopt.precondition_model`, or after
+            ``fully_shard``).
+        muon_pattern: regex searched in each FQN; matching 2-D parameters go to Muon
+            (default ``DEFAULT_MUON_PATTERN``: names ending in ``weight`` or ``parametrizations.weight.original``).
+        adamw_pattern: regex searched in each FQN; matches go to AdamW and take precedence over
+            ``muon_pattern`` (default ``DEFAULT_ADAMW_PATTERN``: token embeddings and LM head).
+        muon_weight_decay, adamw_weight_decay: if given, stored as ``"weight_decay"`` in those groups;
+            otherwise the optimizer's default applies.
+        gamma_weight_decay: weight decay of the gamma group; None keeps AdamW's (the paper decays gamma with
+            0.1 like everything else). Pass 0.0 to exempt gamma.
+
+    Raises:
+        ValueError: a trainable 2-D parameter matches neither pattern (its name is given; add it to
+            ``adamw_pattern`` or ``muon_pattern``), a pattern is not a valid regex, or ``model`` has no
+            trainable parameters.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"param_groups expects an nn.Module, got {type(model).__name__}.")
+    for value, what in ((muon_weight_decay, "muon_weight_decay"), (adamw_weight_decay, "adamw_weight_decay"),
+                        (gamma_weight_decay, "gamma_weight_decay")):  # fmt: skip
+        _check_wd(value, what)
+    muon_re = _compile(DEFAULT_MUON_PATTERN if muon_pattern is None else muon_pattern, "muon_pattern")
+    adamw_re = _compile(DEFAULT_ADAMW_PATTERN if adamw_pattern is None else adamw_pattern, "adamw_pattern")
+    gamma_re = re.compile(GAMMA_PATTERN)
+
+    embedding_params = {
+        id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)
+    }
+    routes: dict[str, list[tuple[str, torch.nn.Parameter]]] = {"muon": [], "adamw": [], "gamma": []}
+    unrouted: list[str] = []
+    matched = {"muon_pattern": False, "adamw_pattern": False}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if adamw_re.search(name) or id(p) in embedding_params:
+            matched["adamw_pattern"] = matched["adamw_pattern"] or bool(adamw_re.search(name))
+            routes["adamw"].append((name, p))
+        elif gamma_re.search(name):
+            routes["gamma"].append((name, p))
+        elif p.ndim == 2 and muon_re.search(name):
+            matched["muon_pattern"] = True
+            routes["muon"].append((name, p))
+        elif p.ndim != 2:
+            routes["adamw"].append((name, p))
+        else:
+            unrouted.append(f"{name} {tuple(p.shape)}")
+    if unrouted:
+        raise ValueError(
+            f"param_groups: {len(unrouted)} trainable 2-D parameter(s) match neither muon_pattern "
+            f"({muon_re.pattern!r}) nor adamw_pattern ({adamw_re.pattern!r}): {', '.join(unrouted)}. "
+            "Every trainable parameter must land in exactly one group: add them to adamw_pattern (e.g. "
+            "adamw_pattern=pcopt.optim.DEFAULT_ADAMW_PATTERN + r'|pos_emb$') or to muon_pattern."
+        )
+    for key, user_value in (("muon_pattern", muon_pattern), ("adamw_pattern", adamw_pattern)):
+        if user_value is not None and not matched[key]:
+            warnings.warn(f"param_groups: {key}={user_value!r} matched no trainable parameter.", stacklevel=2)
+    if not any(routes.values()):
+        raise ValueError("param_groups: the model has no trainable parameters.")
+
+    groups: list[dict[str, Any]] = []
+    for route, algorithm, wd in (("muon", "muon", muon_weight_decay), ("adamw", "adamw", adamw_weight_decay),
+                                 ("gamma", "adamw", gamma_weight_decay if gamma_weight_decay is not None
+                                  else adamw_weight_decay)):  # fmt: skip
+        if not routes[route]:
+            continue
+        group: dict[str, Any] = {
+            "params": [p for _, p in routes[route]],
+            "param_names": [n for n, _ in routes[route]],
+            ROUTING_KEY: algorithm,
+        }
+        if wd is not None:
+            group["weight_decay"] = wd
+        groups.append(group)
+        logger.info(
+            "param_groups: %s%s <- %d tensors (%d elements), weight_decay=%s",
+            algorithm, " (gamma)" if route == "gamma" else "", len(group["params"]),
+            sum(p.numel() for p in group["params"]), wd if wd is not None else "optimizer default",
+        )  # fmt: skip
+    return groups
+
+
+def build_optimizer(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float = 0.1,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    adjust_lr_fn: AdjustLrT | None = "match_rms_adamw",
+    ns_coefficients: tuple[float, float, float] = KELLER_COEFFICIENTS,
+    ns_steps: int = 5,
+    ns_coefficient_set: CoeffSetT | Sequence[tuple[float, float, float]] | None = None,
+    ns_dtype: torch.dtype | str = torch.bfloat16,
+    adamw_lr: float | None = None,
+    betas: tuple[float, float] = (0.9, 0.95),
+    adamw_eps: float = 1e-8,
+    adamw_weight_decay: float | None = None,
+    gamma_weight_decay: float | None = None,
+    muon_pattern: str | None = None,
+    adamw_pattern: str | None = None,
+    refresh_preconditioners: bool = True,
+    num_power_iterations: int | None = None,
+    adamw_kwargs: dict[str, Any] | None = None,
+) -> CombinedOptimizer:
+    """The PC-layer paper's optimizer for any model: Muon on hidden matrices, AdamW on everything else.
+
+    Defaults reproduce the paper's Muon runs: Muon (momentum 0.95, Nesterov, 5 Keller steps in bf16,
+    ``adjust_lr_fn="match_rms_adamw"``) and AdamW (betas (0.9, 0.95), eps 1e-8) with the **same peak lr**,
+    weight decay 0.1 on every parameter including gamma and the raw PC weights. Parameters are split by
+    :func:`param_groups`. The result is one :class:`CombinedOptimizer`: use it with any
+    ``torch.optim.lr_scheduler``, ``state_dict``/``load_state_dict``, ``zero_grad`` and closures. Both
+    children refresh the PC power-iteration state of the raw weights they own after every step.
+
+    Args:
+        lr: peak learning rate of both groups (AdamW's can differ via ``adamw_lr``).
+        weight_decay: decoupled weight decay of the Muon group and default for the AdamW groups.
+        adamw_weight_decay, gamma_weight_decay: override the AdamW / gamma group's decay (None: inherit).
+        momentum, nesterov, adjust_lr_fn, ns_coefficients, ns_steps, ns_coefficient_set, ns_dtype: Muon's.
+        betas, adamw_eps: AdamW's betas and eps. ``adamw_kwargs``: more ``torch.optim.AdamW`` kwargs
+            (``foreach``, ``fused``, ...).
+        muon_pattern, adamw_pattern: see :func:`param_groups`.
+        refresh_preconditioners, num_power_iterations: PC state refresh after each step (both children).
+
+    Example::
+
+        >>> model = pcopt.precondition_model(model, degree=5) and model
+        >>> opt = pcopt.optim.build_optimizer(model, lr=4.243e-3)
+        >>> sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 220))
+        >>> for x, y in data:
+        ...     loss_fn(model(x), y).backward(); opt.step(); sched.step(); opt.zero_grad()
+    """
+    adamw_wd = weight_decay if adamw_weight_decay is None else adamw_weight_decay
+    groups = param_groups(
+        model,
+        muon_pattern=muon_pattern,
+        adamw_pattern=adamw_pattern,
+        muon_weight_decay=weight_decay,
+        adamw_weight_decay=adamw_wd,
+        gamma_weight_decay=gamma_weight_decay,
+    )
+    refresh_kw = {
+        "refresh_preconditioners": refresh_preconditioners,
+        "num_power_iterations": num_power_iterations,
+    }
+    children: dict[str, torch.optim.Optimizer] = {}
+    muon_groups = [g for g in groups if g[ROUTING_KEY] == "muon"]
+    adamw_groups = [g for g in groups if g[ROUTING_KEY] == "adamw"]
+    if muon_groups:
+        children["muon"] = Muon(
+            muon_groups,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_coefficients=ns_coefficients,
+            ns_steps=ns_steps,
+            adjust_lr_fn=adjust_lr_fn,
+            ns_coefficient_set=ns_coefficient_set,
+            ns_dtype=ns_dtype,
+            **refresh_kw,
+        )
+    if adamw_groups:
+        children["adamw"] = AdamW(
+            adamw_groups,
+            lr=lr if adamw_lr is None else adamw_lr,
+            betas=betas,
+            eps=adamw_eps,
+            weight_decay=adamw_wd,
+            **(adamw_kwargs or {}),
+            **refresh_kw,
+        )
+    return CombinedOptimizer(children)

@@ -1,0 +1,331 @@
+"""pcopt.optim.Muon against torch.optim.Muon, float64 SVD references, and its error contract."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import pcopt
+from pcopt.optim import Muon, newton_schulz
+from pcopt.optim._newton_schulz import NS_COEFFICIENT_SETS, resolve_coefficients
+from pcopt.optim.muon import muon
+
+SHAPES = [(24, 16), (16, 24), (20, 20), (24, 16), (1, 9), (33, 7)]  # tall, wide, square, repeated, 1-row
+
+
+def _params(seed: int = 0) -> list[nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+
+
+def _run(opt_cls, params, steps: int, seed: int = 1, **kwargs):
+    opt = opt_cls(params, **kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("adjust_lr_fn", [None, "original", "match_rms_adamw"])
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("foreach", [None, False])
+def test_matches_torch_muon(adjust_lr_fn, nesterov, foreach):
+    kwargs = dict(lr=0.03, weight_decay=0.1, momentum=0.9, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
+    ref_params, params = _params(), _params()
+    ref = _run(torch.optim.Muon, ref_params, steps=4, **kwargs)
+    opt = _run(Muon, params, steps=4, foreach=foreach, **kwargs)
+    for p, r in zip(params, ref_params):
+        torch.testing.assert_close(p, r, rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            opt.state[p]["momentum_buffer"], ref.state[r]["momentum_buffer"], rtol=0, atol=1e-6
+        )
+    assert set(opt.state[params[0]]) == {"momentum_buffer"}
+    # the update is not trivially zero: parameters moved by more than the tolerance
+    assert max((p - q).abs().max().item() for p, q in zip(params, _params())) > 1e-2
+
+
+def test_batched_and_per_matrix_paths_are_bitwise_equal():
+    a, b = _params(), _params()
+    _run(Muon, a, steps=3, foreach=True, ns_coefficient_set="polar_express", ns_dtype=torch.float32)
+    _run(Muon, b, steps=3, foreach=False, ns_coefficient_set="polar_express", ns_dtype=torch.float32)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_functional_matches_optimizer():
+    params, ref = _params(), _params()
+    _run(Muon, ref, steps=1, lr=0.02)
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    with torch.no_grad():
+        muon(params, grads, bufs, lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True,
+             ns_coefficients=(3.4445, -4.775, 2.0315), ns_steps=5, eps=1e-7, adjust_lr_fn=None)  # fmt: skip
+    assert all(torch.equal(x, y) for x, y in zip(params, ref))
+
+
+def _svd_reference(G: torch.Tensor, triples, norm_factor: float = 1.0) -> torch.Tensor:
+    """Odd quintics composed on the singular values, in float64: U diag(p_k(...p_1(s / (f ||G||_F)))) V^T."""
+    U, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    s = S / (norm_factor * torch.linalg.matrix_norm(G.double()))
+    for a, b, c in triples:
+        s = a * s + b * s**3 + c * s**5
+    return U @ torch.diag(s) @ Vh
+
+
+@pytest.mark.parametrize("shape", [(12, 30), (30, 12)])
+@pytest.mark.parametrize("name", ["keller", "polar_express", "custom"])
+def test_newton_schulz_equals_singular_value_polynomial_in_fp64(shape, name):
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    coefficient_set = (
+        [(2.0, -1.5, 0.5), (1.9, -1.3, 0.4), (1.875, -1.25, 0.375)] if name == "custom" else name
+    )
+    triples, factor = resolve_coefficients((3.4445, -4.775, 2.0315), coefficient_set, 6)
+    assert len(triples) == 6
+    out = newton_schulz(G, triples, dtype=torch.float64, norm_factor=factor)
+    torch.testing.assert_close(out, _svd_reference(G, triples, factor), rtol=0, atol=1e-10)
+
+
+def test_polar_express_set_orthogonalizes_and_uses_safety_factor():
+    raw_first = (8.28721201814563, -23.595886519098837, 17.300387312530933)
+    triples, factor = NS_COEFFICIENT_SETS["polar_express"]
+    assert factor == 1.01 and len(triples) == 8
+    torch.testing.assert_close(
+        torch.tensor(triples[0]), torch.tensor(raw_first) / torch.tensor([1.01, 1.01**3, 1.01**5])
+    )
+    assert triples[-1] == (1.875, -1.25, 0.375)
+    G = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    out = newton_schulz(G, triples, dtype=torch.float32, norm_factor=factor)
+    sv = torch.linalg.svdvals(out.double())
+    assert sv.min() > 0.9 and sv.max() < 1.1, sv  # 8 steps: close to U V^T (Keller's 5 steps are not)
+    kel = torch.linalg.svdvals(
+        newton_schulz(G, NS_COEFFICIENT_SETS["keller"][0] * 5, dtype=torch.float32).double()
+    )
+    assert (kel.max() - kel.min()) > (sv.max() - sv.min())
+
+
+def test_polar_express_in_optimizer_uses_per_step_coefficients():
+    """The optimizer applies the set step by step: compare one update with the fp64 SVD composition."""
+    p = nn.Parameter(torch.zeros(10, 14, dtype=torch.float64))
+    g = torch.randn(10, 14, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    p.grad = g.clone()
+    Muon([p], lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False, ns_steps=7,
+         ns_coefficient_set="polar_express", ns_dtype=torch.float64).step()  # fmt: skip
+    triples, factor = resolve_coefficients((0.0, 0.0, 0.0), "polar_express", 7)
+    torch.testing.assert_close(-p.detach(), _svd_reference(g, triples, factor), rtol=0, atol=1e-10)
+
+
+def test_default_is_bf16_and_fp32_option_is_more_accurate():
+    G = torch.randn(48, 40, generator=torch.Generator().manual_seed(0))
+    triples, _ = resolve_coefficients((3.4445, -4.775, 2.0315), None, 5)
+    ref = _svd_reference(G, triples)
+    p16, p32 = nn.Parameter(torch.zeros_like(G)), nn.Parameter(torch.zeros_like(G))
+    for p, dt in ((p16, torch.bfloat16), (p32, "fp32")):
+        p.grad = G.clone()
+        Muon(
+            [p], lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False, adjust_lr_fn=None, ns_dtype=dt
+        ).step()
+    scale = (48 / 40) ** 0.5  # "original" lr adjustment sqrt(max(1, A/B)) for a (48, 40) matrix
+    err16 = (-p16.detach().double() / scale - ref).abs().max()
+    err32 = (-p32.detach().double() / scale - ref).abs().max()
+    assert err32 < 1e-4 < err16 < 0.1, (err16, err32)
+
+
+def test_closure_zero_grad_none_grads_and_tensor_lr():
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 6, bias=False)
+    frozen = nn.Parameter(torch.randn(4, 4))  # never gets a gradient: must stay untouched
+    frozen_before = frozen.detach().clone()
+    opt = Muon([lin.weight, frozen], lr=torch.tensor(0.02))
+    x, y = torch.randn(16, 8), torch.randn(16, 6)
+
+    def closure():
+        opt.zero_grad()
+        loss = (lin(x) - y).square().mean()
+        loss.backward()
+        return loss
+
+    losses = [opt.step(closure).item() for _ in range(20)]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert torch.equal(frozen, frozen_before) and frozen not in opt.state
+    opt.zero_grad()
+    assert lin.weight.grad is None
+
+
+def test_state_dict_round_trip_and_torch_checkpoint_compatibility():
+    params_a, params_b, params_t = _params(), _params(), _params()
+    kwargs = dict(lr=0.02, adjust_lr_fn="match_rms_adamw")
+    a = _run(Muon, params_a, steps=2, **kwargs)
+    t = _run(torch.optim.Muon, params_t, steps=2, **kwargs)
+    with torch.no_grad():
+        for pb, pa in zip(params_b, params_a):
+            pb.copy_(pa)
+    b = Muon(params_b, **kwargs)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    c = Muon(_params(), **kwargs)
+    c.load_state_dict(t.state_dict())  # a torch.optim.Muon checkpoint loads into pcopt's Muon
+    assert c.param_groups[0]["ns_dtype"] == torch.bfloat16 and c.param_groups[0]["ns_coefficient_set"] is None
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(2):
+        grads = [torch.randn(s, generator=gen) for s in SHAPES]
+        for ps, opt in ((params_a, a), (params_b, b)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+    assert all(torch.equal(x, y) for x, y in zip(params_a, params_b))
+
+
+def test_lr_scheduler_drives_lr():
+    params = _params()
+    opt = Muon(params, lr=0.1, weight_decay=0.0, momentum=0.0, nesterov=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
+    sizes = []
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(p.shape, generator=gen) for p in params]  # same gradient: same orthogonalized O
+    for _ in range(3):
+        before = params[2].detach().clone()
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        sched.step()
+        sizes.append((params[2] - before).norm().item())
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+    assert sizes[1] / sizes[0] == pytest.approx(0.5, rel=1e-4) and sizes[2] / sizes[1] == pytest.approx(
+        0.5, rel=1e-4
+    )
+
+
+def test_extra_group_keys_are_tolerated_and_groups_are_independent():
+    a, b = _params(), _params()
+    opt = Muon([{"params": a[:3], "lr": 0.05, "fused": None, "foreach": True},
+                {"params": a[3:], "weight_decay": 0.0, "custom_key": "kept"}], lr=0.01)  # fmt: skip
+    assert opt.param_groups[1]["custom_key"] == "kept"
+    ref1 = Muon(b[:3], lr=0.05)
+    ref2 = Muon(b[3:], lr=0.01, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(4)
+    grads = [torch.randn(s, generator=gen) for s in SHAPES]
+    for ps in (a, b):
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+    opt.step()
+    ref1.step()
+    ref2.step()
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_deepcopy_and_pickle_keep_options():
+    opt = Muon(
+        _params(), refresh_preconditioners=False, num_power_iterations=3, ns_coefficient_set="polar_express"
+    )
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert clone.refresh_preconditioners is False and clone.num_power_iterations == 3
+        assert clone.param_groups[0]["ns_coefficient_set"] == "polar_express"
+
+
+def _stale_pc_linear(seed: int = 0) -> tuple[nn.Linear, object]:
+    torch.manual_seed(seed)
+    lin = pcopt.precondition(nn.Linear(20, 12, bias=False), degree=5)
+    pc = lin.parametrizations.weight[0]
+    with torch.no_grad():
+        pc.reset_state()  # deterministic start vectors, not yet iterated
+    return lin, pc
+
+
+@pytest.mark.parametrize("refresh", [True, False])
+def test_step_refreshes_power_iteration_of_owned_pc_weights(refresh):
+    lin, pc = _stale_pc_linear()
+    u0 = pc.u.clone()
+    opt = Muon([lin.parametrizations.weight.original], lr=0.05, refresh_preconditioners=refresh)
+    x = torch.randn(32, 20, generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        lin(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    W = lin.parametrizations.weight.original.detach().double()
+    sigma = pc.u.double() @ W @ pc.v.double()
+    exact = torch.linalg.matrix_norm(W, 2)
+    if refresh:
+        assert abs(sigma - exact) / exact < 1e-4, (sigma.item(), exact.item())
+    else:
+        assert torch.equal(pc.u, u0)
+        assert abs(sigma - exact) / exact > 1e-2
+
+
+def test_refresh_only_touches_weights_the_optimizer_owns():
+    lin_a, pc_a = _stale_pc_linear(0)
+    lin_b, pc_b = _stale_pc_linear(1)
+    u_b = pc_b.u.clone()
+    opt = Muon([lin_a.parametrizations.weight.original], lr=0.01)
+    lin_a.parametrizations.weight.original.grad = torch.randn(12, 20)
+    opt.step()
+    assert not torch.equal(pc_a.u, pcopt.spectral.init_singular_vectors((12, 20))[0].to(pc_a.u))
+    assert torch.equal(pc_b.u, u_b)
+
+
+# -- errors -------------------------------------------------------------------------------------------
+CONSTRUCTION_ERRORS = [
+    ({"lr": -1.0}, r"Invalid learning rate: -1\.0"),
+    ({"lr": torch.tensor([0.1, 0.2])}, r"Tensor lr must be 1-element"),
+    ({"momentum": 1.0}, r"Invalid momentum value: 1\.0\. Expected 0 <= momentum < 1"),
+    ({"momentum": -0.1}, r"Invalid momentum value"),
+    ({"weight_decay": -0.1}, r"Invalid weight_decay value: -0\.1"),
+    ({"eps": 0.0}, r"Invalid epsilon value: 0\.0\. Expected a float > 0"),
+    ({"eps": -1e-7}, r"Invalid epsilon value"),
+    ({"adjust_lr_fn": "moonlight"}, r"Adjust learning rate function 'moonlight' is not supported"),
+    ({"ns_steps": 0}, r"Invalid ns_steps: 0\. Expected an integer in \[1, 99\]"),
+    ({"ns_steps": 100}, r"Invalid ns_steps: 100"),
+    ({"ns_coefficients": (1.0, 2.0)}, r"Invalid ns_coefficients: \(1\.0, 2\.0\)\. Expected a tuple of three"),
+    (
+        {"ns_coefficient_set": "quintic"},
+        r"Unknown ns_coefficient_set: 'quintic'\. Expected one of \['keller', 'polar_express'\]",
+    ),
+    ({"ns_coefficient_set": [(1.0, 2.0)]}, r"Invalid ns_coefficient_set: .*list of \(a, b, c\) triples"),
+    ({"ns_coefficient_set": []}, r"Invalid ns_coefficient_set"),
+    ({"ns_dtype": torch.int32}, r"Invalid ns_dtype: torch\.int32\. Expected torch\.bfloat16"),
+    ({"ns_dtype": "half-ish"}, r"Invalid ns_dtype: 'half-ish'"),
+    ({"num_power_iterations": 0}, r"Invalid num_power_iterations: 0"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", CONSTRUCTION_ERRORS, ids=[m[:30] for _, m in CONSTRUCTION_ERRORS])
+def test_construction_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Muon(_params(), **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(5,), (2, 3, 4)])
+def test_non_matrix_parameters_rejected_at_construction(shape):
+    with pytest.raises(ValueError, match=r"Muon only supports 2D parameters .* size: torch\.Size.*AdamW"):
+        Muon([nn.Parameter(torch.randn(shape))])
+    opt = Muon(_params())
+    with pytest.raises(ValueError, match=r"Muon only supports 2D parameters"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(shape))]})
+    with pytest.raises(ValueError, match=r"Invalid learning rate"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(3, 3))], "lr": -1.0})
+    assert len(opt.param_groups) == 1  # rejected groups are not kept
+
+
+def test_sparse_and_complex_gradients_rejected_at_step():
+    p = nn.Parameter(torch.randn(4, 3))
+    p.grad = torch.randn(4, 3).to_sparse()
+    with pytest.raises(RuntimeError, match=r"Muon does not support sparse gradients"):
+        Muon([p]).step()
+    c = nn.Parameter(torch.randn(4, 3, dtype=torch.complex64))
+    c.grad = torch.randn(4, 3, dtype=torch.complex64)
+    with pytest.raises(
+        RuntimeError, match=r"Muon does not support complex parameters or gradients.*complex64"
+    ):
+        Muon([c]).step()
+
+
+def test_custom_list_longer_than_steps_uses_prefix_and_warns_shorter_repeats_last():
+    triples = [(2.0, -1.5, 0.5), (1.9, -1.3, 0.4)]
+    assert resolve_coefficients((0, 0, 0), triples, 1)[0] == ((2.0, -1.5, 0.5),)
+    with pytest.warns(UserWarning, match=r"ns_coefficient_set has 2 triples but ns_steps=1"):
+        Muon(_params(), ns_coefficient_set=triples, ns_steps=1)
+    assert resolve_coefficients((0, 0, 0), triples, 4)[0][2:] == ((1.9, -1.3, 0.4),) * 2
