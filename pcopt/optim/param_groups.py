@@ -133,6 +133,9 @@ def param_groups(
             routes["adamw"].append((name, p))
         else:
             unrouted.append(f"{name} {tuple(p.shape)}")
+    for key, user_value in (("muon_pattern", muon_pattern), ("adamw_pattern", adamw_pattern)):
+        if user_value is not None and not matched[key]:
+            warnings.warn(f"param_groups: {key}={user_value!r} matched no trainable parameter.", stacklevel=2)
     if unrouted:
         raise ValueError(
             f"param_groups: {len(unrouted)} trainable 2-D parameter(s) match neither muon_pattern "
@@ -140,9 +143,6 @@ def param_groups(
             "Every trainable parameter must land in exactly one group: add them to adamw_pattern (e.g. "
             "adamw_pattern=pcopt.optim.DEFAULT_ADAMW_PATTERN + r'|pos_emb$') or to muon_pattern."
         )
-    for key, user_value in (("muon_pattern", muon_pattern), ("adamw_pattern", adamw_pattern)):
-        if user_value is not None and not matched[key]:
-            warnings.warn(f"param_groups: {key}={user_value!r} matched no trainable parameter.", stacklevel=2)
     if not any(routes.values()):
         raise ValueError("param_groups: the model has no trainable parameters.")
 
