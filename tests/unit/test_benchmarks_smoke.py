@@ -1,0 +1,141 @@
+"""Tiny end-to-end runs of the benchmark scripts' code paths on a generated corpus (a few seconds each)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+import pcopt
+
+pytest.importorskip("torchtitan", reason="the benchmarks build torchtitan's Llama3 model")
+pytest.importorskip("tokenizers", reason="the token-efficiency benchmark trains a BPE with tokenizers")
+
+from benchmarks import _common as C  # noqa: E402
+from benchmarks import pc_overhead, token_efficiency  # noqa: E402
+
+_WORDS = "the a lord said unto him and it was light dark water earth land went came saw good night".split()
+
+TINY_MODEL = "--dim 32 --n-layers 1 --n-heads 2 --ffn-multiple-of 32 --seq-len 16".split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("corpus") / "tiny.jsonl"
+    with open(path, "w") as f:
+        for i in range(50):
+            words = [rng.choice(_WORDS) for _ in range(rng.randint(20, 60))]
+            f.write(json.dumps({"id": i, "text": " ".join(words).capitalize() + "."}) + "\n")
+    return path
+
+
+def test_token_efficiency_all_arms(corpus, tmp_path, capsys):
+    out = tmp_path / "te"
+    argv = [
+        "--data", str(corpus), "--out", str(out), "--steps", "3", "--batch-size", "2", "--vocab-size", "300",
+        "--val-windows", "4", "--val-every-doc", "5", "--eval-every", "1", "--no-progress", *TINY_MODEL,
+    ]  # fmt: skip
+    summary = token_efficiency.main(argv)
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["arms"].keys() == summary["arms"].keys() == set(C.ARMS)
+    for arm, entry in on_disk["arms"].items():
+        assert math.isfinite(entry["final_val_loss"]), arm
+        assert entry["tokens_seen"] == 3 * 2 * 16
+        assert entry["gmcn_start"] >= 1 and entry["gmcn_end"] >= 1
+        assert len(on_disk["curves"][arm]["val_loss"]) == 4  # step 0 + 3 evaluations
+    for arm in ("adamw_pc", "muon_pc"):
+        entry = on_disk["arms"][arm]
+        assert entry["pc_degree"] == C.PC_DEGREE[arm.removesuffix("_pc")]
+        ratio = entry["token_ratio"]
+        assert ratio["target_val_loss"] == on_disk["arms"][arm.removesuffix("_pc")]["final_val_loss"]
+        assert ratio["ratio"] is not None and ratio["ratio"] > 0
+    # PC lowers the conditioning of the effective weights at initialisation (same raw init).
+    assert on_disk["arms"]["adamw_pc"]["gmcn_start"] < on_disk["arms"]["adamw"]["gmcn_start"]
+    for png in ("val_loss.png", "gmcn.png", "spectra.png"):
+        assert (out / png).stat().st_size > 1000, png
+
+    # A second invocation reuses the stored runs instead of training again.
+    capsys.readouterr()
+    again = token_efficiency.main([*argv, "--arms", "adamw,muon_pc", "--no-plots"])
+    assert capsys.readouterr().out.count("reusing") == 2
+    assert again["arms"]["adamw"]["final_val_loss"] == summary["arms"]["adamw"]["final_val_loss"]
+
+
+def test_token_efficiency_lr_sweep_picks_best_baseline(corpus, tmp_path):
+    argv = [
+        "--data", str(corpus), "--out", str(tmp_path), "--steps", "2", "--batch-size", "2", "--vocab-size", "300",
+        "--val-windows", "2", "--val-every-doc", "5", "--no-progress", "--no-plots", "--arms", "adamw,adamw_pc",
+        "--sweep-adamw", "1e-4,3e-3", *TINY_MODEL,
+    ]  # fmt: skip
+    summary = token_efficiency.main(argv)
+    sweep = summary["lr_sweep"]["adamw"]
+    assert [s["lr"] for s in sweep] == [1e-4, 3e-3]
+    best = min(sweep, key=lambda s: s["final_val_loss"])
+    assert summary["lr"]["adamw"] == best["lr"]
+    assert summary["arms"]["adamw"]["lr"] == summary["arms"]["adamw_pc"]["lr"] == best["lr"]
+    assert summary["arms"]["adamw"]["final_val_loss"] == best["final_val_loss"]
+
+
+def test_token_efficiency_rejects_unknown_arm(corpus):
+    with pytest.raises(SystemExit):
+        token_efficiency.parse_args(["--data", str(corpus), "--arms", "adamw,sgd"])
+
+
+def test_tokens_to_reach_and_ratio():
+    tokens = [0, 10, 20, 30]
+    base = {"final_val_loss": 2.5, "curve": {"tokens": tokens, "val_loss": [5.0, 4.0, 3.0, 2.5]}}
+    faster = {"final_val_loss": 2.0, "curve": {"tokens": tokens, "val_loss": [5.0, 3.0, 2.0, 2.0]}}
+    slower = {"final_val_loss": 2.8, "curve": {"tokens": tokens, "val_loss": [5.0, 4.5, 3.5, 2.8]}}
+    r = token_efficiency.token_ratio(base, faster)
+    assert r["tokens_baseline"] == 30 and r["tokens_pc"] == pytest.approx(15.0)  # midway between 3.0 and 2.0
+    assert r["ratio"] == pytest.approx(2.0) and r["bound"] is None
+    r = token_efficiency.token_ratio(base, slower)
+    assert r["bound"] == "upper" and r["ratio"] == pytest.approx(1.0) and r["tokens_pc"] is None
+    assert token_efficiency.tokens_to_reach(tokens, [3.0, 2.0, 1.0, 0.5], 3.0) == 0.0
+
+
+def test_lr_schedule_matches_the_recipe():
+    total = 200  # warmup = 2 steps
+    assert C.lr_factor(0, total) == pytest.approx(1 / 3)
+    assert C.lr_factor(1, total) == pytest.approx(2 / 3)
+    assert C.lr_factor(2, total) == pytest.approx(1.0)
+    assert C.lr_factor(101, total) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 99 / 198)))
+    assert C.lr_factor(total, total) == pytest.approx(0.1)
+
+
+def test_pc_overhead_paths(tmp_path):
+    argv = [
+        "--accum", "1,2", "--steps", "1", "--warmup", "0", "--micro-batch", "2", "--vocab-size", "64",
+        "--poly", "--poly-reps", "1", "--component-reps", "1", "--dtype", "fp32", "--out", str(tmp_path), *TINY_MODEL,
+    ]  # fmt: skip
+    res = pc_overhead.main(argv)
+    assert [r["accum"] for r in res["accum"]] == [1, 2]
+    for r in res["accum"]:
+        assert r["ratio_pc"] > 0 and r["ratio_pc_once"] > 0
+        assert r["components"]["pc_weights"] == 4  # wo, w1, w2, w3 of the single layer
+    assert json.loads((tmp_path / "results_adamw_fp32.json").read_text())["accum"][1]["accum"] == 2
+    # The fused variant computes the same polynomial.
+    fp32 = [row for row in res["polynomial"] if row["dtype"] == "float32"]
+    assert fp32 and all(row["max_rel_diff_fwd"] < 1e-5 and row["max_rel_diff_grad"] < 1e-5 for row in fp32)
+
+
+def test_addmm_polynomial_matches_reference_float64():
+    g = torch.Generator().manual_seed(0)
+    for shape in ((24, 10), (10, 24), (3, 8, 12)):
+        X = torch.randn(*shape, generator=g, dtype=torch.float64) / 4
+        for degree in (3, 5, 9):
+            c = pcopt.polynomial(degree)
+            torch.testing.assert_close(
+                pc_overhead.apply_polynomial_addmm(X, c), _svd_polynomial(X, c), rtol=1e-10, atol=1e-12
+            )
+
+
+def _svd_polynomial(X, coefficients):
+    """Independent reference: apply the odd polynomial to the singular values."""
+    U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    p = sum(a * S ** (2 * j + 1) for j, a in enumerate(coefficients))
+    return (U * p.unsqueeze(-2)) @ Vh
