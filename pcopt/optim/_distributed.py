@@ -73,11 +73,9 @@ def shard_layout(param: Tensor) -> ShardLayout | None:
         return None
     d = shard_dims[0]
     layout = ShardLayout(mesh.get_group(d), d, mesh.get_local_rank(d), mesh.size(d))
-    expected = (
-        row_range(param.shape[0], layout.world_size, layout.rank)[1]
-        - row_range(param.shape[0], layout.world_size, layout.rank)[0],
-        param.shape[1],
-    )
+    assert dist.get_rank(layout.group) == layout.rank, "mesh coordinate and group rank disagree"
+    start, end = row_range(param.shape[0], layout.world_size, layout.rank)
+    expected = (end - start, param.shape[1])
     local_shape = tuple(param.to_local().shape)
     if local_shape != expected:
         raise NotImplementedError(

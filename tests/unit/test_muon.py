@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import copy
 import pickle
+from functools import partial
 
 import pytest
 import torch
 from torch import nn
 
 import pcopt
-from pcopt.optim import Muon, newton_schulz
+from pcopt.optim import Muon, newton_schulz, newton_schulz_flops
+from pcopt.optim._distributed import assign_owners, row_range
 from pcopt.optim._newton_schulz import NS_COEFFICIENT_SETS, resolve_coefficients
 from pcopt.optim.muon import muon
 
@@ -329,3 +331,22 @@ def test_custom_list_longer_than_steps_uses_prefix_and_warns_shorter_repeats_las
     with pytest.warns(UserWarning, match=r"ns_coefficient_set has 2 triples but ns_steps=1"):
         Muon(_params(), ns_coefficient_set=triples, ns_steps=1)
     assert resolve_coefficients((0, 0, 0), triples, 4)[0][2:] == ((1.9, -1.3, 0.4),) * 2
+
+
+@pytest.mark.parametrize("rows,world", [(7, 2), (5, 4), (3, 4), (1, 2), (16, 3)])
+def test_row_range_is_torch_chunk_layout(rows, world):
+    chunks = torch.arange(rows).chunk(world)
+    for r in range(world):
+        start, end = row_range(rows, world, r)
+        expected = chunks[r].tolist() if r < len(chunks) else []
+        assert list(range(start, end)) == expected
+
+
+def test_owner_table_balances_flops_and_is_deterministic():
+    shapes = [(512, 512)] * 4 + [(1408, 512), (512, 1408), (1408, 512)] * 2 + [(8, 8)]
+    cost = partial(newton_schulz_flops, ns_steps=5)
+    owners = assign_owners(shapes, 2, cost)
+    assert owners == assign_owners(list(shapes), 2, cost)
+    loads = [sum(cost(s) for s, o in zip(shapes, owners) if o == r) for r in range(2)]
+    assert max(loads) / min(loads) < 1.15 and set(owners) == {0, 1}
+    assert assign_owners(shapes, 1, cost) == [0] * len(shapes)
