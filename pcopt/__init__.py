@@ -1,5 +1,6 @@
 """pcopt: polynomial weight preconditioning (PC layer) with Muon and AdamW for LLM pretraining."""
 
+from pcopt import accumulation, optim  # noqa: E402  (submodules, after the core they build on)
 from pcopt.diagnostics import condition_numbers, gmcn, modified_condition_number
 from pcopt.parametrizations import (
     DEFAULT_TARGETS,
@@ -21,6 +22,8 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_TARGETS",
     "PC_COEFFICIENTS",
+    "accumulation",
+    "optim",
     "apply_polynomial",
     "condition_numbers",
     "effective_weight",
