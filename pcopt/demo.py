@@ -84,12 +84,7 @@ class TinyLlama(nn.Module):
         self.register_buffer("rope", torch.polar(torch.ones_like(angles), angles), persistent=False)
         nn.init.normal_(self.tok_embeddings.weight)
         for i, layer in enumerate(self.layers):  # depth-scaled init as in the paper's Llama
-            for name, lin in [
-                ("wq", layer.attention.wq),
-                ("wk", layer.attention.wk),
-                ("wv", layer.attention.wv),
-                ("w1", layer.feed_forward.w1),
-            ]:
+            for lin in (layer.attention.wq, layer.attention.wk, layer.attention.wv, layer.feed_forward.w1):
                 nn.init.trunc_normal_(lin.weight, std=0.02)
             for lin in (layer.attention.wo, layer.feed_forward.w2, layer.feed_forward.w3):
                 nn.init.trunc_normal_(lin.weight, std=0.02 / math.sqrt(2 * (i + 1)))
