@@ -3,8 +3,9 @@
 FLOPs counted per step on an ``(m, n)`` matrix with ``s = min(m, n)``, ``l = max(m, n)``: Gram ``2 s^2 l``,
 ``A^2`` ``2 s^3``, apply ``2 s^2 l`` (``pcopt.optim.newton_schulz_flops``). The reference is the best
 ``torch.mm`` throughput over large square matrices in the same dtype on the same device, measured in the
-same run. Matmul and Newton-Schulz runs are interleaved round by round and the best time of each is kept, so
-that load from other processes on a shared machine does not favour either side.
+same run. Every Newton-Schulz run is bracketed by two runs of the reference matmul and compared with their mean;
+the median over rounds is reported, so that load from other processes on a shared machine does not
+favour either side.
 
     python benchmarks/newton_schulz.py                  # CPU fp32 (and GPU bf16 when CUDA is available)
     python benchmarks/newton_schulz.py --dtype bf16     # CPU bf16
@@ -13,6 +14,7 @@ that load from other processes on a shared machine does not favour either side.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -46,39 +48,39 @@ def _time_once(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def run(device: torch.device, dtype_name: str, shapes, mm_sizes, repeats: int) -> None:
-    """Interleave matmul and Newton-Schulz timings round by round; keep the best time of each."""
+def run(device: torch.device, dtype_name: str, shapes, mm_sizes, rounds: int) -> None:
+    """Each Newton-Schulz run is bracketed by two runs of the reference matmul; the fraction of matmul
+    throughput is taken per round against the mean of its two brackets, and the median over rounds is
+    reported (robust to load from other processes, which hits both sides of a bracket alike)."""
     dtype = DTYPES[dtype_name]
     coefficients = (KELLER_COEFFICIENTS,) * 5
-    jobs = {}
+    mms = {}
     for n in mm_sizes:
         a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-        jobs[("mm", n)] = (lambda a=a, b=b: torch.mm(a, b), 2 * n**3)
-    for bmk in shapes:
-        G = torch.randn(*bmk, device=device, dtype=torch.float32)
-        jobs[("ns", bmk)] = (
-            lambda G=G: newton_schulz(G, coefficients, dtype=dtype),
-            bmk[0] * newton_schulz_flops(bmk[1:], 5),
-        )
-    best = {key: float("inf") for key in jobs}
-    for fn, _ in jobs.values():  # warm-up
-        fn()
-    for _ in range(repeats):
-        for key, (fn, _) in jobs.items():
-            best[key] = min(best[key], _time_once(fn, device))
-    rate = {key: jobs[key][1] / best[key] for key in jobs}
-    peak_key = max((k for k in jobs if k[0] == "mm"), key=lambda k: rate[k])
-    peak = rate[peak_key]
+        mms[n] = lambda a=a, b=b: torch.mm(a, b)
+    calib = {n: min(_time_once(fn, device) for _ in range(3)) for n, fn in mms.items()}
+    n_ref = max(calib, key=lambda n: 2 * n**3 / calib[n])
+    mm, mm_flops = mms[n_ref], 2 * n_ref**3
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    print(f"\n{device.type} {dtype_name}{threads}: matmul {peak / 1e9:.1f} GFLOP/s (best torch.mm, "
-          f"{peak_key[1]}x{peak_key[1]}); best of {repeats} interleaved rounds")  # fmt: skip
-    print(f"{'batch x rows x cols':>22} {'ms':>9} {'GFLOP/s':>9} {'of matmul':>10}")
-    for key in jobs:
-        if key[0] == "ns":
-            b, m, k = key[1]
-            print(
-                f"{f'{b} x {m} x {k}':>22} {best[key] * 1e3:9.1f} {rate[key] / 1e9:9.1f} {rate[key] / peak:10.1%}"
-            )
+    print(f"\n{device.type} {dtype_name}{threads}: reference torch.mm {n_ref}x{n_ref} (best of {list(mms)}); "
+          f"{rounds} bracketed rounds per shape")  # fmt: skip
+    print(f"{'batch x rows x cols':>22} {'NS ms':>9} {'NS GFLOP/s':>11} {'mm GFLOP/s':>11} {'of matmul':>10}")
+    for b, m, k in shapes:
+        G = torch.randn(b, m, k, device=device, dtype=torch.float32)
+        flops = b * newton_schulz_flops((m, k), 5)
+        newton_schulz(G, coefficients, dtype=dtype)  # warm-up
+        fractions, ns_times, mm_times = [], [], []
+        for _ in range(rounds):
+            t_before = _time_once(mm, device)
+            t_ns = _time_once(lambda G=G: newton_schulz(G, coefficients, dtype=dtype), device)
+            t_after = _time_once(mm, device)
+            t_mm = 0.5 * (t_before + t_after)
+            fractions.append((flops / t_ns) / (mm_flops / t_mm))
+            ns_times.append(t_ns)
+            mm_times.append(min(t_before, t_after))
+        fraction = statistics.median(fractions)
+        print(f"{f'{b} x {m} x {k}':>22} {min(ns_times) * 1e3:9.1f} {flops / min(ns_times) / 1e9:11.1f} "
+              f"{mm_flops / min(mm_times) / 1e9:11.1f} {fraction:10.1%}")  # fmt: skip
 
 
 def main() -> None:
@@ -86,16 +88,16 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="CPU dtype (default fp32)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="bracketed rounds per shape (median)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}; 5 Newton-Schulz steps, Keller coefficients")
-    run(torch.device("cpu"), args.dtype or "fp32", CPU_SHAPES, (1024, 2048, 4096), args.repeats)
+    run(torch.device("cpu"), args.dtype or "fp32", CPU_SHAPES, (1024, 2048), args.rounds)
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()}")
-        run(torch.device("cuda"), "bf16", GPU_SHAPES, (4096, 8192), max(args.repeats, 10))
+        run(torch.device("cuda"), "bf16", GPU_SHAPES, (4096, 8192), max(args.rounds, 10))
 
 
 if __name__ == "__main__":
