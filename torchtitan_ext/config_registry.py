@@ -26,7 +26,7 @@ from torchtitan.components.optimizer import LRSchedulersContainer
 from torchtitan.components.validate import Validator
 from torchtitan.config import ParallelismConfig, TrainingConfig
 from torchtitan.config.configs import DebugConfig
-from torchtitan.distributed.activation_checkpoint import FullAC
+from torchtitan.distributed.activation_checkpoint import SelectiveAC
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
 from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm, compute_ffn_hidden_dim
@@ -160,9 +160,16 @@ def _config(flavor: str, optimizer: str, pc: bool) -> Trainer.Config:
             max_norm=1.0,
         )
         hf_assets_path = "./assets/hf/Llama-2-7b-hf"  # the Llama-2 tokenizer (vocab 32000)
-        dataloader = HuggingFaceTextDataLoader.Config(dataset="text", dataset_path="HuggingFaceFW/fineweb")
+        dataloader = HuggingFaceTextDataLoader.Config(
+            dataset="text", dataset_path="HuggingFaceFW/fineweb:sample-350BT"
+        )
         log_freq, ckpt_interval = 10, 1000
-        activation_checkpoint = FullAC.Config()
+        # torchtitan's selective AC, with the (dim x dim) matmuls recomputed rather than saved: the PC
+        # polynomial shifts the diagonal of its (dim x dim) Gram products in place, which a saved SAC
+        # output must not see. Same policy for baseline and PC runs, so their step times compare.
+        activation_checkpoint = SelectiveAC.Config(
+            force_recompute_mm_shapes_by_fqns=["attention.qkv_linear.wq"]
+        )
 
     config = Trainer.Config(
         model_spec=model_spec,

@@ -4,8 +4,9 @@
   ``torchtitan_ext/assets/kjv_sample`` (works offline). ``--dataloader.dataset_path`` may point
   it at another local folder of JSON-lines/parquet files.
 * ``text`` - any local JSON-lines (``.jsonl``/``.json``, optionally ``.gz``) or parquet file or a
-  folder of them, or a Hugging Face hub dataset name (streamed), given with
-  ``--dataloader.dataset_path``. Each record's ``text`` field is used.
+  folder of them, or a Hugging Face hub dataset name (streamed; ``name:config`` selects a config,
+  e.g. ``HuggingFaceFW/fineweb:sample-350BT``), given with ``--dataloader.dataset_path``. Each
+  record's ``text`` field is used.
 
 Both go through ``datasets.load_dataset``, as torchtitan's own ``c4`` entries do.
 """
@@ -31,7 +32,15 @@ _PARQUET_SUFFIXES = (".parquet",)
 
 
 def load_text_dataset(path: str):
-    """Load ``path`` with ``datasets``: a local file, a local folder, or a hub dataset name."""
+    """Load ``path`` with ``datasets``: a local file, a local folder, or a hub dataset name.
+
+    A hub name may carry a dataset config after a colon, e.g. ``HuggingFaceFW/fineweb:sample-350BT``.
+    """
+    if not path:
+        raise ValueError(
+            "The 'text' dataset needs a path: pass --dataloader.dataset_path with a JSON-lines or parquet "
+            "file, a folder of them, or a Hugging Face hub dataset name."
+        )
     if os.path.isfile(path):
         if path.endswith(_JSON_SUFFIXES):
             return load_dataset("json", data_files=path, split="train")
@@ -46,7 +55,8 @@ def load_text_dataset(path: str):
     if path.startswith((".", "/", "~")):
         raise ValueError(f"Dataset path {path!r} does not exist. Pass an existing file or folder.")
     # A hub name: stream it, as torchtitan does for c4.
-    return load_dataset(path, split="train", streaming=True)
+    name, _, config = path.partition(":")
+    return load_dataset(name, config or None, split="train", streaming=True)
 
 
 def _text_field(sample: dict[str, Any]) -> str:
@@ -67,5 +77,5 @@ def register_datasets() -> None:
     )
     DATASETS.setdefault(
         "text",
-        DatasetConfig(path=str(SAMPLE_DATASET), loader=load_text_dataset, sample_processor=_text_field),
+        DatasetConfig(path="", loader=load_text_dataset, sample_processor=_text_field),
     )

@@ -24,8 +24,9 @@ from torchtitan_ext.config_registry import llama2_model  # noqa: E402
 from torchtitan_ext.pc import PCConverter, attach_pc  # noqa: E402
 
 
-def _debug_model(pc: bool, degree: int = 5) -> torch.nn.Module:
+def _debug_model(pc: bool, degree: int = 5, n_layers: int = 6) -> torch.nn.Module:
     spec = llama2_model("debug", pc=PCConverter.Config(degree=degree) if pc else None)
+    spec.model.layers = spec.model.layers[:n_layers]
     with torch.device("meta"):
         model = spec.model.build()
     attach_pc(model)
@@ -176,6 +177,8 @@ def test_text_dataset_loaders(tmp_path):
         load_text_dataset(str(tmp_path / "c.csv"))
     with pytest.raises(ValueError, match="does not exist"):
         load_text_dataset(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ValueError, match=r"The 'text' dataset needs a path: pass --dataloader.dataset_path"):
+        load_text_dataset("")
 
     # The embedded default: public-domain English text and a 2048-token BPE with bos/eos.
     sample = load_text_dataset(str(SAMPLE_DATASET))
@@ -194,7 +197,7 @@ def test_text_dataset_loaders(tmp_path):
 def test_pc_metrics_match_pcopt_on_an_unsharded_model():
     from torchtitan_ext.metrics import pc_metrics
 
-    model = _debug_model(pc=True)
+    model = _debug_model(pc=True, n_layers=2)
     with torch.no_grad():
         for _, pc in pcopt.preconditioners(model):
             pc.gamma.fill_(1.5)

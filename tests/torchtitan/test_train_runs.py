@@ -214,7 +214,7 @@ BAD_CONFIGS = [
 
 @pytest.mark.parametrize("config,message", BAD_CONFIGS)
 def test_bad_config_fails_before_training(workdir, config, message):
-    run = torchrun(config, workdir / f"bad_{config}", module="tests.torchtitan.bad_configs", timeout=120)
+    run = torchrun(config, workdir / f"bad_{config}", module="tests.torchtitan.tt_configs", timeout=120)
     assert run.returncode != 0
     assert re.search(message, run.log), run.log[-3000:]
     assert not run.steps, "training must not start"
@@ -237,3 +237,16 @@ def test_full_dtensor_refused_on_old_torch(workdir):
         r"spmd_backend='full_dtensor' is refused on torch 2\.1\d.*silently doubled loss", run.log
     )
     assert not run.steps
+
+
+def test_pc_trains_under_the_paper_configs_activation_checkpointing(workdir):
+    run = torchrun(
+        "debug_adamw_pc_paper_ac",
+        workdir / "pc_sac",
+        "--training.steps",
+        "2",
+        module="tests.torchtitan.tt_configs",
+    )
+    run.check()
+    assert "Applied SelectiveAC activation checkpointing" in run.log
+    assert len(run.losses) == 2 and all(math.isfinite(v) for v in run.losses.values())

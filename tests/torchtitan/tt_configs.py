@@ -1,4 +1,4 @@
-"""Deliberately wrong configs (``--module tests.torchtitan.bad_configs``): each must fail before step 1."""
+"""Configs used only by the tests (``--module tests.torchtitan.tt_configs``); the first two are wrong on purpose."""
 
 from torchtitan.components.optimizer import ParamGroupConfig
 
@@ -23,4 +23,13 @@ def muon_on_norm_weights():
         ),
         adamw,
     ]
+    return config
+
+
+def debug_adamw_pc_paper_ac():
+    """The debug PC model under the activation checkpointing policy of the paper-sized configs."""
+    from torchtitan_ext.config_registry import debug_adamw_pc, llama2_271m_adamw_pc
+
+    config = debug_adamw_pc()
+    config.activation_checkpoint = llama2_271m_adamw_pc().activation_checkpoint
     return config
