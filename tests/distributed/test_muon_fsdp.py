@@ -119,12 +119,15 @@ def _each_matrix_once(rank: int, world_size: int) -> None:
 
 
 def _all_settings(rank: int, world_size: int) -> None:
+    import torch.distributed as dist
+
     _each_matrix_once(rank, world_size)
     for kwargs in EXACTNESS_SETTINGS:
         try:
             _fsdp_exactness(rank, world_size, kwargs, 3)
         except AssertionError as exc:
             raise AssertionError(f"{kwargs}: {exc}") from exc
+    dist.barrier()  # leave together: no rank tears gloo down while the other is still sending
 
 
 def test_fsdp2_muon_equals_unsharded_bitwise():
@@ -168,6 +171,7 @@ def _pc_refresh_after_fully_shard(rank: int, world_size: int) -> None:
         gathered = [torch.empty_like(pc.u) for _ in range(world_size)]
         dist.all_gather(gathered, pc.u)
         assert all(torch.equal(g, gathered[0]) for g in gathered), "ranks disagree on u"
+    dist.barrier()  # leave together: no rank tears gloo down while the other is still sending
 
 
 def test_pc_state_refreshed_after_fully_shard():
