@@ -212,7 +212,7 @@ def build_optimizer(
 
     Example::
 
-        >>> model = pcopt.precondition_model(model, degree=5) and model
+        >>> pcopt.precondition_model(model, degree=5)
         >>> opt = pcopt.optim.build_optimizer(model, lr=4.243e-3)
         >>> sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 220))
         >>> for x, y in data:
