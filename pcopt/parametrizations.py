@@ -404,8 +404,11 @@ def refresh(model_or_params: nn.Module | Iterable[Tensor], num_iterations: int |
     if isinstance(model_or_params, nn.Module):
         pcs = [pc for _, pc in preconditioners(model_or_params)]
     else:
-        wanted = {id(p) for p in model_or_params}
-        pcs = [pc for pc in list(_REGISTRY) if hasattr(pc, "_owner") and id(pc.raw_weight) in wanted]
+        # Order by position in the given parameters: every rank must batch the same weights in the same
+        # order into the shared all-reduces (the registry's iteration order differs between processes).
+        order = {id(p): i for i, p in enumerate(model_or_params)}
+        found = [pc for pc in list(_REGISTRY) if hasattr(pc, "_owner") and id(pc.raw_weight) in order]
+        pcs = sorted(found, key=lambda pc: order[id(pc.raw_weight)])
     if pcs:
         refresh_modules(pcs, num_iterations)
     return len(pcs)

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import logging
 
-import torch.distributed as dist
 from torch.optim import Optimizer
 
 from pcopt.parametrizations import refresh
 
 logger = logging.getLogger(__name__)
-
-
-def _is_dtensor(t) -> bool:
-    if not dist.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
 
 
 def owned_params(optimizer: Optimizer) -> list:
@@ -28,16 +19,11 @@ def owned_params(optimizer: Optimizer) -> list:
 def refresh_owned(optimizer: Optimizer, num_iterations: int | None) -> int:
     """Refresh ``u``, ``v`` of every PC weight whose raw parameter ``optimizer`` owns; returns how many.
 
-    Under FSDP2 this issues vector all-reduces, so every rank must reach it (it runs inside ``step()``), and
-    every rank must refresh the weights in the same order. ``pcopt.refresh(params)`` orders the weights it
-    finds by an id-keyed registry, which differs between processes, so sharded parameters are refreshed one
-    call per parameter, in param-group order (the same on every rank).
+    Under FSDP2 this issues vector all-reduces, so every rank must reach it (it runs inside ``step()``).
+    ``pcopt.refresh`` batches the weights in the order of the given parameters, here param-group order,
+    which is the same on every rank.
     """
-    params = owned_params(optimizer)
-    if any(_is_dtensor(p) for p in params):
-        count = sum(refresh([p], num_iterations=num_iterations) for p in params)
-    else:
-        count = refresh(params, num_iterations=num_iterations)
+    count = refresh(owned_params(optimizer), num_iterations=num_iterations)
     logger.debug("%s: refreshed %d preconditioned weights", type(optimizer).__name__, count)
     return count
 

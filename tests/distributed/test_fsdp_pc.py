@@ -197,7 +197,8 @@ def _sharded_refresh(rank: int, world: int) -> None:
 
         setattr(dist, fn_name, record)
     try:
-        pcopt.refresh(holder, num_iterations=40)
+        # by parameters (as optimizers do): batched in the given order, which is the same on every rank
+        pcopt.refresh([lin.parametrizations.weight.original for lin in holder], num_iterations=40)
     finally:
         for fn_name, original in patched.items():
             setattr(dist, fn_name, original)
