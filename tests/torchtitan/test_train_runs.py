@@ -250,3 +250,25 @@ def test_pc_trains_under_the_paper_configs_activation_checkpointing(workdir):
     run.check()
     assert "Applied SelectiveAC activation checkpointing" in run.log
     assert len(run.losses) == 2 and all(math.isfinite(v) for v in run.losses.values())
+
+
+def test_dense_hugging_face_weights_start_pc_run(baseline, workdir):
+    from torchtitan_ext.export import export
+
+    hf_dir = export("debug_adamw", baseline.dump / "checkpoint" / "step-6", workdir / "hf_dense_start")
+    run = torchrun(
+        "debug_adamw_pc",
+        workdir / "hf_to_pc",
+        "--training.steps",
+        "2",
+        "--checkpoint.enable",
+        "--checkpoint.initial_load_path",
+        str(hf_dir),
+        "--checkpoint.initial_load_in_hf",
+    ).check()
+    assert re.search(
+        r"dense Hugging Face weights loaded from .*: reset gamma to 1 and refreshed u, v of 24", run.log
+    )
+    # A fresh init starts at the baseline's step-1 loss (same raw init; W_eff differs little in loss terms).
+    assert all(math.isfinite(v) for v in run.losses.values())
+    assert abs(run.losses[1] - baseline.losses[1]) > 0.05, (run.losses, baseline.losses)
