@@ -56,6 +56,7 @@ def pc_muon(workdir):
         str(PC_CKPT_EVERY),
         "--metrics.pc_log_freq",
         "4",
+        "--metrics.enable_tensorboard",
     ).check()
 
 
@@ -90,6 +91,16 @@ def test_pc_muon_loss_decreases_and_logs_param_groups(pc_muon):
         metrics = json.loads(payload.replace("'", '"'))
         assert 1.0 < metrics["pc/gmcn"] < 1e4
         assert metrics["pc/sigma_mean"] > 0 and metrics["pc/gamma_mean"] > 0
+
+    # The same metrics reach torchtitan's TensorBoard logger, per matrix too.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = {p.parent for p in (pc_muon.dump / "tb").rglob("events.out.tfevents.*")}
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"pc/gmcn", "pc/sigma/layers.0.attention.wo.weight", "pc/gamma/layers.5.feed_forward.w2.weight"} <= tags
+    assert [e.step for e in acc.Scalars("pc/gmcn")] == [4, 8]
 
 
 def test_pc_muon_matches_golden_losses(pc_muon):
