@@ -28,6 +28,7 @@ from typing import Any
 import torch.distributed.checkpoint as dcp
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.checkpointer.base import DATALOADER, LR_SCHEDULER, MODEL, OPTIMIZER, TRAIN_STATE
+from torchtitan.tools import filesystem
 
 import pcopt
 
@@ -74,6 +75,8 @@ class PCCheckpointManager(CheckpointManager):
             super().dcp_load(state_dict, checkpoint_id, from_hf, from_quantized)
             self._reset_pc_state(f"dense Hugging Face weights loaded from {checkpoint_id}")
             return
+        if filesystem.is_remote(checkpoint_id):  # dense-start detection reads local DCP metadata only
+            return super().dcp_load(state_dict, checkpoint_id, from_hf, from_quantized)
         saved = set(dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata)
         raw_keys = [k for k in state_dict if k.endswith(_RAW)]
         dense_start = bool(raw_keys) and not any(k in saved for k in raw_keys)
