@@ -436,7 +436,10 @@ def effective_weight(module: nn.Module, name: str = "weight", *, include_gamma: 
     pc = plist[0]
     raw = _full(plist.original.detach())
     raw = raw.to(torch.promote_types(raw.dtype, torch.float32))
-    gamma = _full(pc.gamma.detach()) if include_gamma else torch.ones_like(pc.gamma, device=raw.device)
+    if include_gamma:
+        gamma = _full(pc.gamma.detach())
+    else:  # not ones_like(gamma): under FSDP2 gamma is a sharded DTensor
+        gamma = torch.ones(pc.batch_shape or (1,), dtype=raw.dtype, device=raw.device)
     return pc._map(raw, gamma)
 
 

@@ -12,6 +12,7 @@ import math
 import warnings
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 __all__ = ["PC_COEFFICIENTS", "polynomial", "apply_polynomial", "validate_coefficients", "evaluate_scalar"]
@@ -87,8 +88,8 @@ def apply_polynomial(X: Tensor, coefficients: Sequence[float]) -> Tensor:
     """Apply the odd polynomial with ``coefficients`` (of ``x, x^3, ...``) to the singular values of ``X``.
 
     ``X`` is a matrix ``(m, n)`` or a batch ``(..., m, n)``. The Gram matrix of the smaller side is formed
-    once and ``q`` is evaluated by Horner's rule with one matmul per coefficient after the first and an
-    in-place diagonal shift (no identity matrix is materialised). Differentiable.
+    once and ``q`` is evaluated by Horner's rule with one fused multiply-add (``addmm`` / ``baddbmm``) per
+    coefficient after the second. Differentiable, and free of in-place ops (activation-checkpoint safe).
     """
     if X.ndim < 2:
         raise ValueError(
@@ -99,10 +100,20 @@ def apply_polynomial(X: Tensor, coefficients: Sequence[float]) -> Tensor:
         return X * coefficients[0]
     tall = X.shape[-2] >= X.shape[-1]
     gram = X.mT @ X if tall else X @ X.mT
-    # Horner: Q = a_k G + a_{k-1} I, then Q = G Q + a_j I down to a_0.
-    q = gram * coefficients[-1]
-    q.diagonal(dim1=-2, dim2=-1).add_(coefficients[-2])
-    for a in reversed(coefficients[:-2]):
-        q = gram @ q
-        q.diagonal(dim1=-2, dim2=-1).add_(a)
+    # Horner with fused multiply-adds: Q = a_k G + a_{k-1} I, then Q = G Q + a_j I down to a_0. Everything is
+    # out of place, so activation checkpointing (which forbids mutating saved tensors) works unchanged.
+    k = gram.shape[-1]
+    batch = gram.shape[:-2]
+    eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
+    q = torch.add(eye * coefficients[-2], gram, alpha=coefficients[-1])
+    if batch:
+        g3 = gram.reshape(-1, k, k)
+        q = q.reshape(-1, k, k)
+        eye3 = eye.expand_as(g3)
+        for a in reversed(coefficients[:-2]):
+            q = torch.baddbmm(eye3, g3, q, beta=a)
+        q = q.reshape(*batch, k, k)
+    else:
+        for a in reversed(coefficients[:-2]):
+            q = torch.addmm(eye, gram, q, beta=a)
     return X @ q if tall else q @ X

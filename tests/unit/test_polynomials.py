@@ -58,3 +58,31 @@ def test_validate_coefficients():
         ValueError, match="Unsupported PC polynomial degree: expected one of \\[3, 5, 7, 9\\], got 4"
     ):
         pcopt.polynomial(4)
+
+
+def test_selective_activation_checkpointing_saves_matmuls_without_mutation_errors():
+    # torchtitan's selective AC saves matmul outputs; an in-place op on one of them would be refused.
+    from functools import partial
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    saved_ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.baddbmm.default}
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved_ops else CheckpointPolicy.PREFER_RECOMPUTE
+
+    coeffs = pcopt.polynomial(9)
+    for shape in [(48, 24), (2, 24, 48)]:
+        X = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        target = torch.randn(shape, dtype=torch.float64)
+        (apply_polynomial(X, coeffs) * target).sum().backward()
+        expected, X.grad = X.grad, None
+        out = checkpoint(
+            apply_polynomial,
+            X,
+            coeffs,
+            use_reentrant=False,
+            context_fn=partial(create_selective_checkpoint_contexts, policy),
+        )
+        (out * target).sum().backward()
+        assert torch.allclose(X.grad, expected, rtol=1e-12, atol=0)
