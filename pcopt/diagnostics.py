@@ -11,7 +11,13 @@ from torch.nn.utils import parametrize
 
 from pcopt.parametrizations import _full, effective_weight, is_preconditioned
 
-__all__ = ["ATTENTION_FFN_TARGETS", "modified_condition_number", "condition_numbers", "gmcn"]
+__all__ = [
+    "ATTENTION_FFN_TARGETS",
+    "singular_values",
+    "modified_condition_number",
+    "condition_numbers",
+    "gmcn",
+]
 
 # Every attention (q, k, v, fused qkv, output) and FFN matrix, torchtitan and Hugging Face Llama names.
 ATTENTION_FFN_TARGETS = (
@@ -21,10 +27,22 @@ ATTENTION_FFN_TARGETS = (
 
 
 @torch.no_grad()
+def singular_values(W: Tensor) -> Tensor:
+    """Singular values (descending) from the eigenvalues of the smaller float64 Gram matrix.
+
+    An order of magnitude faster than an SVD on CPU, and accurate in float64 down to about ``1e-7 sigma_1``
+    (the Gram matrix squares the condition number), far below where the MCN of a weight matrix lives.
+    """
+    W = W.detach().to(torch.float64)
+    gram = W.mT @ W if W.shape[-2] >= W.shape[-1] else W @ W.mT
+    return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(-1)
+
+
+@torch.no_grad()
 def modified_condition_number(W: Tensor, fraction: float = 0.1) -> Tensor:
     """``sigma_1 / mean(bottom k singular values)``, ``k = max(1, ceil(fraction * min(m, n)))``.
 
-    Computed in float64; ``W`` is a matrix (returns a 0-d tensor) or a batch ``(..., m, n)``. A matrix whose
+    Computed in float64 (:func:`singular_values`); ``W`` is a matrix (returns a 0-d tensor) or a batch ``(..., m, n)``. A matrix whose
     bottom singular values are all zero has MCN ``inf``.
     """
     if W.ndim < 2:
@@ -33,7 +51,7 @@ def modified_condition_number(W: Tensor, fraction: float = 0.1) -> Tensor:
         )
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
-    s = torch.linalg.svdvals(_full(W).detach().to(torch.float64))  # descending
+    s = singular_values(_full(W))
     k = max(1, math.ceil(fraction * s.shape[-1]))
     return s[..., 0] / s[..., -k:].mean(dim=-1)
 

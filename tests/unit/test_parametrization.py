@@ -331,3 +331,13 @@ def test_modified_condition_number_and_gmcn():
     before = pcopt.gmcn(model)
     pcopt.precondition_model(model, degree=9)
     assert pcopt.gmcn(model) < before  # the PC map flattens the spectra of wo, w1..w3
+
+
+def test_singular_values_match_svd():
+    from pcopt.diagnostics import singular_values
+
+    for shape in [(40, 24), (24, 40), (3, 16, 20)]:
+        W = torch.randn(*shape, dtype=torch.float64)
+        assert torch.allclose(singular_values(W), torch.linalg.svdvals(W), rtol=1e-10, atol=1e-12)
+    W = _matrix_with_spectrum(30, 30, torch.logspace(0, -5, 30).tolist(), seed=4)  # condition number 1e5
+    assert torch.allclose(singular_values(W), torch.linalg.svdvals(W), rtol=1e-5, atol=0)
