@@ -11,6 +11,15 @@ from pcopt.parametrizations import refresh
 logger = logging.getLogger(__name__)
 
 
+def check_num_power_iterations(value: int | None) -> None:
+    """Validate an optimizer's ``num_power_iterations`` option (None: each PC weight's own setting)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(
+            f"Invalid num_power_iterations: {value!r}. Expected None (each PC weight's own "
+            "setting, 10 by default) or an integer >= 1."
+        )
+
+
 def owned_params(optimizer: Optimizer) -> list:
     """Every parameter of ``optimizer``, in param-group order (the same order on every rank)."""
     return [p for group in optimizer.param_groups for p in group["params"]]

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from pcopt.optim._awareness import refresh_after_step
+from pcopt.optim._awareness import check_num_power_iterations, refresh_after_step
 
 logger = logging.getLogger(__name__)
 
@@ -56,15 +56,7 @@ class AdamW(torch.optim.AdamW):
         num_power_iterations: int | None = None,
         **kwargs: Any,
     ) -> None:
-        if num_power_iterations is not None and (
-            isinstance(num_power_iterations, bool)
-            or not isinstance(num_power_iterations, int)
-            or num_power_iterations < 1
-        ):
-            raise ValueError(
-                f"Invalid num_power_iterations: {num_power_iterations!r}. Expected None (each PC weight's own "
-                "setting, 10 by default) or an integer >= 1."
-            )
+        check_num_power_iterations(num_power_iterations)
         super().__init__(params, *args, **kwargs)
         self.refresh_preconditioners = bool(refresh_preconditioners)
         self.num_power_iterations = num_power_iterations

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from pcopt.optim._awareness import refresh_owned
+from pcopt.optim._awareness import check_num_power_iterations, refresh_owned
 from pcopt.optim._distributed import orthogonalize_sharded, shard_layout
 from pcopt.optim._newton_schulz import (
     KELLER_COEFFICIENTS,
@@ -133,15 +133,7 @@ class Muon(Optimizer):
             "foreach": foreach,
         }
         _validate_options(defaults)
-        if num_power_iterations is not None and (
-            isinstance(num_power_iterations, bool)
-            or not isinstance(num_power_iterations, int)
-            or num_power_iterations < 1
-        ):
-            raise ValueError(
-                f"Invalid num_power_iterations: {num_power_iterations!r}. Expected None (each PC weight's own "
-                "setting, 10 by default) or an integer >= 1."
-            )
+        check_num_power_iterations(num_power_iterations)
         self.refresh_preconditioners = bool(refresh_preconditioners)
         self.num_power_iterations = num_power_iterations
         super().__init__(params, defaults)
