@@ -110,7 +110,7 @@ def test_lr_schedule_matches_the_recipe():
 def test_pc_overhead_paths(tmp_path):
     argv = [
         "--accum", "1,2", "--steps", "1", "--warmup", "0", "--micro-batch", "2", "--vocab-size", "64",
-        "--poly", "--poly-reps", "1", "--component-reps", "1", "--dtype", "fp32", "--out", str(tmp_path), *TINY_MODEL,
+        "--poly", "--poly-reps", "1", "--component-reps", "1", "--poly-extra-shapes", "", "--dtype", "fp32", "--out", str(tmp_path), *TINY_MODEL,
     ]  # fmt: skip
     res = pc_overhead.main(argv)
     assert [r["accum"] for r in res["accum"]] == [1, 2]
@@ -118,19 +118,19 @@ def test_pc_overhead_paths(tmp_path):
         assert r["ratio_pc"] > 0 and r["ratio_pc_once"] > 0
         assert r["components"]["pc_weights"] == 4  # wo, w1, w2, w3 of the single layer
     assert json.loads((tmp_path / "results_adamw_fp32.json").read_text())["accum"][1]["accum"] == 2
-    # The fused variant computes the same polynomial.
+    # Both variants compute the same polynomial.
     fp32 = [row for row in res["polynomial"] if row["dtype"] == "float32"]
     assert fp32 and all(row["max_rel_diff_fwd"] < 1e-5 and row["max_rel_diff_grad"] < 1e-5 for row in fp32)
 
 
-def test_addmm_polynomial_matches_reference_float64():
+def test_inplace_polynomial_matches_reference_float64():
     g = torch.Generator().manual_seed(0)
     for shape in ((24, 10), (10, 24), (3, 8, 12)):
         X = torch.randn(*shape, generator=g, dtype=torch.float64) / 4
         for degree in (3, 5, 9):
             c = pcopt.polynomial(degree)
             torch.testing.assert_close(
-                pc_overhead.apply_polynomial_addmm(X, c), _svd_polynomial(X, c), rtol=1e-10, atol=1e-12
+                pc_overhead.apply_polynomial_inplace(X, c), _svd_polynomial(X, c), rtol=1e-10, atol=1e-12
             )
 
 
