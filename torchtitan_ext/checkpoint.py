@@ -17,14 +17,25 @@ the run's own checkpoint folder is empty):
 
 It refuses ``--checkpoint.last_save_in_hf`` for a PC model: that path would write raw weights, not the
 merged ones. Export with ``python -m torchtitan_ext.export`` instead.
+
+Two guards, for PC and baseline runs alike:
+
+* a checkpoint whose PC layout does not match the model's (a PC checkpoint resumed by a config without
+  the PC layer, a dense checkpoint resumed with its optimizer state by a PC config, different PC
+  targets) raises an error that names the conversion, before DCP's list of missing keys;
+* a save into a step folder that already holds a complete checkpoint (``.metadata``, the marker
+  torchtitan's loader looks for) removes that marker first, so a save killed mid-write leaves a folder
+  the loader skips rather than old metadata over new data.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.checkpointer.base import DATALOADER, LR_SCHEDULER, MODEL, OPTIMIZER, TRAIN_STATE
@@ -42,6 +53,37 @@ _PC_STATE = (
     ".parametrizations.weight.0.u",
     ".parametrizations.weight.0.v",
 )
+_DENSE = ".weight"
+_EXPORT = "python -m torchtitan_ext.export --config <the PC config> --checkpoint {ckpt} --output <dir>"
+
+
+def _check_pc_layout(requested: list[str], saved: set[str], checkpoint_id: str) -> None:
+    """Raise if the model wants dense weights where the checkpoint has PC ones, or PC targets differ."""
+    pc_saved = [
+        k for k in requested if k.endswith(_DENSE) and k not in saved and k[: -len(_DENSE)] + _RAW in saved
+    ]
+    if pc_saved:
+        module = pc_saved[0][: -len(_DENSE)]
+        raise RuntimeError(
+            f"Checkpoint {checkpoint_id} was written with the PC layer on {len(pc_saved)} matrices this model "
+            f"has without it (e.g. it holds '{module}{_RAW}' where this model expects '{pc_saved[0]}'). To "
+            "resume it, use the config it was trained with (the one with the PC layer, e.g. debug_muon_pc). "
+            "To continue without PC, export its merged weights with `"
+            + _EXPORT.format(ckpt=checkpoint_id)
+            + "` and start from them with `--checkpoint.initial_load_path <dir> "
+            "--checkpoint.initial_load_in_hf`."
+        )
+    raw = [k for k in requested if k.endswith(_RAW)]
+    dense_saved = [k for k in raw if k not in saved and k[: -len(_RAW)] + _DENSE in saved]
+    if dense_saved and any(k in saved for k in raw):
+        raise RuntimeError(
+            f"Checkpoint {checkpoint_id} has the PC layer on other matrices than this model: it holds dense "
+            f"weights for {len(dense_saved)} of this model's PC matrices (e.g. "
+            f"'{dense_saved[0][: -len(_RAW)]}{_DENSE}'). Resume it with the PC targets of the run that wrote it "
+            "(PCConverter.Config.targets), or start from its weights only after exporting them with `"
+            + _EXPORT.format(ckpt=checkpoint_id)
+            + "`."
+        )
 
 
 class PCCheckpointManager(CheckpointManager):
@@ -66,18 +108,43 @@ class PCCheckpointManager(CheckpointManager):
         n = sum(pcopt.reset_preconditioners(m) for m in self._pc_model_parts)
         logger.info("%s: reset gamma to 1 and refreshed u, v of %d PC matrices", why, n)
 
+    def dcp_save(
+        self,
+        state_dict: dict[str, Any],
+        checkpoint_id: str,
+        async_mode,
+        enable_garbage_collection: bool = False,
+        to_hf: bool = False,
+    ):
+        if not to_hf and not filesystem.is_remote(checkpoint_id):
+            marker = os.path.join(checkpoint_id, ".metadata")
+            if os.path.isfile(marker) and (not dist.is_initialized() or dist.get_rank() == 0):
+                # DCP writes .metadata last (coordinator rank, after every rank's data): removing the old one
+                # first means a folder holds a .metadata only once the new save has completed.
+                os.remove(marker)
+                logger.warning(
+                    "Overwriting the complete checkpoint %s (its .metadata was removed first)", checkpoint_id
+                )
+        return super().dcp_save(
+            state_dict,
+            checkpoint_id=checkpoint_id,
+            async_mode=async_mode,
+            enable_garbage_collection=enable_garbage_collection,
+            to_hf=to_hf,
+        )
+
     def dcp_load(
         self, state_dict: dict[str, Any], checkpoint_id: str, from_hf: bool, from_quantized: bool
     ) -> None:
-        if not self._has_pc:
-            return super().dcp_load(state_dict, checkpoint_id, from_hf, from_quantized)
         if from_hf:
             super().dcp_load(state_dict, checkpoint_id, from_hf, from_quantized)
-            self._reset_pc_state(f"dense Hugging Face weights loaded from {checkpoint_id}")
+            if self._has_pc:
+                self._reset_pc_state(f"dense Hugging Face weights loaded from {checkpoint_id}")
             return
-        if filesystem.is_remote(checkpoint_id):  # dense-start detection reads local DCP metadata only
+        if filesystem.is_remote(checkpoint_id):  # the layout checks read local DCP metadata only
             return super().dcp_load(state_dict, checkpoint_id, from_hf, from_quantized)
         saved = set(dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata)
+        _check_pc_layout(list(state_dict), saved, checkpoint_id)
         raw_keys = [k for k in state_dict if k.endswith(_RAW)]
         dense_start = bool(raw_keys) and not any(k in saved for k in raw_keys)
         if not dense_start:
@@ -87,8 +154,11 @@ class PCCheckpointManager(CheckpointManager):
         extra = sorted(k for k in state_dict if k in (OPTIMIZER, LR_SCHEDULER, DATALOADER, TRAIN_STATE))
         if extra:
             raise ValueError(
-                f"Checkpoint {checkpoint_id} is dense (no PC keys); it can start a PC run with model weights only, "
-                f"but {extra} were requested too. Pass --checkpoint.initial_load_model_only (the default)."
+                f"Checkpoint {checkpoint_id} holds dense weights (no PC keys) and this model has the PC layer, so "
+                f"only its model weights can be loaded, but {extra} were requested too (a resume: its optimizer "
+                "state belongs to the dense weights). To start a PC run from it, use an empty --checkpoint.folder "
+                f"and --checkpoint.initial_load_path {checkpoint_id} with --checkpoint.initial_load_model_only "
+                "(the default). To resume it as it was, use the config without the PC layer."
             )
         missing = [k for k in raw_keys if k[: -len(_RAW)] + ".weight" not in saved]
         if missing:

@@ -46,7 +46,11 @@ def load_trainer_config(config: str, module: str = "torchtitan_ext") -> Trainer.
         mod = importlib.import_module(module)
     fn = getattr(mod, config, None)
     if fn is None:
-        raise ValueError(f"{mod.__name__} has no config function {config!r}.")
+        available = sorted(getattr(mod, "__all__", None) or (n for n in vars(mod) if not n.startswith("_")))
+        raise ValueError(
+            f"{mod.__name__} has no config function {config!r}. Pass one of {available} "
+            "(or --module for configs defined elsewhere)."
+        )
     return fn()
 
 

@@ -128,7 +128,13 @@ def muon_config(
     2.0315) coefficients, the "moonlight" lr scale 0.2*sqrt(max(A, B)) (``match_rms_adamw``), decoupled
     weight decay 0.1.
     """
-    re.compile(matrices)
+    try:
+        re.compile(matrices)
+    except re.error as e:
+        raise ValueError(
+            f"muon_config: matrices={matrices!r} is not a valid regex ({e}). Pass a pattern searched in "
+            "parameter FQNs, e.g. the default MUON_MATRICES."
+        ) from None
     return PCOptimizersContainer.Config(
         param_groups=[
             ParamGroupConfig(
