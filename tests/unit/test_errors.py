@@ -60,6 +60,18 @@ ERRORS = [
         r"must be a sequence of floats .* got str",
     ),
     (
+        "coefficients not real numbers",
+        lambda: pcopt.precondition(nn.Linear(4, 4), coefficients=("a", 1.0)),
+        ValueError,
+        r"PC coefficients must all be real numbers \(coefficients of x, x\^3, x\^5, \.\.\.\), got \('a', 1\.0\)",
+    ),
+    (
+        "precondition on a non-module",
+        lambda: pcopt.precondition("wo"),
+        ValueError,
+        r"precondition expects an nn\.Module, got str",
+    ),
+    (
         "non-matrix parameter",
         lambda: pcopt.precondition(nn.Linear(4, 4), "bias"),
         ValueError,
@@ -138,6 +150,18 @@ ERRORS = [
         lambda: Muon([nn.Parameter(torch.zeros(3, 3))], momentum=1.0),
         ValueError,
         r"Invalid momentum value: 1\.0\. Expected 0 <= momentum < 1",
+    ),
+    (
+        "Muon negative momentum",
+        lambda: Muon([nn.Parameter(torch.zeros(3, 3))], momentum=-0.1),
+        ValueError,
+        r"Invalid momentum value: -0\.1\. Expected 0 <= momentum < 1",
+    ),
+    (
+        "Muon NaN lr",
+        lambda: Muon([nn.Parameter(torch.zeros(3, 3))], lr=float("nan")),
+        ValueError,
+        r"Invalid learning rate: nan\. Expected lr >= 0",
     ),
     (
         "Muon ns_steps < 1",
@@ -222,6 +246,20 @@ WARNINGS = [
         lambda: pcopt.merge(nn.Linear(4, 4)),
         UserWarning,
         r"the model has no preconditioned weights; nothing to merge",
+    ),
+    (
+        "coefficient list longer than ns_steps",
+        lambda: Muon(
+            [nn.Parameter(torch.zeros(3, 3))], ns_steps=2, ns_coefficient_set=[(3.4445, -4.775, 2.0315)] * 4
+        ),
+        UserWarning,
+        r"ns_coefficient_set has 4 triples but ns_steps=2; the last 2 are unused\. Pass ns_steps=4",
+    ),
+    (
+        "param-group pattern matching nothing",
+        lambda: pcopt.optim.param_groups(_TwoLinear(), adamw_pattern=r"^nothing$"),
+        UserWarning,
+        r"param_groups: adamw_pattern='\^nothing\$' matched no trainable parameter",
     ),
     (
         "precondition_model matching nothing",
