@@ -306,12 +306,20 @@ def token_ratio(base: dict, pc: dict) -> dict:
     t_base = tokens_to_reach(base["curve"]["tokens"], base["curve"]["val_loss"], target)
     t_pc = tokens_to_reach(pc["curve"]["tokens"], pc["curve"]["val_loss"], target)
     if t_pc is None:
+        # Point estimate from the other side: tokens the baseline needs to reach the PC arm's final loss,
+        # over the tokens the PC arm used (< 1 means PC needs more tokens for the same loss).
+        t_base_at_pc = tokens_to_reach(
+            base["curve"]["tokens"], base["curve"]["val_loss"], pc["final_val_loss"]
+        )
         return {
             "ratio": t_base / pc["curve"]["tokens"][-1],
             "bound": "upper",  # the PC arm never reached the target within its tokens
             "target_val_loss": target,
             "tokens_baseline": t_base,
             "tokens_pc": None,
+            "ratio_at_pc_final_loss": None
+            if t_base_at_pc is None
+            else t_base_at_pc / pc["curve"]["tokens"][-1],
         }
     return {
         "ratio": t_base / t_pc if t_pc > 0 else None,
@@ -360,9 +368,10 @@ def plot(summary: dict, runs: dict[str, dict], out: Path) -> list[str]:
             ax.axhline(runs[o]["final_val_loss"], color="gray", lw=0.8, ls="--")
         ratio = summary["arms"].get(f"{o}_pc", {}).get("token_ratio", {})
         if ratio and ratio.get("ratio") is not None:
-            ax.set_title(
-                f"{title}, {o}: token ratio {'< ' if ratio['bound'] else ''}{ratio['ratio']:.2f}", fontsize=10
-            )
+            text = f"{'< ' if ratio['bound'] else ''}{ratio['ratio']:.2f}"
+            if ratio.get("ratio_at_pc_final_loss") is not None:
+                text += f" (baseline reaches PC's final loss at {ratio['ratio_at_pc_final_loss']:.2f}x the tokens)"
+            ax.set_title(f"{title}, {o}: token ratio {text}", fontsize=9)
         else:
             ax.set_title(f"{title}, {o}", fontsize=10)
         finals = [runs[a]["final_val_loss"] for a in (o, f"{o}_pc") if a in runs]
@@ -522,6 +531,8 @@ def main(argv=None) -> dict:
         extra = ""
         if ratio.get("ratio") is not None:
             extra = f", token ratio {'< ' if ratio['bound'] else ''}{ratio['ratio']:.3f}"
+            if ratio.get("ratio_at_pc_final_loss") is not None:
+                extra += f" (baseline reaches the PC arm's final loss at {ratio['ratio_at_pc_final_loss']:.3f}x its tokens)"
         print(
             f"[token_efficiency] {arm:9s} lr {e['lr']:<8g} val {e['final_val_loss']:.4f}  "
             f"GMCN {e['gmcn_start']:.2f} -> {e['gmcn_end']:.2f}{extra}",

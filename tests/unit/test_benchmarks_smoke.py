@@ -95,6 +95,7 @@ def test_tokens_to_reach_and_ratio():
     assert r["ratio"] == pytest.approx(2.0) and r["bound"] is None
     r = token_efficiency.token_ratio(base, slower)
     assert r["bound"] == "upper" and r["ratio"] == pytest.approx(1.0) and r["tokens_pc"] is None
+    assert r["ratio_at_pc_final_loss"] == pytest.approx(24 / 30)  # baseline hits 2.8 at 20 + 10 * 0.2 / 0.5
     assert token_efficiency.tokens_to_reach(tokens, [3.0, 2.0, 1.0, 0.5], 3.0) == 0.0
 
 
