@@ -154,14 +154,16 @@ class _PolynomialPC(nn.Module):
             self.u.copy_(u)
             self.v.copy_(v)
 
-    def _state_is_valid(self) -> bool:
-        ok = True
+    def _invalid(self) -> Tensor:
+        """Per-matrix mask (shape ``batch_shape``) of non-finite or zero-norm ``u`` / ``v``."""
+        bad = torch.zeros(self.batch_shape, dtype=torch.bool, device=self.u.device)
         for vec in (self.u, self.v):
             norms = torch.linalg.vector_norm(vec, dim=-1)
-            ok = ok and bool(torch.isfinite(vec).all()) and bool((norms > 0.5).all())
-        return ok
+            bad |= ~torch.isfinite(vec).all(dim=-1) | ~(norms > 0.5)
+        return bad
 
-    def _heal(self, reason: str) -> None:
+    def _heal(self, bad: Tensor, reason: str) -> None:
+        """Re-initialise ``u``, ``v`` of the matrices flagged in ``bad`` (the others keep their state)."""
         if not self._warned_reinit:
             warnings.warn(
                 f"pcopt: power-iteration state of the {self._label} {reason}; re-initialised u and v "
@@ -171,8 +173,9 @@ class _PolynomialPC(nn.Module):
             )
             self._warned_reinit = True
         u, v = init_singular_vectors((*self.batch_shape, self.u.shape[-1], self.v.shape[-1]))
-        self.u.copy_(u)
-        self.v.copy_(v)
+        mask = bad.unsqueeze(-1)
+        self.u.copy_(torch.where(mask, u.to(self.u), self.u))
+        self.v.copy_(torch.where(mask, v.to(self.v), self.v))
 
 
 def _pcs_of(module: nn.Module) -> list[tuple[str, _PolynomialPC]]:
@@ -383,14 +386,16 @@ def refresh_modules(pcs: Sequence[_PolynomialPC], num_iterations: int | None = N
         by_iters.setdefault(num_iterations or pc.num_power_iterations, []).append(pc)
     for iters, group in by_iters.items():
         for pc in group:
-            if not pc._state_is_valid():
-                pc._heal("was not finite or had zero norm before refresh")
+            bad = pc._invalid()
+            if bad.any():
+                pc._heal(bad, "was not finite or had zero norm before refresh")
         power_iteration_(
             [pc.raw_weight for pc in group], [pc.u for pc in group], [pc.v for pc in group], iters
         )
         for pc in group:
-            if not pc._state_is_valid():
-                pc._heal("became non-finite or zero during refresh (non-finite or zero weight?)")
+            bad = pc._invalid()
+            if bad.any():
+                pc._heal(bad, "became non-finite or zero during refresh (non-finite or zero weight?)")
 
 
 def refresh(model_or_params: nn.Module | Iterable[Tensor], num_iterations: int | None = None) -> int:

@@ -165,11 +165,6 @@ def test_zero_matrix_gives_sigma_eps_zero_output_and_finite_gradients():
     torch.testing.assert_close(W.grad, a0 * g_eff, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: _PolynomialPC._heal re-initialises u, v of the whole (b, m, n) batch when one matrix is "
-    "zero or non-finite, leaving the healthy matrices with unrefreshed random vectors after every refresh",
-)
 def test_zero_matrix_in_a_batch_leaves_the_other_matrices_exact():
     class Batched(nn.Module):
         def __init__(self):
