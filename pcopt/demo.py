@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--muon-lr", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: robust when other jobs share the cores)"
+    )
+    parser.add_argument(
         "--text", type=Path, default=None, help="train on this UTF-8 text file instead of the sample"
     )
     args = parser.parse_args(argv)
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.text is None
         else torch.tensor(list(args.text.read_bytes()), dtype=torch.long)
     )
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(max(1, args.threads))
     print(
         f"pcopt {pcopt.__version__} demo: byte-level Llama (4 layers, dim 128), {args.steps} steps x "
         f"{args.batch} x {args.seq} tokens, torch {torch.__version__}"
