@@ -370,7 +370,7 @@ def plot(summary: dict, runs: dict[str, dict], out: Path) -> list[str]:
         if ratio and ratio.get("ratio") is not None:
             text = f"{'< ' if ratio['bound'] else ''}{ratio['ratio']:.2f}"
             if ratio.get("ratio_at_pc_final_loss") is not None:
-                text += f" (baseline reaches PC's final loss at {ratio['ratio_at_pc_final_loss']:.2f}x the tokens)"
+                text += f" (point estimate {ratio['ratio_at_pc_final_loss']:.2f})"
             ax.set_title(f"{title}, {o}: token ratio {text}", fontsize=9)
         else:
             ax.set_title(f"{title}, {o}", fontsize=10)
