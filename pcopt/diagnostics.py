@@ -19,9 +19,10 @@ __all__ = [
     "gmcn",
 ]
 
-# Every attention (q, k, v, fused qkv, output) and FFN matrix, torchtitan and Hugging Face Llama names.
+# Every attention (q, k, v, fused qkv, output) and FFN matrix, torchtitan (incl. 0.3's ``qkv_linear``) and
+# Hugging Face Llama names.
 ATTENTION_FFN_TARGETS = (
-    r"(^|\.)(attention\.(wq|wk|wv|wqkv|wo)|feed_forward\.w[123]"
+    r"(^|\.)(attention\.(qkv_linear\.)?(wq|wk|wv|wqkv|wo)|feed_forward\.w[123]"
     r"|self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate|up|down)_proj)$"
 )
 
