@@ -192,8 +192,8 @@ def print_summary(s: dict[str, Any], tolerance: float) -> None:
         )
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and its descendants: torchrun starts each worker in a session of its own."""
+def descendants(pid: int) -> list[int]:
+    """PIDs of every descendant of ``pid`` (from /proc): torchrun starts each worker in a session of its own."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -203,12 +203,17 @@ def _kill_tree(pid: int) -> None:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
-    victims, todo = [pid], [pid]
+    out, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
-            victims.append(child)
+            out.append(child)
             todo.append(child)
-    for victim in victims:
+    return out
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and its descendants."""
+    for victim in [pid, *descendants(pid)]:
         try:
             os.kill(victim, signal.SIGKILL)
         except ProcessLookupError:

@@ -37,6 +37,7 @@ import torch.distributed.checkpoint as dcp  # noqa: E402
 from torchtitan.components.checkpoint import AsyncMode, ModelWrapper  # noqa: E402
 
 import pcopt  # noqa: E402
+from benchmarks.long_run import descendants  # noqa: E402
 from tests.torchtitan._harness import COMMON, REPO, parse_steps, torchrun  # noqa: E402
 from torchtitan_ext.checkpoint import PCCheckpointManager  # noqa: E402
 from torchtitan_ext.config_registry import llama2_model  # noqa: E402
@@ -502,24 +503,6 @@ def uninterrupted(workdir):
     return torchrun("debug_muon_pc", workdir / "uninterrupted", *CKPT_ARGS).check()
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -555,7 +538,7 @@ def _run_and_kill(dump: Path, kill_after_step: int, timeout: float = 240) -> tup
     reader.start()
     ok = reached.wait(timeout)
     # torchrun starts each worker in its own session: kill them all, as a node failure would.
-    victims = [proc.pid, *_descendants(proc.pid)]
+    victims = [proc.pid, *descendants(proc.pid)]
     for pid in victims:
         try:
             os.kill(pid, signal.SIGKILL)
