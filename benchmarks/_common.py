@@ -11,7 +11,6 @@ concatenated documents without per-document masking, as in the paper's data pipe
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -21,12 +20,14 @@ import torch
 from torch import nn
 
 import pcopt
+from pcopt import recipes
+from pcopt.names import ATTENTION_FFN_MODULES
 
 # Every attention and FFN matrix of a torchtitan 0.3 Llama (q/k/v live under ``attention.qkv_linear``).
-TORCHTITAN_MATRICES = r"(^|\.)(attention\.qkv_linear\.(wq|wk|wv|wqkv)|attention\.wo|feed_forward\.w[123])$"
+TORCHTITAN_MATRICES = ATTENTION_FFN_MODULES
 
 # The paper's degrees: 9 with AdamW, 5 with Muon.
-PC_DEGREE = {"adamw": 9, "muon": 5}
+PC_DEGREE = recipes.PC_DEGREE
 ARMS = ("adamw", "adamw_pc", "muon", "muon_pc")
 
 
@@ -114,20 +115,15 @@ def build_optimizers(
 
     if optimizer == "adamw":
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = pcopt.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
+        pc_state = pcopt.PCState(model) if pcopt.preconditioners(model) else None
+        opt = pcopt.optim.AdamW(params, lr=lr, **{**recipes.ADAMW, "weight_decay": weight_decay}, pc_state=pc_state)
         return [opt], True
     if optimizer == "muon":
         return [pcopt.optim.build_optimizer(model, lr=lr, weight_decay=weight_decay)], True
     raise ValueError(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}.")
 
 
-def lr_factor(step: int, total_steps: int, warmup_frac: float = 0.01, end_ratio: float = 0.1) -> float:
-    """The paper's schedule: linear warmup over 1% of the steps, then cosine to 10% of the peak."""
-    warmup = max(1, round(warmup_frac * total_steps))
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return end_ratio + (1 - end_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+lr_factor = recipes.lr_factor  # the paper's schedule: 1% linear warmup, then cosine to 10% of the peak
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,38 +1,53 @@
-"""pcopt: polynomial weight preconditioning (PC layer) with Muon and AdamW for LLM pretraining."""
+"""pcopt: polynomial weight preconditioning (PC layer) with Muon and AdamW for LLM pretraining.
 
-from pcopt import accumulation, optim  # noqa: E402  (submodules, after the core they build on)
-from pcopt.diagnostics import condition_numbers, gmcn, modified_condition_number
-from pcopt.parametrizations import (
-    DEFAULT_TARGETS,
+Where things live:
+
+* declaring PC: :func:`precondition`, :func:`precondition_model` (:mod:`pcopt.registration`), settings as
+  :class:`PCOptions`; the map itself is :class:`pcopt.layer.PolynomialPC`;
+* keeping its state current during training: :class:`PCState` (:mod:`pcopt.state`: who refreshes ``u``,
+  ``v``, and when);
+* after training: :func:`merge`, :func:`merged_state_dict`; dense starts: :func:`load_dense_state_dict`
+  (:mod:`pcopt.conversion`);
+* names, keys and the paper's recipe: :mod:`pcopt.names`, :mod:`pcopt.recipes`;
+* spectra: :func:`gmcn` and friends (:mod:`pcopt.diagnostics`); optimizers: :mod:`pcopt.optim`.
+"""
+
+from pcopt import accumulation, optim  # noqa: E402, I001  (submodules, after the core they build on)
+from pcopt.conversion import (
     effective_weight,
-    is_preconditioned,
     load_dense_state_dict,
+    load_state_dict,
     merge,
     merged_state_dict,
-    precondition,
-    precondition_model,
-    preconditioners,
-    refresh,
-    reset_preconditioners,
 )
+from pcopt.diagnostics import condition_numbers, gmcn, modified_condition_number
+from pcopt.layer import PolynomialPC
+from pcopt.names import PC_TARGETS
+from pcopt.options import PCOptions
 from pcopt.polynomials import PC_COEFFICIENTS, apply_polynomial, polynomial
+from pcopt.registration import is_preconditioned, precondition, precondition_model, preconditioners
+from pcopt.state import PCState, refresh, reset_preconditioners
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "DEFAULT_TARGETS",
+    "PCOptions",
+    "PCState",
     "PC_COEFFICIENTS",
+    "PC_TARGETS",
+    "PolynomialPC",
     "accumulation",
-    "optim",
     "apply_polynomial",
     "condition_numbers",
     "effective_weight",
     "gmcn",
     "is_preconditioned",
     "load_dense_state_dict",
+    "load_state_dict",
     "merge",
     "merged_state_dict",
     "modified_condition_number",
+    "optim",
     "polynomial",
     "precondition",
     "precondition_model",

@@ -122,7 +122,9 @@ def _lr_factor(step: int, steps: int) -> float:
 def build_optimizer(model: nn.Module, arm: str, lr: float) -> torch.optim.Optimizer:
     """The paper's optimizers: AdamW on everything, or Muon on hidden matrices + AdamW on the rest (same lr)."""
     if arm.startswith("adamw"):
-        return pcopt.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+        return pcopt.optim.AdamW(
+            model.parameters(), lr=lr, **pcopt.recipes.ADAMW, pc_state=model if pcopt.preconditioners(model) else None
+        )
     return pcopt.optim.build_optimizer(model, lr=lr, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
 
 
@@ -158,7 +160,7 @@ def train_arm(
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()  # pcopt optimizers refresh the power-iteration state of the PC weights they own
+        optimizer.step()  # also refreshes u, v of the PC weights (the optimizer was given the PC state)
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
     elapsed = time.perf_counter() - t0

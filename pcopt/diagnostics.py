@@ -9,7 +9,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from pcopt.parametrizations import _full, effective_weight, is_preconditioned
+from pcopt._tensor import full_tensor
+from pcopt.names import ATTENTION_FFN_MODULES
+from pcopt.registration import is_preconditioned
 
 __all__ = [
     "ATTENTION_FFN_TARGETS",
@@ -17,14 +19,10 @@ __all__ = [
     "modified_condition_number",
     "condition_numbers",
     "gmcn",
+    "pc_scalars",
 ]
 
-# Every attention (q, k, v, fused qkv, output) and FFN matrix, torchtitan (incl. 0.3's ``qkv_linear``) and
-# Hugging Face Llama names.
-ATTENTION_FFN_TARGETS = (
-    r"(^|\.)(attention\.(qkv_linear\.)?(wq|wk|wv|wqkv|wo)|feed_forward\.w[123]"
-    r"|self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate|up|down)_proj)$"
-)
+ATTENTION_FFN_TARGETS = ATTENTION_FFN_MODULES  # every attention and FFN matrix (pcopt.names)
 
 
 @torch.no_grad()
@@ -52,7 +50,7 @@ def modified_condition_number(W: Tensor, fraction: float = 0.1) -> Tensor:
         )
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
-    s = singular_values(_full(W))
+    s = singular_values(full_tensor(W))
     k = max(1, math.ceil(fraction * s.shape[-1]))
     return s[..., 0] / s[..., -k:].mean(dim=-1)
 
@@ -68,7 +66,7 @@ def condition_numbers(model: nn.Module, targets: str | None = None) -> dict[str,
         if not pattern.search(fqn):
             continue
         if is_preconditioned(mod, "weight"):
-            W = effective_weight(mod, "weight", include_gamma=False)
+            W = mod.parametrizations["weight"][0].effective_weight(include_gamma=False)
         elif isinstance(mod._parameters.get("weight"), Tensor) and not parametrize.is_parametrized(
             mod, "weight"
         ):
@@ -90,3 +88,20 @@ def gmcn(model: nn.Module, targets: str | None = None) -> float:
             f"(the default is {ATTENTION_FFN_TARGETS!r})."
         )
     return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+@torch.no_grad()
+def pc_scalars(model: nn.Module) -> dict[str, tuple[float, float]]:
+    """``{fqn: (sigma estimate, gamma)}`` of every PC weight (first matrix of a batched one).
+
+    ``sigma`` is the streaming ``u^T W v + eps`` the forward uses. Gathers sharded weights (every rank must
+    call it).
+    """
+    from pcopt.registration import preconditioners
+
+    out = {}
+    for fqn, pc in preconditioners(model):
+        sigma = float(pc.sigma().flatten()[0])
+        gamma = float(full_tensor(pc.gamma.detach()).flatten()[0])
+        out[fqn] = (sigma, gamma)
+    return out

@@ -2,7 +2,8 @@
 
 A PC run's checkpoints hold, besides torchtitan's usual state (optimizer, lr scheduler, dataloader,
 step), every PC matrix as ``<m>.parametrizations.weight.original`` (raw weight),
-``<m>.parametrizations.weight.0.gamma`` and the power-iteration buffers ``...0.u`` / ``...0.v``; the
+``<m>.parametrizations.weight.0.gamma``, the power-iteration buffers ``...0.u`` / ``...0.v`` and the PC
+settings ``...0.pc_meta`` (keys: ``pcopt.names``); the
 optimizer state is keyed by the same parameter FQNs. Resuming restores all of it, so a resumed run
 continues exactly.
 
@@ -42,17 +43,14 @@ from torchtitan.components.checkpointer.base import DATALOADER, LR_SCHEDULER, MO
 from torchtitan.tools import filesystem
 
 import pcopt
+from pcopt.names import RAW_SUFFIX, STATE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PCCheckpointManager"]
 
-_RAW = ".parametrizations.weight.original"
-_PC_STATE = (
-    ".parametrizations.weight.0.gamma",
-    ".parametrizations.weight.0.u",
-    ".parametrizations.weight.0.v",
-)
+_RAW = RAW_SUFFIX
+_PC_STATE = STATE_SUFFIXES
 _DENSE = ".weight"
 _EXPORT = "python -m torchtitan_ext.export --config <the PC config> --checkpoint {ckpt} --output <dir>"
 

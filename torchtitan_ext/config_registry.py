@@ -40,6 +40,7 @@ from torchtitan.models.llama3.model import Llama3Model
 from torchtitan.protocols.model_spec import ModelSpec
 from torchtitan.trainer import Trainer
 
+from pcopt import recipes
 from torchtitan_ext.checkpoint import PCCheckpointManager
 from torchtitan_ext.compat import install_set_timeout_shim
 from torchtitan_ext.data import TOKENIZER_DIR, register_datasets
@@ -86,9 +87,7 @@ _LR = {
 }
 
 
-def pc_degree(optimizer: str) -> int:
-    """The paper's PC polynomial degree: 9 with AdamW, 5 with Muon."""
-    return {"adamw": 9, "muon": 5}[optimizer]
+pc_degree = recipes.pc_degree  # the paper's PC polynomial degree: 9 with AdamW, 5 with Muon
 
 
 def llama2_model(flavor: str, *, pc: PCConverter.Config | None = None) -> ModelSpec:
@@ -136,28 +135,25 @@ def _state_dict_adapter():
 def _config(flavor: str, optimizer: str, pc: bool) -> Trainer.Config:
     lr = _LR[(flavor, optimizer)]
     model_spec = llama2_model(flavor, pc=PCConverter.Config(degree=pc_degree(optimizer)) if pc else None)
-    adamw_name = "PCAdamW" if pc else "AdamW"
-    opt = (
-        adamw_config(lr, name=adamw_name) if optimizer == "adamw" else muon_config(lr, adamw_name=adamw_name)
-    )
+    opt = adamw_config(lr) if optimizer == "adamw" else muon_config(lr)
     opt.implementation = "fused" if torch.cuda.is_available() else "foreach"
 
     if flavor == "debug":
         steps, warmup = 30, 2
-        training = TrainingConfig(local_batch_size=2, seq_len=256, steps=steps, max_norm=1.0)
+        training = TrainingConfig(local_batch_size=2, seq_len=256, steps=steps, max_norm=recipes.GRAD_CLIP)
         hf_assets_path = str(TOKENIZER_DIR)
         dataloader = HuggingFaceTextDataLoader.Config(dataset="kjv_sample")
         log_freq, ckpt_interval = 1, 10
         activation_checkpoint = None  # CPU-sized: nothing to save, recompute only costs time
     else:
         steps = 22_000 if flavor == "271M" else 61_100
-        warmup = steps // 100
+        warmup = round(steps * recipes.WARMUP_FRACTION)
         training = TrainingConfig(
             local_batch_size=8 if flavor == "271M" else 4,
             global_batch_size=320,
             seq_len=8192,
             steps=steps,
-            max_norm=1.0,
+            max_norm=recipes.GRAD_CLIP,
         )
         hf_assets_path = "./assets/hf/Llama-2-7b-hf"  # the Llama-2 tokenizer (vocab 32000)
         dataloader = HuggingFaceTextDataLoader.Config(
@@ -176,7 +172,7 @@ def _config(flavor: str, optimizer: str, pc: bool) -> Trainer.Config:
         ),
         optimizer=opt,
         lr_scheduler=LRSchedulersContainer.Config(
-            warmup_steps=warmup, decay_type="cosine", min_lr_factor=0.1
+            warmup_steps=warmup, decay_type="cosine", min_lr_factor=recipes.FINAL_LR_RATIO
         ),
         training=training,
         dataloader=dataloader,

@@ -16,42 +16,18 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 from torchtitan.components.metrics import MetricsProcessor
 
 import pcopt
-from pcopt.diagnostics import ATTENTION_FFN_TARGETS
-from pcopt.spectral import sigma_estimate
+import pcopt.diagnostics
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PCMetricsProcessor", "pc_metrics"]
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def _condition_numbers(model: torch.nn.Module) -> list[float]:
-    """MCN of every attention/FFN matrix (of W_eff for PC ones; MCN is scale-free, so gamma is moot)."""
-    pattern = re.compile(ATTENTION_FFN_TARGETS)
-    out = []
-    for fqn, mod in model.named_modules():
-        if not pattern.search(fqn):
-            continue
-        if pcopt.is_preconditioned(mod):
-            W = pcopt.effective_weight(mod, "weight")
-        elif isinstance(mod._parameters.get("weight"), torch.Tensor):
-            W = mod._parameters["weight"]
-        else:
-            continue
-        out.append(float(pcopt.modified_condition_number(W)))
-    return out
 
 
 @torch.no_grad()
@@ -60,10 +36,7 @@ def pc_metrics(model_parts: list[torch.nn.Module], *, with_gmcn: bool = True) ->
     out: dict[str, float] = {}
     sigmas, gammas = [], []
     for model in model_parts:
-        for fqn, pc in pcopt.preconditioners(model):
-            raw = _full(pc.raw_weight.detach()).float()
-            sigma = float(sigma_estimate(raw, pc.u.float(), pc.v.float()).flatten()[0]) + pc.eps
-            gamma = float(_full(pc.gamma.detach()).flatten()[0])
+        for fqn, (sigma, gamma) in pcopt.diagnostics.pc_scalars(model).items():
             out[f"pc/sigma/{fqn}"] = sigma
             out[f"pc/gamma/{fqn}"] = gamma
             sigmas.append(sigma)
@@ -72,7 +45,7 @@ def pc_metrics(model_parts: list[torch.nn.Module], *, with_gmcn: bool = True) ->
         out["pc/sigma_mean"] = sum(sigmas) / len(sigmas)
         out["pc/gamma_mean"] = sum(gammas) / len(gammas)
     if with_gmcn:
-        per_matrix = [v for m in model_parts for v in _condition_numbers(m)]
+        per_matrix = [v for m in model_parts for v in pcopt.condition_numbers(m).values()]
         if per_matrix:
             out["pc/gmcn"] = math.exp(sum(math.log(v) for v in per_matrix) / len(per_matrix))
     return out

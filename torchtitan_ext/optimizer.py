@@ -1,20 +1,17 @@
-"""torchtitan optimizers container that knows pcopt's Muon and PC-aware AdamW by name.
+"""torchtitan optimizers container that knows pcopt's Muon by name and owns the model's PC state.
 
 Param groups are torchtitan's own ``ParamGroupConfig`` regexes on canonical parameter FQNs (first
-match wins), e.g. ``--optimizer.param_groups`` in a config function. Names added to torchtitan's
-``Adam`` / ``AdamW`` / ``DistMuon``:
+match wins), e.g. ``--optimizer.param_groups`` in a config function. The name ``"Muon"`` is added to
+torchtitan's ``Adam`` / ``AdamW`` / ``DistMuon``: :class:`pcopt.optim.Muon` (``torch.optim.Muon`` keyword
+names; each FSDP2 matrix is orthogonalized once in the world, exactly).
 
-* ``"Muon"`` - :class:`pcopt.optim.Muon` (``torch.optim.Muon`` keyword names; gathers each FSDP2
-  shard to the full matrix for Newton-Schulz).
-* ``"PCAdamW"`` - :class:`pcopt.optim.AdamW` (AdamW aware of PC-reparameterized weights).
-
-After every ``step()`` the container refreshes the power-iteration state (u, v) of every PC weight
-in the model parts, batched into one vector all-reduce per half-iteration.
+The container holds the model parts' :class:`pcopt.PCState` and calls its ``after_step()`` after every
+``step()``: the refresh of ``u``, ``v`` of every PC weight, batched into one vector all-reduce per
+half-iteration. The optimizers themselves are given no PC state, so nothing refreshes twice.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 from collections.abc import Callable
@@ -27,29 +24,22 @@ from torchtitan.components.optimizer import OptimizersContainer, ParamGroupConfi
 
 import pcopt
 import pcopt.optim
+from pcopt import recipes
+from pcopt.names import ATTENTION_FFN_MODULES, param_pattern
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["MUON_MATRICES", "PCOptimizersContainer", "adamw_config", "muon_config"]
 
-MUON_MATRICES = (
-    r"(^|\.)(attention\.(qkv_linear\.w[qkv]|wo)|feed_forward\.w[123])"
-    r"\.(weight|parametrizations\.weight\.original)$"
-)
-"""Hidden matrices of a torchtitan Llama (raw weights for PC ones): what Muon optimizes. Unanchored at
-the start: torchtitan matches patterns against module-wrapper FQNs (``_checkpoint_wrapped_module``)."""
+MUON_MATRICES = param_pattern(ATTENTION_FFN_MODULES)
+"""Hidden matrices (raw weights for PC ones): what Muon optimizes. Anchored at a name boundary, not at the
+start: torchtitan matches patterns against module-wrapper FQNs (``_checkpoint_wrapped_module``)."""
 
 _MATRIX_ONLY = {"Muon"}
 
 
-def _pcopt_factory(cls: type[Optimizer]) -> Callable[..., Optimizer]:
-    # The container refreshes every PC weight once per step (one batched all-reduce per half-iteration);
-    # the optimizers' own per-optimizer refresh would repeat it.
-    return functools.partial(cls, refresh_preconditioners=False)
-
-
 class PCOptimizersContainer(OptimizersContainer):
-    """``OptimizersContainer`` + ``Muon``/``PCAdamW`` names + PC refresh after each step."""
+    """``OptimizersContainer`` + the ``Muon`` name + the model's :class:`pcopt.PCState` after each step."""
 
     @dataclass(kw_only=True, slots=True)
     class Config(OptimizersContainer.Config):
@@ -59,15 +49,13 @@ class PCOptimizersContainer(OptimizersContainer):
     @staticmethod
     def _resolve_optimizer_factory(name: str) -> Callable[..., Optimizer]:
         if name == "Muon":
-            return _pcopt_factory(pcopt.optim.Muon)
-        if name == "PCAdamW":
-            return _pcopt_factory(pcopt.optim.AdamW)
+            return pcopt.optim.Muon
         try:
             return OptimizersContainer._resolve_optimizer_factory(name)
         except NotImplementedError:
             raise ValueError(
-                f"Unknown optimizer_name {name!r}: expected one of 'Muon', 'PCAdamW', 'AdamW', 'Adam', "
-                "'DistMuon'."
+                f"Unknown optimizer_name {name!r}: expected one of 'Muon', 'AdamW', 'Adam', 'DistMuon'. "
+                "(PC needs no special AdamW: this container refreshes the PC state after every step.)"
             ) from None
 
     @staticmethod
@@ -89,20 +77,22 @@ class PCOptimizersContainer(OptimizersContainer):
         return groups, patterns
 
     def __init__(self, config: Config, *, model_parts: list[torch.nn.Module]) -> None:
-        if config.pc_refresh_iterations is not None and config.pc_refresh_iterations < 1:
+        if config.pc_refresh_iterations is not None and (
+            isinstance(config.pc_refresh_iterations, bool) or config.pc_refresh_iterations < 1
+        ):
             raise ValueError(
                 f"optimizer.pc_refresh_iterations must be >= 1 or None, got {config.pc_refresh_iterations}."
             )
         super().__init__(config, model_parts=model_parts)
-        self._pc_refresh_iterations = config.pc_refresh_iterations
-        self._has_pc = any(pcopt.preconditioners(m) for m in model_parts)
+        has_pc = any(pcopt.preconditioners(m) for m in model_parts)
+        self.pc_state = (
+            pcopt.PCState(model_parts, num_power_iterations=config.pc_refresh_iterations) if has_pc else None
+        )
 
     def step(self, closure=None):
         super().step(closure)
-        if self._has_pc:
-            with torch.no_grad():
-                for model in self.model_parts:
-                    pcopt.refresh(model, self._pc_refresh_iterations)
+        if self.pc_state is not None:
+            self.pc_state.after_step()
         return None
 
 
@@ -113,7 +103,7 @@ def adamw_config(lr: float, *, name: str = "AdamW", **kwargs: Any) -> PCOptimize
             ParamGroupConfig(
                 pattern=r".*",
                 optimizer_name=name,
-                optimizer_kwargs={"lr": lr, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1, **kwargs},
+                optimizer_kwargs={"lr": lr, **recipes.ADAMW, **kwargs},
             )
         ],
     )
@@ -124,9 +114,9 @@ def muon_config(
 ) -> PCOptimizersContainer.Config:
     """Muon on the hidden matrices, AdamW (same peak lr) on embeddings, LM head, norms and gamma.
 
-    The paper's Muon: momentum 0.95 with Nesterov, 5 Newton-Schulz steps with the (3.4445, -4.775,
-    2.0315) coefficients, the "moonlight" lr scale 0.2*sqrt(max(A, B)) (``match_rms_adamw``), decoupled
-    weight decay 0.1.
+    The paper's Muon (:data:`pcopt.recipes.MUON`): momentum 0.95 with Nesterov, 5 Newton-Schulz steps with
+    Keller Jordan's coefficients, the "moonlight" lr scale 0.2*sqrt(max(A, B)) (``match_rms_adamw``),
+    decoupled weight decay 0.1.
     """
     try:
         re.compile(matrices)
@@ -140,20 +130,12 @@ def muon_config(
             ParamGroupConfig(
                 pattern=matrices,
                 optimizer_name="Muon",
-                optimizer_kwargs={
-                    "lr": lr,
-                    "weight_decay": 0.1,
-                    "momentum": 0.95,
-                    "nesterov": True,
-                    "ns_coefficients": (3.4445, -4.775, 2.0315),
-                    "ns_steps": 5,
-                    "adjust_lr_fn": "match_rms_adamw",
-                },
+                optimizer_kwargs={"lr": lr, **recipes.MUON},
             ),
             ParamGroupConfig(
                 pattern=r".*",
                 optimizer_name=adamw_name,
-                optimizer_kwargs={"lr": lr, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1},
+                optimizer_kwargs={"lr": lr, **recipes.ADAMW},
             ),
         ],
     )

@@ -31,14 +31,20 @@ from torchtitan.protocols.model import ModelConfigConverter
 from torchtitan.protocols.module import Module
 
 import pcopt
+from pcopt import PCOptions
+from pcopt.names import PC_TARGETS
 from torchtitan_ext.compat import check_spmd_backend, force_sum_reduction_on_gloo
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_TARGETS", "PCConverter", "PCLinear", "parallelize_llama_pc"]
+__all__ = ["PCConverter", "PCLinear", "parallelize_llama_pc"]
 
-DEFAULT_TARGETS = r"^layers\.\d+\.(attention\.wo|feed_forward\.w[123])$"
-"""Module FQNs (torchtitan Llama) that get the PC layer: attention output and FFN, as in the paper."""
+
+def _options(c) -> PCOptions:
+    """The validated :class:`pcopt.PCOptions` of a config carrying the PC fields (pcopt's own messages)."""
+    return PCOptions(
+        degree=c.degree, num_power_iterations=c.num_power_iterations, learn_gamma=c.learn_gamma, eps=c.eps
+    )
 
 
 class PCLinear(Linear):
@@ -66,15 +72,7 @@ class PCLinear(Linear):
         """Register the PC parametrization on ``weight`` (idempotent). Must precede ``fully_shard``."""
         if pcopt.is_preconditioned(self):
             return
-        c = self._pc_config
-        pcopt.precondition(
-            self,
-            "weight",
-            degree=c.degree,
-            num_power_iterations=c.num_power_iterations,
-            learn_gamma=c.learn_gamma,
-            eps=c.eps,
-        )
+        pcopt.precondition(self, "weight", options=_options(self._pc_config))
 
     def _init_self_parameters(self) -> None:
         if not pcopt.is_preconditioned(self):
@@ -97,8 +95,9 @@ class PCConverter(ModelConfigConverter):
 
     @dataclass(kw_only=True, slots=True)
     class Config(ModelConfigConverter.Config):
-        targets: str = DEFAULT_TARGETS
-        """Regex searched in module FQNs (e.g. ``layers.3.feed_forward.w1``) selecting the PC matrices."""
+        targets: str = PC_TARGETS
+        """Regex searched in module FQNs (e.g. ``layers.3.feed_forward.w1``) selecting the PC matrices
+        (default :data:`pcopt.names.PC_TARGETS`: attention output and FFN, as in the paper)."""
 
         degree: int = 9
         num_power_iterations: int = 10
@@ -110,11 +109,7 @@ class PCConverter(ModelConfigConverter):
             self.pattern = re.compile(config.targets)
         except re.error as e:
             raise ValueError(f"PC targets {config.targets!r} is not a valid regex: {e}") from None
-        if config.degree not in pcopt.PC_COEFFICIENTS:
-            raise ValueError(
-                f"PC degree must be one of {sorted(pcopt.PC_COEFFICIENTS)}, got {config.degree!r}. Set "
-                "PCConverter.Config(degree=...) to one of them (the paper: 9 with AdamW, 5 with Muon)."
-            )
+        self.options = _options(config)
         self.config = config
 
     def convert(self, model_config: Module.Config) -> Module.Config:
@@ -158,7 +153,7 @@ class PCConverter(ModelConfigConverter):
                 "these module FQNs)."
             )
         logger.info(
-            "PC layer (degree %d) will be applied to %d matrices matching %r", c.degree, matched, c.targets
+            "PC layer (%s) will be applied to %d matrices matching %r", self.options, matched, c.targets
         )
         return model_config
 

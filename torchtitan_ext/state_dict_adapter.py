@@ -19,14 +19,12 @@ from typing import Any
 from torchtitan.models.common.linear import Linear
 from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter
 
+from pcopt.names import RAW_SUFFIX, STATE_SUFFIXES
+
 __all__ = ["PCLlamaStateDictAdapter", "pc_module_fqns"]
 
-_RAW = ".parametrizations.weight.original"
-_PC_STATE = (
-    ".parametrizations.weight.0.gamma",
-    ".parametrizations.weight.0.u",
-    ".parametrizations.weight.0.v",
-)
+_RAW = RAW_SUFFIX
+_PC_STATE = STATE_SUFFIXES
 
 
 def pc_module_fqns(model_config) -> set[str]:

@@ -1,22 +1,23 @@
 """Optimizers for PC-layer training: Muon (``torch.optim.Muon`` compatible, FSDP2-exact) and AdamW.
 
-The functional Muon step is ``pcopt.optim.muon.muon``.
-
-Both refresh the power-iteration state of the preconditioned weights they own after every ``step()``.
-:func:`build_optimizer` builds the paper's setup (Muon on hidden matrices, AdamW on the rest) for any model.
+* :class:`Muon` and the functional step :func:`muon`; :func:`newton_schulz` and its FLOP count.
+* :class:`AdamW`: ``torch.optim.AdamW`` whose step ends with ``pc_state.after_step()``.
+* :func:`param_groups` splits a model by parameter name; :func:`build_optimizer` builds the paper's setup
+  (Muon on hidden matrices, AdamW on the rest) as one :class:`CombinedOptimizer` that owns the model's
+  :class:`pcopt.PCState`.
 """
 
+from pcopt.optim._adamw import AdamW
+from pcopt.optim._build import build_optimizer
+from pcopt.optim._combined import CombinedOptimizer
+from pcopt.optim._muon import AdjustLrT, Muon, muon
 from pcopt.optim._newton_schulz import NS_COEFFICIENT_SETS, CoeffSetT, newton_schulz, newton_schulz_flops
-from pcopt.optim.adamw import AdamW
-from pcopt.optim.combined import CombinedOptimizer
-from pcopt.optim.muon import AdjustLrT, Muon
-from pcopt.optim.param_groups import (
+from pcopt.optim._param_groups import (
     DEFAULT_ADAMW_PATTERN,
     DEFAULT_MUON_PATTERN,
     EMBEDDING_PATTERN,
     GAMMA_PATTERN,
     HEAD_PATTERN,
-    build_optimizer,
     param_groups,
 )
 
@@ -33,6 +34,7 @@ __all__ = [
     "Muon",
     "NS_COEFFICIENT_SETS",
     "build_optimizer",
+    "muon",
     "newton_schulz",
     "newton_schulz_flops",
     "param_groups",

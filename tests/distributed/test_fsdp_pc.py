@@ -197,8 +197,8 @@ def _sharded_refresh(rank: int, world: int) -> None:
 
         setattr(dist, fn_name, record)
     try:
-        # by parameters (as optimizers do): batched in the given order, which is the same on every rank
-        pcopt.refresh([lin.parametrizations.weight.original for lin in holder], num_iterations=40)
+        # the PC state owner batches all of the model's PC weights, in named_modules order on every rank
+        assert pcopt.PCState(holder, num_power_iterations=40).after_step() == 3
     finally:
         for fn_name, original in patched.items():
             setattr(dist, fn_name, original)

@@ -97,7 +97,7 @@ def _each_matrix_once(rank: int, world_size: int) -> None:
     """Every matrix is orthogonalized by exactly one rank, and the work is split (not all on one rank)."""
     import torch.distributed as dist
 
-    import pcopt.optim.muon as muon_module
+    import pcopt.optim._muon as muon_module
 
     counted = torch.zeros(1, dtype=torch.int64)
     original = muon_module.newton_schulz

@@ -52,7 +52,7 @@ def test_container_matches_stock_muon_and_adamw_and_refreshes_pc():
 
     model = _debug_model(pc=True, n_layers=2)
     ref = copy.deepcopy(model)
-    cfg = muon_config(1e-2, adamw_name="PCAdamW")
+    cfg = muon_config(1e-2)
     cfg.implementation = "for-loop"
     container = cfg.build(model_parts=[model])
     assert isinstance(container, PCOptimizersContainer)

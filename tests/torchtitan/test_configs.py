@@ -73,7 +73,7 @@ def test_every_config_builds_with_the_paper_recipe(name):
         assert cfg.training.seq_len == 8192 and cfg.training.global_batch_size == 320
         assert cfg.lr_scheduler.warmup_steps == cfg.training.steps // 100  # 1%
         assert (
-            _group_kwargs(cfg)["Muon" if opt == "muon" else ("PCAdamW" if pc else "AdamW")]["lr"]
+            _group_kwargs(cfg)["Muon" if opt == "muon" else "AdamW"]["lr"]
             == PAPER_LR[(flavor, opt)]
         )
 
@@ -81,7 +81,7 @@ def test_every_config_builds_with_the_paper_recipe(name):
     assert cfg.training.max_norm == 1.0
     assert cfg.lr_scheduler.decay_type == "cosine" and cfg.lr_scheduler.min_lr_factor == 0.1
     kwargs = _group_kwargs(cfg)
-    adamw = kwargs["PCAdamW" if pc else "AdamW"]
+    adamw = kwargs["AdamW"]
     assert adamw["betas"] == (0.9, 0.95) and adamw["weight_decay"] == 0.1
     assert cfg.optimizer.param_groups[-1].pattern == ".*"
     if opt == "muon":
@@ -135,7 +135,7 @@ def test_pc_targets_matching_nothing_is_refused():
 
 
 def test_pc_bad_degree_and_regex_are_refused():
-    with pytest.raises(ValueError, match=r"PC degree must be one of \[3, 5, 7, 9\], got 4"):
+    with pytest.raises(ValueError, match=r"Unsupported PC polynomial degree: expected one of \[3, 5, 7, 9\], got 4"):
         config_registry.llama2_model("debug", pc=PCConverter.Config(degree=4))
     with pytest.raises(ValueError, match=r"PC targets '\(' is not a valid regex"):
         config_registry.llama2_model("debug", pc=PCConverter.Config(targets="("))

@@ -179,7 +179,7 @@ def _muon(lr=1e-3, **kw):
 def _refresh_zero():
     from torchtitan_ext.optimizer import PCOptimizersContainer
 
-    cfg = _adamw(name="PCAdamW")
+    cfg = _adamw()
     return PCOptimizersContainer.Config(param_groups=cfg.param_groups, pc_refresh_iterations=0)
 
 
@@ -234,7 +234,7 @@ ERRORS = [
         "PC degree unsupported",
         lambda c, t: _convert(degree=4),
         ValueError,
-        r"PC degree must be one of \[3, 5, 7, 9\], got 4\. Set PCConverter\.Config\(degree=\.\.\.\)",
+        r"Unsupported PC polynomial degree: expected one of \[3, 5, 7, 9\], got 4\. Pass degree=3, 5, 7 or 9",
     ),
     (
         "PC converter applied twice",
@@ -273,7 +273,7 @@ ERRORS = [
         "unknown optimizer name",
         lambda c, t: _optimizer(_adamw(name="Lion")),
         ValueError,
-        r"Unknown optimizer_name 'Lion': expected one of 'Muon', 'PCAdamW', 'AdamW', 'Adam', 'DistMuon'",
+        r"Unknown optimizer_name 'Lion': expected one of 'Muon', 'AdamW', 'Adam', 'DistMuon'",
     ),
     (
         "zero PC refresh iterations",

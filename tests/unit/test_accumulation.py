@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import pcopt
-import pcopt.parametrizations as pc_params
+import pcopt.layer as pc_layer
 from pcopt.accumulation import once_per_step
 from tests._distributed import run_distributed
 
@@ -80,13 +80,13 @@ def test_gradients_equal_per_micro_batch_backward(dtype, rtol, atol, degree):
 def test_pc_map_evaluated_once_per_step(monkeypatch):
     net = _make()
     calls = {"n": 0}
-    real = pc_params.apply_polynomial
+    real = pc_layer.apply_polynomial
 
     def counting(X, coefficients):
         calls["n"] += 1
         return real(X, coefficients)
 
-    monkeypatch.setattr(pc_params, "apply_polynomial", counting)
+    monkeypatch.setattr(pc_layer, "apply_polynomial", counting)
     batches = _micro_batches(torch.float32)
     for b in batches:
         _loss(net, b).backward()
@@ -107,7 +107,7 @@ def test_exit_without_backward_leaves_grads_and_restores_forward():
         with torch.no_grad():
             net(torch.randn(2, 12))
     assert all(p.grad is None for p in net.parameters())
-    assert all(pc._cached_weight is None for _, pc in pcopt.preconditioners(net))
+    assert all(not pc.holding for _, pc in pcopt.preconditioners(net))
     # Afterwards the ordinary per-forward path works and reaches the raw weights.
     _loss(net, _micro_batches(torch.float32, 1)[0]).backward()
     assert net.mid.parametrizations.weight.original.grad is not None
@@ -121,7 +121,7 @@ def test_exception_clears_cache_and_skips_pc_backward():
         with once_per_step(net):
             _loss(net, batches[0]).backward()
             raise KeyError("boom")
-    assert all(pc._cached_weight is None for _, pc in pcopt.preconditioners(net))
+    assert all(not pc.holding for _, pc in pcopt.preconditioners(net))
     for _, pc in pcopt.preconditioners(net):
         assert pc.raw_weight.grad is None and pc.gamma.grad is None
     assert net.head.weight.grad is not None  # the non-PC part of the micro-batch did run
@@ -156,7 +156,7 @@ def test_step_inside_block_raises():
         with once_per_step(net):
             _loss(net, batch).backward()
             opt.step()
-    assert all(pc._cached_weight is None for _, pc in pcopt.preconditioners(net))
+    assert all(not pc.holding for _, pc in pcopt.preconditioners(net))
 
 
 def test_nested_use_raises():
@@ -165,7 +165,7 @@ def test_nested_use_raises():
         with pytest.raises(RuntimeError, match="already active"):
             with once_per_step(net):
                 pass
-    assert all(pc._cached_weight is None for _, pc in pcopt.preconditioners(net))
+    assert all(not pc.holding for _, pc in pcopt.preconditioners(net))
 
 
 def test_model_without_pc_warns_and_runs():
@@ -177,7 +177,7 @@ def test_model_without_pc_warns_and_runs():
 
 
 def test_rejects_non_module():
-    with pytest.raises(ValueError, match="expects an nn.Module"):
+    with pytest.raises(TypeError, match="expects an nn.Module"):
         with once_per_step([torch.zeros(2, 2)]):
             pass
 
@@ -220,7 +220,7 @@ def _fsdp2_refused(rank: int, world_size: int) -> None:
                 raise AssertionError("once_per_step should have refused an FSDP2 model")
         except RuntimeError as exc:
             assert "does not support FSDP2" in str(exc) and "reduce-scatter" in str(exc), str(exc)
-    assert net.mid.parametrizations.weight[0]._cached_weight is None
+    assert not net.mid.parametrizations.weight[0].holding
 
 
 @pytest.mark.distributed

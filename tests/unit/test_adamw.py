@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -44,7 +45,7 @@ def _train(model, opt, steps: int, seed: int = 1, sched=None, manual_refresh: bo
 )
 def test_updates_equal_torch_adamw_bitwise(kwargs):
     a, b = _model(), _model()
-    opt_a = AdamW(a.parameters(), **kwargs)
+    opt_a = AdamW(a.parameters(), **kwargs, pc_state=a)
     opt_b = torch.optim.AdamW(b.parameters(), **kwargs)
     assert opt_a.defaults == opt_b.defaults
     _train(a, opt_a, 4)
@@ -68,30 +69,37 @@ def test_step_refreshes_owned_pc_weights(refresh):
     with torch.no_grad():
         pc.reset_state()
     u0 = pc.u.clone()
-    opt = AdamW(model.parameters(), lr=0.05, refresh_preconditioners=refresh)
-    _train(model, opt, 3)
+    opt = AdamW(model.parameters(), lr=0.05, pc_state=pcopt.PCState(model) if refresh else None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the stale-state warning is tested in test_muon
+        _train(model, opt, 3)
     if refresh:
         assert _sigma_error(pc) < 1e-4
     else:
         assert torch.equal(pc.u, u0) and _sigma_error(pc) > 1e-2
 
 
-def test_refresh_runs_through_lr_scheduler_and_only_for_owned_raw_weights():
+def test_refresh_runs_through_lr_scheduler_and_attach_serves_any_optimizer():
     model = _model()
     pc = model[0].parametrizations.weight[0]
     with torch.no_grad():
         pc.reset_state()
-    u0 = pc.u.clone()
-    # owns only gamma and the second layer: the raw PC weight is not its own, so u stays as it was
-    owned = [pc.gamma, *model[2].parameters()]
-    opt = AdamW(owned, lr=0.05)
+    opt = AdamW(model.parameters(), lr=0.05, pc_state=pcopt.PCState(model, num_power_iterations=50))
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     _train(model, opt, 2, sched=sched)
-    assert torch.equal(pc.u, u0)
-    opt2 = AdamW([model[0].parametrizations.weight.original], lr=0.05)
-    sched2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=1, gamma=0.5)
-    _train(model, opt2, 2, sched=sched2)
     assert _sigma_error(pc) < 1e-4
+    # the stock optimizer, with the state attached as a step post-hook
+    other = _model(1)
+    pc2 = other[0].parametrizations.weight[0]
+    with torch.no_grad():
+        pc2.reset_state()
+    sgd = torch.optim.SGD(other.parameters(), lr=0.05)
+    handle = pcopt.PCState(other, num_power_iterations=50).attach(sgd)
+    _train(other, sgd, 2)
+    assert _sigma_error(pc2) < 1e-4
+    handle.remove()
+    with pytest.raises(TypeError, match=r"PCState.attach expects a torch.optim.Optimizer, got list"):
+        pcopt.PCState(other).attach([sgd])
 
 
 def test_step_hooks_run_once_per_step():
@@ -106,18 +114,22 @@ def test_step_hooks_run_once_per_step():
 
 def test_deepcopy_pickle_and_state_dict_keep_behaviour():
     model = _model()
-    opt = AdamW(model.parameters(), lr=0.01, refresh_preconditioners=False, num_power_iterations=4)
+    opt = AdamW(model.parameters(), lr=0.01, pc_state=model)
     _train(model, opt, 1)
     for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
-        assert clone.refresh_preconditioners is False and clone.num_power_iterations == 4
-        assert len(clone._optimizer_step_post_hooks) == 1
+        assert clone.pc_state is None  # the PC state belongs to the model; give the clone its own
+        assert clone.param_groups[0]["lr"] == 0.01
     fresh = AdamW(model.parameters(), lr=0.01)
     fresh.load_state_dict(opt.state_dict())
     assert fresh.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
 
 
 def test_errors():
-    with pytest.raises(ValueError, match=r"Invalid num_power_iterations: 0\. Expected None"):
-        AdamW(_model().parameters(), num_power_iterations=0)
+    with pytest.raises(
+        TypeError, match=r"AdamW: pc_state must be a pcopt.PCState \(or the preconditioned model\), got int"
+    ):
+        AdamW(_model().parameters(), pc_state=3)
+    with pytest.raises(ValueError, match=r"num_power_iterations must be an integer >= 1, got 0"):
+        pcopt.PCState(_model(), num_power_iterations=0)
     with pytest.raises(ValueError, match=r"Invalid learning rate: -1\.0"):  # torch's own validation
         AdamW(_model().parameters(), lr=-1.0)

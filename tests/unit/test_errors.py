@@ -5,6 +5,7 @@ part of the contract. Construction-time problems are ValueError, step/forward-ti
 The FSDP2-only case (preconditioning after fully_shard) is in tests/distributed/test_fsdp_pc.py.
 """
 
+import re
 import warnings
 
 import pytest
@@ -68,7 +69,7 @@ ERRORS = [
     (
         "precondition on a non-module",
         lambda: pcopt.precondition("wo"),
-        ValueError,
+        TypeError,
         r"precondition expects an nn\.Module, got str",
     ),
     (
@@ -105,7 +106,7 @@ ERRORS = [
     (
         "targets of a wrong type",
         lambda: pcopt.precondition_model(nn.Linear(4, 4), targets=1),
-        ValueError,
+        TypeError,
         r"targets must be a regex \(str or re\.Pattern\) or a callable",
     ),
     (
@@ -185,7 +186,7 @@ ERRORS = [
         "Muon unknown adjust_lr_fn",
         lambda: Muon([nn.Parameter(torch.zeros(3, 3))], adjust_lr_fn="moonlight"),
         ValueError,
-        r"Adjust learning rate function 'moonlight' is not supported\. Expected None, 'original'",
+        r"Adjust learning rate function moonlight is not supported\. Expected None, 'original'",
     ),
     (
         "Muon complex gradient",
@@ -234,7 +235,23 @@ def test_bad_input_raises_clear_error(call, exc, regex):
             call()
 
 
+def _pc_state_dict(**kw):
+    return pcopt.precondition(nn.Linear(4, 6, bias=False), **kw).state_dict()
+
+
 WARNINGS = [
+    (
+        "PCState of a model without PC",
+        lambda: pcopt.PCState(nn.Linear(4, 4)),
+        UserWarning,
+        r"PCState: the model has no preconditioned weights, so after_step/accumulate do nothing",
+    ),
+    (
+        "build_optimizer num_power_iterations without PC",
+        lambda: pcopt.optim.build_optimizer(_TwoLinear(), lr=1e-3, num_power_iterations=3),
+        UserWarning,
+        r"num_power_iterations has no effect, the model has no preconditioned weights",
+    ),
     (
         "coefficients not mapping 1 to 1",
         lambda: pcopt.precondition(nn.Linear(4, 4), coefficients=(1.0, 0.5)),
@@ -274,7 +291,65 @@ WARNINGS = [
     "call,category,regex", [row[1:] for row in WARNINGS], ids=[row[0] for row in WARNINGS]
 )
 def test_ineffective_option_warns(call, category, regex):
-    with pytest.warns(category, match=regex):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    hits = [w for w in caught if issubclass(w.category, category) and re.search(regex, str(w.message))]
+    assert len(hits) == 1, [str(w.message) for w in caught]  # once, not once per internal check
+
+
+PC_LAYOUT_ERRORS = [
+    (
+        "PC state_dict into a plain model",
+        lambda: pcopt.load_state_dict(nn.Linear(4, 6, bias=False), _pc_state_dict()),
+        RuntimeError,
+        r"holds preconditioned \(PC\) weights that this model does not have: \['weight'\].*"
+        r"pcopt\.merged_state_dict\(pc_model\)",
+    ),
+    (
+        "PC state saved with another degree",
+        lambda: pcopt.precondition(nn.Linear(4, 6, bias=False), degree=5).load_state_dict(_pc_state_dict(degree=9)),
+        RuntimeError,
+        r"trained with degree 9, eps 1e-07.*preconditioned with degree 5, eps 1e-07.*pcopt\.PCOptions",
+    ),
+    (
+        "PCOptions wrong type",
+        lambda: pcopt.PCOptions(num_power_iterations=2.5),
+        TypeError,
+        r"num_power_iterations must be an integer >= 1, got float 2\.5",
+    ),
+    (
+        "PCOptions eps not a number",
+        lambda: pcopt.PCOptions(eps="small"),
+        TypeError,
+        r"eps must be a positive finite float, got str 'small'",
+    ),
+    (
+        "optimizer pc_state of a wrong type",
+        lambda: Muon([nn.Parameter(torch.zeros(3, 3))], pc_state="model"),
+        TypeError,
+        r"Muon: pc_state must be a pcopt\.PCState \(or the preconditioned model\), got str",
+    ),
+    (
+        "after_backward inside accumulate",
+        lambda: _after_backward_inside_accumulate(),
+        RuntimeError,
+        r"PCState\.after_backward was called inside an accumulate\(\) block",
+    ),
+]
+
+
+def _after_backward_inside_accumulate():
+    state = pcopt.PCState(pcopt.precondition(nn.Linear(4, 6)))
+    with state.accumulate():
+        state.after_backward()
+
+
+@pytest.mark.parametrize(
+    "call,exc,regex", [row[1:] for row in PC_LAYOUT_ERRORS], ids=[row[0] for row in PC_LAYOUT_ERRORS]
+)
+def test_pc_state_errors(call, exc, regex):
+    with pytest.raises(exc, match=regex):
         call()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 from functools import partial
 
 import pytest
@@ -11,10 +12,9 @@ import torch
 from torch import nn
 
 import pcopt
-from pcopt.optim import Muon, newton_schulz, newton_schulz_flops
+from pcopt.optim import Muon, muon, newton_schulz, newton_schulz_flops
 from pcopt.optim._distributed import assign_owners, row_range
 from pcopt.optim._newton_schulz import NS_COEFFICIENT_SETS, resolve_coefficients
-from pcopt.optim.muon import muon
 
 SHAPES = [(24, 16), (16, 24), (20, 20), (24, 16), (1, 9), (33, 7)]  # tall, wide, square, repeated, 1-row
 
@@ -221,11 +221,9 @@ def test_extra_group_keys_are_tolerated_and_groups_are_independent():
 
 
 def test_deepcopy_and_pickle_keep_options():
-    opt = Muon(
-        _params(), refresh_preconditioners=False, num_power_iterations=3, ns_coefficient_set="polar_express"
-    )
+    opt = Muon(_params(), ns_coefficient_set="polar_express")
     for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
-        assert clone.refresh_preconditioners is False and clone.num_power_iterations == 3
+        assert clone.pc_state is None
         assert clone.param_groups[0]["ns_coefficient_set"] == "polar_express"
 
 
@@ -239,15 +237,20 @@ def _stale_pc_linear(seed: int = 0) -> tuple[nn.Linear, object]:
 
 
 @pytest.mark.parametrize("refresh", [True, False])
-def test_step_refreshes_power_iteration_of_owned_pc_weights(refresh):
+def test_step_calls_the_given_pc_state(refresh):
     lin, pc = _stale_pc_linear()
     u0 = pc.u.clone()
-    opt = Muon([lin.parametrizations.weight.original], lr=0.05, refresh_preconditioners=refresh)
+    state = pcopt.PCState(lin) if refresh else None
+    opt = Muon([lin.parametrizations.weight.original], lr=0.05, pc_state=state)
     x = torch.randn(32, 20, generator=torch.Generator().manual_seed(1))
-    for _ in range(3):
-        lin(x).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            lin(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    stale = [w for w in caught if "changed since u, v were last refreshed" in str(w.message)]
+    assert len(stale) == (0 if refresh else 1)  # without a PC state the forward warns, once
     W = lin.parametrizations.weight.original.detach().double()
     sigma = pc.u.double() @ W @ pc.v.double()
     exact = torch.linalg.matrix_norm(W, 2)
@@ -258,11 +261,11 @@ def test_step_refreshes_power_iteration_of_owned_pc_weights(refresh):
         assert abs(sigma - exact) / exact > 1e-2
 
 
-def test_refresh_only_touches_weights_the_optimizer_owns():
+def test_refresh_only_touches_the_pc_states_model():
     lin_a, pc_a = _stale_pc_linear(0)
     lin_b, pc_b = _stale_pc_linear(1)
     u_b = pc_b.u.clone()
-    opt = Muon([lin_a.parametrizations.weight.original], lr=0.01)
+    opt = Muon([lin_a.parametrizations.weight.original], lr=0.01, pc_state=lin_a)
     lin_a.parametrizations.weight.original.grad = torch.randn(12, 20)
     opt.step()
     assert not torch.equal(pc_a.u, pcopt.spectral.init_singular_vectors((12, 20))[0].to(pc_a.u))
@@ -278,7 +281,7 @@ CONSTRUCTION_ERRORS = [
     ({"weight_decay": -0.1}, r"Invalid weight_decay value: -0\.1"),
     ({"eps": 0.0}, r"Invalid epsilon value: 0\.0\. Expected a float > 0"),
     ({"eps": -1e-7}, r"Invalid epsilon value"),
-    ({"adjust_lr_fn": "moonlight"}, r"Adjust learning rate function 'moonlight' is not supported"),
+    ({"adjust_lr_fn": "moonlight"}, r"Adjust learning rate function moonlight is not supported"),
     ({"ns_steps": 0}, r"Invalid ns_steps: 0\. Expected an integer in \[1, 99\]"),
     ({"ns_steps": 100}, r"Invalid ns_steps: 100"),
     ({"ns_coefficients": (1.0, 2.0)}, r"Invalid ns_coefficients: \(1\.0, 2\.0\)\. Expected a tuple of three"),
@@ -290,7 +293,6 @@ CONSTRUCTION_ERRORS = [
     ({"ns_coefficient_set": []}, r"Invalid ns_coefficient_set"),
     ({"ns_dtype": torch.int32}, r"Invalid ns_dtype: torch\.int32\. Expected torch\.bfloat16"),
     ({"ns_dtype": "half-ish"}, r"Invalid ns_dtype: 'half-ish'"),
-    ({"num_power_iterations": 0}, r"Invalid num_power_iterations: 0"),
 ]
 
 

@@ -96,9 +96,9 @@ def test_refresh_converges_to_float64_sigma_max():
     pcopt.refresh(lin, num_iterations=30)
     sigma = float(pc.u @ W @ pc.v)
     assert abs(sigma - 3.0) / 3.0 < 1e-6
-    # the parameter-iterable form selects by raw parameter
-    assert pcopt.refresh([lin.parametrizations.weight.original]) == 1
-    assert pcopt.refresh([nn.Parameter(torch.zeros(2, 2))]) == 0
+    assert pcopt.refresh(nn.Linear(2, 2)) == 0
+    with pytest.raises(TypeError, match=r"pcopt.refresh expects an nn.Module or a list of them"):
+        pcopt.refresh([lin.parametrizations.weight.original])
 
 
 def test_forward_does_not_update_state_and_eval_no_grad_work():
@@ -145,10 +145,13 @@ def test_state_dict_round_trip_and_deepcopy():
         "parametrizations.weight.0.gamma",
         "parametrizations.weight.0.u",
         "parametrizations.weight.0.v",
+        "parametrizations.weight.0.pc_meta",
     }
     c = copy.deepcopy(a)
     assert torch.equal(a(x), c(x))
-    assert pcopt.refresh([c.parametrizations.weight.original]) == 1  # the copy is discoverable on its own
+    pc_c = c.parametrizations.weight[0]
+    assert pc_c.raw_weight is c.parametrizations.weight.original  # the copy points at its own raw weight
+    assert pcopt.refresh(c) == 1
 
 
 def test_merge_gives_plain_linear_with_same_outputs():
@@ -313,7 +316,7 @@ def test_precondition_model_regex_predicate_and_no_match():
     assert pcopt.precondition_model(model, targets=lambda fqn, m: fqn == "0") == ["0"]
     with pytest.warns(UserWarning, match="no module matched targets='nothing'"):
         assert pcopt.precondition_model(nn.Sequential(nn.Linear(2, 2)), targets="nothing") == []
-    with pytest.raises(ValueError, match="targets must be a regex"):
+    with pytest.raises(TypeError, match="targets must be a regex"):
         pcopt.precondition_model(model, targets=3)
 
 

@@ -68,9 +68,11 @@ def _assert_unit_and_finite(module: nn.Module) -> None:
 
 OPTIMIZERS = {
     "Muon": lambda block: Muon(
-        [block.w1.parametrizations.weight.original, block.w2.parametrizations.weight.original], lr=0.02
+        [block.w1.parametrizations.weight.original, block.w2.parametrizations.weight.original],
+        lr=0.02,
+        pc_state=block,
     ),
-    "AdamW": lambda block: AdamW(block.parameters(), lr=1e-3),
+    "AdamW": lambda block: AdamW(block.parameters(), lr=1e-3, pc_state=block),
 }
 
 

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from pcopt.optim._pc_state import resolve_pc_state
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["CombinedOptimizer"]
@@ -28,6 +30,8 @@ class CombinedOptimizer(Optimizer):
     Args:
         optimizers: mapping ``name -> optimizer`` (e.g. ``{"muon": Muon(...), "adamw": AdamW(...)}``).
             ``add_param_group(group)`` sends ``group`` to the child named ``group["algorithm"]``.
+        pc_state (pcopt.PCState or nn.Module, optional): the preconditioned model's PC state; its
+            ``after_step()`` runs once after all children have stepped (give it here, not to the children).
 
     Example::
 
@@ -36,7 +40,7 @@ class CombinedOptimizer(Optimizer):
         >>> loss.backward(); opt.step(); sched.step(); opt.zero_grad()
     """
 
-    def __init__(self, optimizers: Mapping[str, Optimizer]) -> None:
+    def __init__(self, optimizers: Mapping[str, Optimizer], *, pc_state=None) -> None:
         if not isinstance(optimizers, Mapping) or not optimizers:
             raise ValueError(
                 f"CombinedOptimizer expects a non-empty mapping name -> torch.optim.Optimizer, got {optimizers!r}."
@@ -57,6 +61,7 @@ class CombinedOptimizer(Optimizer):
                     seen[id(p)] = name
                 group.setdefault(ROUTING_KEY, name)
         self.optimizers: dict[str, Optimizer] = dict(optimizers)
+        self.pc_state = resolve_pc_state(pc_state, "CombinedOptimizer")
         self._num_groups = {name: len(opt.param_groups) for name, opt in self.optimizers.items()}
         self._building = True
         super().__init__([g for opt in self.optimizers.values() for g in opt.param_groups], {})
@@ -100,6 +105,8 @@ class CombinedOptimizer(Optimizer):
                 loss = closure()
         for opt in self.optimizers.values():
             opt.step()
+        if self.pc_state is not None:
+            self.pc_state.after_step()
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -120,6 +127,7 @@ class CombinedOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_building", False)
+        self.__dict__.setdefault("pc_state", None)
         if "optimizers" in state:
             self._share_with_children()
 

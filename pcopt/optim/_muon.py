@@ -3,8 +3,8 @@
 Drop-in for ``torch.optim.Muon``: same positional arguments, defaults, state key (``momentum_buffer``) and,
 on plain tensors with the default settings, bitwise the same updates. Additions (keyword-only): named or
 per-step Newton-Schulz coefficients, the iteration dtype, batched Newton-Schulz over same-shaped matrices,
-exact and non-redundant orthogonalization of FSDP2 ``Shard(0)`` DTensors (see ``_distributed.py``), and a
-refresh of the PC layer's power-iteration state after every step.
+exact and non-redundant orthogonalization of FSDP2 ``Shard(0)`` DTensors (see ``_distributed.py``), and
+``pc_state``: the model's :class:`pcopt.PCState`, whose ``after_step()`` runs at the end of every step.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from pcopt.optim._awareness import check_num_power_iterations, refresh_owned
 from pcopt.optim._distributed import orthogonalize_sharded, shard_layout
 from pcopt.optim._newton_schulz import (
     KELLER_COEFFICIENTS,
@@ -31,6 +30,7 @@ from pcopt.optim._newton_schulz import (
     resolve_coefficients,
     resolve_dtype,
 )
+from pcopt.optim._pc_state import resolve_pc_state
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +66,11 @@ def _adjust_lr(lr: float, adjust_lr_fn: str | None, shape: Sequence[int]) -> flo
     return lr * 0.2 * math.sqrt(max(rows, cols))
 
 
-def _validate_options(options: MutableMapping[str, Any]) -> None:
-    """Raise ``ValueError`` for invalid Muon hyperparameters (constructor defaults or a param group)."""
+def _validate_options(options: MutableMapping[str, Any], *, warn: bool = True) -> None:
+    """Raise ``ValueError`` for invalid Muon hyperparameters (constructor defaults or a param group).
+
+    ``warn=False`` skips the warnings (the defaults are checked again, with warnings, as each group is added).
+    """
     lr = options["lr"]
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
@@ -85,13 +88,13 @@ def _validate_options(options: MutableMapping[str, Any]) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0.0:
         raise ValueError(f"Invalid epsilon value: {eps}. Expected a float > 0 (default {EPS}).")
     if options["adjust_lr_fn"] is not None and options["adjust_lr_fn"] not in _ADJUST_LR_FNS:
-        raise ValueError(
-            f"Adjust learning rate function {options['adjust_lr_fn']!r} is not supported. "
-            f"Expected None, 'original' or 'match_rms_adamw'."
+        raise ValueError(  # torch.optim.Muon's wording first (its tests match it), then the fix
+            f"Adjust learning rate function {options['adjust_lr_fn']} is not supported. "
+            "Expected None, 'original' or 'match_rms_adamw'."
         )
     resolve_coefficients(options["ns_coefficients"], options["ns_coefficient_set"], options["ns_steps"])
     custom = options["ns_coefficient_set"]
-    if custom is not None and not isinstance(custom, str) and len(custom) > options["ns_steps"]:
+    if warn and custom is not None and not isinstance(custom, str) and len(custom) > options["ns_steps"]:
         warnings.warn(
             f"ns_coefficient_set has {len(custom)} triples but ns_steps={options['ns_steps']}; the last "
             f"{len(custom) - options['ns_steps']} are unused. Pass ns_steps={len(custom)} to use them all.",
@@ -116,8 +119,7 @@ class Muon(Optimizer):
         ns_coefficient_set: CoeffSetT | Sequence[tuple[float, float, float]] | None = None,
         ns_dtype: torch.dtype | str = torch.bfloat16,
         foreach: bool | None = None,
-        refresh_preconditioners: bool = True,
-        num_power_iterations: int | None = None,
+        pc_state=None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -132,10 +134,8 @@ class Muon(Optimizer):
             "ns_dtype": ns_dtype,
             "foreach": foreach,
         }
-        _validate_options(defaults)
-        check_num_power_iterations(num_power_iterations)
-        self.refresh_preconditioners = bool(refresh_preconditioners)
-        self.num_power_iterations = num_power_iterations
+        _validate_options(defaults, warn=False)
+        self.pc_state = resolve_pc_state(pc_state, "Muon")
         super().__init__(params, defaults)
         for i, group in enumerate(self.param_groups):
             logger.info(
@@ -162,20 +162,13 @@ class Muon(Optimizer):
             self.param_groups.pop()
             raise
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state["refresh_preconditioners"] = self.refresh_preconditioners
-        state["num_power_iterations"] = self.num_power_iterations
-        return state
-
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:  # checkpoints written by torch.optim.Muon lack the extra keys
             group.setdefault("ns_coefficient_set", None)
             group.setdefault("ns_dtype", torch.bfloat16)
             group.setdefault("foreach", None)
-        self.__dict__.setdefault("refresh_preconditioners", True)
-        self.__dict__.setdefault("num_power_iterations", None)
+        self.__dict__.setdefault("pc_state", None)  # not pickled: it belongs to the model, not the optimizer
 
     def _init_group(
         self,
@@ -212,7 +205,7 @@ class Muon(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform a single optimization step, then refresh the PC weights this optimizer owns.
+        """Perform a single optimization step, then ``pc_state.after_step()`` if a PC state was given.
 
         Args:
             closure (Callable, optional): a closure that reevaluates the model and returns the loss.
@@ -242,8 +235,8 @@ class Muon(Optimizer):
                 ns_coefficient_set=group["ns_coefficient_set"],
                 ns_dtype=group["ns_dtype"],
             )
-        if self.refresh_preconditioners:
-            refresh_owned(self, self.num_power_iterations)
+        if self.pc_state is not None:
+            self.pc_state.after_step()
         return loss
 
 
@@ -267,7 +260,7 @@ Muon.__doc__ = r"""Implements Muon (MomentUm Orthogonalized by Newton-Schulz), c
             &\quad \theta_t \leftarrow (1 - \gamma \lambda)\, \theta_{t-1}
                 \quad \text{(decoupled weight decay, unadjusted lr)} \\
             &\quad \theta_t \leftarrow \theta_t - \mathrm{AdjustLR}(\gamma; A, B)\, O_t \\
-            &\quad \text{refresh } u, v \text{ of every PC weight whose raw parameter is in this optimizer}
+            &\quad \text{pc\_state.after\_step() (refresh } u, v \text{ of the model's PC weights)}
        \end{aligned}
 
     ``AdjustLR`` is ``gamma * sqrt(max(1, A/B))`` for ``adjust_lr_fn=None``/``"original"`` (Keller Jordan) and
@@ -298,10 +291,9 @@ Muon.__doc__ = r"""Implements Muon (MomentUm Orthogonalized by Newton-Schulz), c
             or fp64 (also as strings ``"bf16"``, ``"fp32"``...).
         foreach (bool, optional): None/True batch same-shaped matrices into one batched matmul (default);
             False runs the per-matrix reference loop. Both give the same bits.
-        refresh_preconditioners (bool, optional): after each step, run the power iteration of every PC weight
-            whose raw parameter this optimizer owns, as :func:`pcopt.refresh` (default: True).
-        num_power_iterations (int, optional): iterations of that refresh; None uses each weight's own
-            setting (10 by default).
+        pc_state (pcopt.PCState or nn.Module, optional): the preconditioned model's PC state (a model is
+            wrapped in one); its ``after_step()`` (the power-iteration refresh of ``u``, ``v``) runs at the end
+            of every ``step()``. None (default): nothing is refreshed here.
 
     FSDP2: parameters that are ``Shard(0)`` DTensors (``fully_shard``) are orthogonalized on the full matrix,
     once in the world: each matrix has an owner rank (balanced by FLOPs) that gathers it, runs Newton-Schulz

@@ -1,4 +1,4 @@
-"""Split a model's parameters between Muon and AdamW by name, and build the paper's optimizer in one call.
+"""Split a model's parameters between Muon and AdamW by name (:func:`param_groups`).
 
 Routing (first rule that applies wins; ``name`` is the parameter's FQN from ``model.named_parameters()``):
 
@@ -23,16 +23,13 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from pcopt.optim._newton_schulz import KELLER_COEFFICIENTS, CoeffSetT
-from pcopt.optim.adamw import AdamW
-from pcopt.optim.combined import ROUTING_KEY, CombinedOptimizer
-from pcopt.optim.muon import AdjustLrT, Muon
+from pcopt.names import EMBEDDING_MODULES, GAMMA_PARAMS, HEAD_MODULES, WEIGHT_PARAMS, param_pattern
+from pcopt.optim._combined import ROUTING_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -42,16 +39,14 @@ __all__ = [
     "EMBEDDING_PATTERN",
     "GAMMA_PATTERN",
     "HEAD_PATTERN",
-    "build_optimizer",
     "param_groups",
 ]
 
-_WEIGHT = r"(weight|parametrizations\.weight\.original)$"
-EMBEDDING_PATTERN = r"(^|\.)(tok_embeddings|embed_tokens|wte|wpe|word_embeddings)\." + _WEIGHT
-HEAD_PATTERN = r"(^|\.)(output|lm_head)\." + _WEIGHT
+EMBEDDING_PATTERN = param_pattern(EMBEDDING_MODULES)
+HEAD_PATTERN = param_pattern(HEAD_MODULES)
 DEFAULT_ADAMW_PATTERN = f"{EMBEDDING_PATTERN}|{HEAD_PATTERN}"
-GAMMA_PATTERN = r"(^|\.)parametrizations\.[^.]+\.0\.gamma$"
-DEFAULT_MUON_PATTERN = r"(^|\.)" + _WEIGHT
+GAMMA_PATTERN = GAMMA_PARAMS
+DEFAULT_MUON_PATTERN = WEIGHT_PARAMS
 
 
 def _compile(pattern: str, what: str) -> re.Pattern[str]:
@@ -104,7 +99,7 @@ def param_groups(
             trainable parameters.
     """
     if not isinstance(model, nn.Module):
-        raise ValueError(f"param_groups expects an nn.Module, got {type(model).__name__}.")
+        raise TypeError(f"param_groups expects an nn.Module, got {type(model).__name__}.")
     for value, what in ((muon_weight_decay, "muon_weight_decay"), (adamw_weight_decay, "adamw_weight_decay"),
                         (gamma_weight_decay, "gamma_weight_decay")):  # fmt: skip
         _check_wd(value, what)
@@ -166,96 +161,3 @@ def param_groups(
             sum(p.numel() for p in group["params"]), wd if wd is not None else "optimizer default",
         )  # fmt: skip
     return groups
-
-
-def build_optimizer(
-    model: nn.Module,
-    *,
-    lr: float,
-    weight_decay: float = 0.1,
-    momentum: float = 0.95,
-    nesterov: bool = True,
-    adjust_lr_fn: AdjustLrT | None = "match_rms_adamw",
-    ns_coefficients: tuple[float, float, float] = KELLER_COEFFICIENTS,
-    ns_steps: int = 5,
-    ns_coefficient_set: CoeffSetT | Sequence[tuple[float, float, float]] | None = None,
-    ns_dtype: torch.dtype | str = torch.bfloat16,
-    adamw_lr: float | None = None,
-    betas: tuple[float, float] = (0.9, 0.95),
-    adamw_eps: float = 1e-8,
-    adamw_weight_decay: float | None = None,
-    gamma_weight_decay: float | None = None,
-    muon_pattern: str | None = None,
-    adamw_pattern: str | None = None,
-    refresh_preconditioners: bool = True,
-    num_power_iterations: int | None = None,
-    adamw_kwargs: dict[str, Any] | None = None,
-) -> CombinedOptimizer:
-    """The PC-layer paper's optimizer for any model: Muon on hidden matrices, AdamW on everything else.
-
-    Defaults reproduce the paper's Muon runs: Muon (momentum 0.95, Nesterov, 5 Keller steps in bf16,
-    ``adjust_lr_fn="match_rms_adamw"``) and AdamW (betas (0.9, 0.95), eps 1e-8) with the **same peak lr**,
-    weight decay 0.1 on every parameter including gamma and the raw PC weights. Parameters are split by
-    :func:`param_groups`. The result is one :class:`CombinedOptimizer`: use it with any
-    ``torch.optim.lr_scheduler``, ``state_dict``/``load_state_dict``, ``zero_grad`` and closures. Both
-    children refresh the PC power-iteration state of the raw weights they own after every step.
-
-    Args:
-        lr: peak learning rate of both groups (AdamW's can differ via ``adamw_lr``).
-        weight_decay: decoupled weight decay of the Muon group and default for the AdamW groups.
-        adamw_weight_decay, gamma_weight_decay: override the AdamW / gamma group's decay (None: inherit).
-        momentum, nesterov, adjust_lr_fn, ns_coefficients, ns_steps, ns_coefficient_set, ns_dtype: Muon's.
-        betas, adamw_eps: AdamW's betas and eps. ``adamw_kwargs``: more ``torch.optim.AdamW`` kwargs
-            (``foreach``, ``fused``, ...).
-        muon_pattern, adamw_pattern: see :func:`param_groups`.
-        refresh_preconditioners, num_power_iterations: PC state refresh after each step (both children).
-
-    Example::
-
-        >>> pcopt.precondition_model(model, degree=5)
-        >>> opt = pcopt.optim.build_optimizer(model, lr=4.243e-3)
-        >>> sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 220))
-        >>> for x, y in data:
-        ...     loss_fn(model(x), y).backward(); opt.step(); sched.step(); opt.zero_grad()
-    """
-    adamw_wd = weight_decay if adamw_weight_decay is None else adamw_weight_decay
-    groups = param_groups(
-        model,
-        muon_pattern=muon_pattern,
-        adamw_pattern=adamw_pattern,
-        muon_weight_decay=weight_decay,
-        adamw_weight_decay=adamw_wd,
-        gamma_weight_decay=gamma_weight_decay,
-    )
-    refresh_kw = {
-        "refresh_preconditioners": refresh_preconditioners,
-        "num_power_iterations": num_power_iterations,
-    }
-    children: dict[str, torch.optim.Optimizer] = {}
-    muon_groups = [g for g in groups if g[ROUTING_KEY] == "muon"]
-    adamw_groups = [g for g in groups if g[ROUTING_KEY] == "adamw"]
-    if muon_groups:
-        children["muon"] = Muon(
-            muon_groups,
-            lr=lr,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            nesterov=nesterov,
-            ns_coefficients=ns_coefficients,
-            ns_steps=ns_steps,
-            adjust_lr_fn=adjust_lr_fn,
-            ns_coefficient_set=ns_coefficient_set,
-            ns_dtype=ns_dtype,
-            **refresh_kw,
-        )
-    if adamw_groups:
-        children["adamw"] = AdamW(
-            adamw_groups,
-            lr=lr if adamw_lr is None else adamw_lr,
-            betas=betas,
-            eps=adamw_eps,
-            weight_decay=adamw_wd,
-            **(adamw_kwargs or {}),
-            **refresh_kw,
-        )
-    return CombinedOptimizer(children)

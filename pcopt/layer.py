@@ -1,0 +1,243 @@
+"""The PC map ``W -> gamma * sg(sigma) * p(W / sigma)`` as a ``torch.nn.utils.parametrize`` module.
+
+:class:`PolynomialPC` is what :func:`pcopt.precondition` registers on a weight. It holds the PC state of that
+weight: the learnable ``gamma`` (one per matrix), the power-iteration buffers ``u``, ``v`` and the settings
+(:class:`pcopt.PCOptions`, also stored in the ``pc_meta`` buffer so that a checkpoint remembers them). Who
+updates ``u``, ``v`` and when is described in :mod:`pcopt.state`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from pcopt._tensor import full_tensor, is_dtensor
+from pcopt.options import PCOptions
+from pcopt.polynomials import apply_polynomial
+from pcopt.spectral import init_singular_vectors, sigma_estimate
+
+__all__ = ["PolynomialPC"]
+
+
+def _meta_values(options: PCOptions) -> list[float]:
+    return [options.eps, *options.polynomial]
+
+
+class PolynomialPC(nn.Module):
+    """``W -> gamma * sg(sigma) * p(W / sigma)`` with ``sigma = u^T W v + eps``.
+
+    Without ``torch.autocast`` the polynomial runs in at least fp32 whatever the dtype of the incoming
+    weight (bf16 under FSDP2 mixed precision); the result is cast back to the weight's dtype.
+
+    Read API: :attr:`raw_weight`, :meth:`sigma` (the current estimate), :meth:`effective_weight`,
+    :attr:`options`. ``u``, ``v`` and ``gamma`` are ordinary buffers/parameters.
+    """
+
+    def __init__(
+        self, shape: torch.Size, options: PCOptions, *, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.options = options
+        self.batch_shape = tuple(shape[:-2])
+        state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        gamma_shape = self.batch_shape if self.batch_shape else (1,)
+        self.gamma = nn.Parameter(
+            torch.ones(gamma_shape, device=device, dtype=state_dtype), requires_grad=options.learn_gamma
+        )
+        u, v = init_singular_vectors(shape)
+        self.register_buffer("u", u.to(device=device, dtype=state_dtype))
+        self.register_buffer("v", v.to(device=device, dtype=state_dtype))
+        self.register_buffer(
+            "pc_meta", torch.tensor(_meta_values(options), dtype=torch.float64, device=device)
+        )
+        self.label = f"weight of shape {tuple(shape)}"
+        self._warned_reinit = False
+        self._identity_inverse = True  # registration keeps the raw weight as it is
+        self._held: Tensor | None = None  # a precomputed W_eff returned by forward (see hold())
+        self._fresh: tuple[int, int] | None = None  # (id, _version) of the raw weight at the last refresh
+        self._warned_stale = False
+        self.__dict__["_plist"] = None  # the ParametrizationList holding the raw weight (see attach)
+
+    # -- settings ------------------------------------------------------------------------------------------
+    @property
+    def coefficients(self) -> tuple[float, ...]:
+        return self.options.polynomial
+
+    @property
+    def eps(self) -> float:
+        return self.options.eps
+
+    @property
+    def num_power_iterations(self) -> int:
+        return self.options.num_power_iterations
+
+    def extra_repr(self) -> str:
+        o = self.options
+        return (
+            f"degree={o.effective_degree}, num_power_iterations={o.num_power_iterations}, eps={o.eps}, "
+            f"learn_gamma={self.gamma.requires_grad}"
+        )
+
+    # -- read API ------------------------------------------------------------------------------------------
+    @property
+    def raw_weight(self) -> Tensor:
+        """The current raw parameter (a sharded DTensor outside forward under FSDP2)."""
+        if self._plist is None:
+            raise RuntimeError(
+                f"PC layer ({self.label}) is not registered on a module; use pcopt.precondition(module)."
+            )
+        return self._plist.original
+
+    def attach(self, plist: nn.Module) -> None:
+        """Remember the ``ParametrizationList`` that holds the raw weight (set by ``pcopt.precondition``).
+
+        Stored outside ``_modules`` (it is this module's parent, not a child); deepcopy and pickling keep it.
+        """
+        self.__dict__["_plist"] = plist
+
+    @torch.no_grad()
+    def sigma(self) -> Tensor:
+        """The streaming estimate ``u^T W v + eps`` of the top singular value, shape ``batch_shape`` or ``()``.
+
+        All-gathers a sharded raw weight (every rank must call it).
+        """
+        raw = full_tensor(self.raw_weight.detach())
+        dtype = torch.promote_types(raw.dtype, torch.float32)
+        return sigma_estimate(raw.to(dtype), self.u.to(dtype), self.v.to(dtype)) + self.eps
+
+    @torch.no_grad()
+    def effective_weight(self, *, include_gamma: bool = True) -> Tensor:
+        """The full ``W_eff`` in fp32 (fp64 for fp64 weights); all-gathers sharded weights."""
+        raw = full_tensor(self.raw_weight.detach())
+        raw = raw.to(torch.promote_types(raw.dtype, torch.float32))
+        if include_gamma:
+            gamma = full_tensor(self.gamma.detach())
+        else:  # not ones_like(gamma): under FSDP2 gamma is a sharded DTensor
+            gamma = torch.ones(self.batch_shape or (1,), dtype=raw.dtype, device=raw.device)
+        return self.map(raw, gamma)
+
+    # -- the map -------------------------------------------------------------------------------------------
+    def forward(self, W: Tensor) -> Tensor:
+        if self._held is not None:
+            return self._held
+        if self._fresh is not None and not self._warned_stale and not torch.compiler.is_compiling():
+            self._check_fresh(W)
+        if is_dtensor(W):
+            raise RuntimeError(
+                f"PC layer ({self.label}) received a DTensor weight in forward; it expects the full, unsharded "
+                "matrix. Call pcopt.precondition before fully_shard (FSDP2 then hands the parametrization the "
+                "unsharded weight), and use torchtitan's partial_dtensor backend."
+            )
+        return self.map(W, self.gamma)
+
+    def mark_fresh(self) -> None:
+        """Record that ``u``, ``v`` describe the current raw weight (called after every refresh and load)."""
+        raw = self.raw_weight
+        self._fresh = None if raw.device.type == "meta" else (id(raw), raw._version)
+
+    def _check_fresh(self, W: Tensor) -> None:
+        # Only a plain raw weight is checked: under FSDP2 forward sees an unsharded copy (another object).
+        ident, version = self._fresh
+        if id(W) == ident and W._version != version:
+            self._warned_stale = True
+            warnings.warn(
+                f"pcopt: the raw weight of {self.label} changed since u, v were last refreshed (an optimizer "
+                "step without a refresh?), so sigma is estimated from the previous weight. Give the optimizer "
+                "the model's PC state (pcopt.optim.build_optimizer does; or pc_state=pcopt.PCState(model) for "
+                "pcopt's Muon/AdamW; or pcopt.PCState(model).attach(optimizer)), or call state.after_step() "
+                "after every optimizer.step(). Shown once per weight.",
+                UserWarning,
+                stacklevel=5,
+            )
+
+    def map(self, W: Tensor, gamma: Tensor) -> Tensor:
+        """``gamma * sg(sigma) * p(W / sigma)`` computed in at least fp32, returned in ``W``'s dtype."""
+        dtype = torch.promote_types(W.dtype, torch.float32)
+        Wc = W.to(dtype)
+        u = self.u.to(dtype, copy=True)  # copies: a later in-place refresh must not touch saved tensors
+        v = self.v.to(dtype, copy=True)
+        sigma = (sigma_estimate(Wc, u, v) + self.eps)[..., None, None]
+        P = apply_polynomial(Wc / sigma, self.coefficients)
+        scale = gamma.to(dtype).view(*self.batch_shape, 1, 1) * sigma.detach()
+        return (P * scale).to(W.dtype)
+
+    def hold(self, weight: Tensor | None) -> None:
+        """Make forward return ``weight`` (a precomputed ``W_eff``) until ``hold(None)``."""
+        self._held = weight
+
+    @property
+    def holding(self) -> bool:
+        """Whether forward currently returns a held ``W_eff`` (see :meth:`hold`)."""
+        return self._held is not None
+
+    @torch.no_grad()
+    def right_inverse(self, value: Tensor) -> Tensor:
+        """Raw weight whose effective weight is ``value`` (function-preserving; also sets ``u``, ``v``).
+
+        At registration the raw weight is kept as it is instead (the paper's initialisation), so only
+        later assignments ``module.weight = dense`` go through the inverse (:mod:`pcopt.inverse`).
+        """
+        if self._identity_inverse:
+            return value
+        from pcopt.inverse import dense_to_raw
+
+        raw, u, v = dense_to_raw(
+            full_tensor(value), self.coefficients, full_tensor(self.gamma.detach()), self.eps
+        )
+        self.u.copy_(u)
+        self.v.copy_(v)
+        return raw.to(value.dtype)
+
+    # -- power-iteration state -----------------------------------------------------------------------------
+    def reset_state(self) -> None:
+        """gamma <- 1, deterministic unit ``u``, ``v`` and the settings buffer (not the raw weight)."""
+        with torch.no_grad():
+            self.gamma.fill_(1.0)
+            u, v = init_singular_vectors((*self.batch_shape, self.u.shape[-1], self.v.shape[-1]))
+            self.u.copy_(u)
+            self.v.copy_(v)
+            self.pc_meta.copy_(torch.tensor(_meta_values(self.options), dtype=self.pc_meta.dtype))
+
+    def check_meta(self, saved: Tensor, key: str) -> None:
+        """``RuntimeError`` if a checkpoint's ``pc_meta`` was written with other PC settings than ours."""
+        ours = _meta_values(self.options)
+        theirs = [float(x) for x in saved.detach().to("cpu", torch.float64).flatten()]
+        same = len(theirs) == len(ours) and all(
+            abs(a - b) <= 1e-2 * max(abs(a), abs(b)) for a, b in zip(ours, theirs)
+        )
+        if not same:
+
+            def describe(vals):
+                return f"degree {2 * len(vals) - 3}, eps {vals[0]:.3g}, coefficients {tuple(round(c, 4) for c in vals[1:])}"
+
+            raise RuntimeError(
+                f"The checkpoint's PC state at '{key}' was trained with {describe(theirs)}, but the model is "
+                f"preconditioned with {describe(ours)}. Precondition the model with the checkpoint's settings "
+                "(pcopt.PCOptions(degree=..., coefficients=..., eps=...)) to resume it, or start from its "
+                "merged weights (pcopt.merged_state_dict) with pcopt.load_dense_state_dict."
+            )
+
+    def invalid(self) -> Tensor:
+        """Per-matrix mask (shape ``batch_shape``) of non-finite or zero-norm ``u`` / ``v``."""
+        bad = torch.zeros(self.batch_shape, dtype=torch.bool, device=self.u.device)
+        for vec in (self.u, self.v):
+            norms = torch.linalg.vector_norm(vec, dim=-1)
+            bad |= ~torch.isfinite(vec).all(dim=-1) | ~(norms > 0.5)
+        return bad
+
+    def heal(self, bad: Tensor, reason: str) -> None:
+        """Re-initialise ``u``, ``v`` of the matrices flagged in ``bad`` (the others keep their state)."""
+        if not self._warned_reinit:
+            warnings.warn(
+                f"pcopt: power-iteration state of the {self.label} {reason}; re-initialised u and v "
+                "(check the weight and its gradients for inf/nan). Shown once per weight.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self._warned_reinit = True
+        u, v = init_singular_vectors((*self.batch_shape, self.u.shape[-1], self.v.shape[-1]))
+        mask = bad.unsqueeze(-1)
+        self.u.copy_(torch.where(mask, u.to(self.u), self.u))
+        self.v.copy_(torch.where(mask, v.to(self.v), self.v))

@@ -1,0 +1,111 @@
+"""Module-name patterns and state-dict keys of the PC layer: the one place that spells them.
+
+Patterns are regexes searched (``re.search``) in module FQNs. Each covers torchtitan's Llama names
+(``attention.wo``, ``feed_forward.w1``; torchtitan 0.3 nests q/k/v in ``attention.qkv_linear``) and Hugging
+Face Llama names (``self_attn.o_proj``, ``mlp.gate_proj``). They are anchored at a name boundary on the left
+(``(^|\\.)``, so wrapper prefixes such as ``_checkpoint_wrapped_module.`` still match) and at the end.
+
+A preconditioned weight ``<module>.weight`` is stored as four entries (see :func:`pc_keys`)::
+
+    <module>.parametrizations.weight.original   raw weight W (what the optimizer updates)
+    <module>.parametrizations.weight.0.gamma    learnable scale, one per matrix
+    <module>.parametrizations.weight.0.u        power-iteration left vector (buffer)
+    <module>.parametrizations.weight.0.v        power-iteration right vector (buffer)
+    <module>.parametrizations.weight.0.pc_meta  degree/coefficients/eps the state was trained with (extra state)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+__all__ = [
+    "ATTENTION_FFN_MODULES",
+    "PC_TARGETS",
+    "EMBEDDING_MODULES",
+    "GAMMA_PARAMS",
+    "WEIGHT_PARAMS",
+    "HEAD_MODULES",
+    "PCKeys",
+    "RAW_SUFFIX",
+    "STATE_SUFFIXES",
+    "pc_keys",
+    "pc_module_of_key",
+    "param_pattern",
+]
+
+PC_TARGETS = r"(^|\.)(attention\.wo|feed_forward\.w[123]|self_attn\.o_proj|mlp\.(gate|up|down)_proj)$"
+"""The PC layer's default targets (the paper's): attention output and every FFN matrix; never q/k/v,
+embeddings, LM head or norms."""
+
+ATTENTION_FFN_MODULES = (
+    r"(^|\.)(attention\.(qkv_linear\.)?(wq|wk|wv|wqkv|wo)|feed_forward\.w[123]"
+    r"|self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate|up|down)_proj)$"
+)
+"""Every attention (q, k, v, fused qkv, output) and FFN matrix: what GMCN averages and Muon optimizes."""
+
+EMBEDDING_MODULES = r"(^|\.)(tok_embeddings|embed_tokens|wte|wpe|word_embeddings)$"
+"""Token and position embeddings (AdamW in the paper's Muon recipe)."""
+
+HEAD_MODULES = r"(^|\.)(output|lm_head)$"
+"""The LM head (AdamW in the paper's Muon recipe)."""
+
+
+GAMMA_PARAMS = r"(^|\.)parametrizations\.[^.]+\.0\.gamma$"
+"""Parameter-FQN regex of every PC ``gamma``."""
+
+WEIGHT_PARAMS = r"(^|\.)(weight|parametrizations\.weight\.original)$"
+"""Parameter-FQN regex of every ``weight``, plain or the raw weight of a preconditioned one."""
+
+
+def param_pattern(module_pattern: str, name: str = "weight") -> str:
+    """Parameter-FQN regex for ``<module>.<name>`` of the modules ``module_pattern`` selects.
+
+    It matches the plain parameter and, for preconditioned modules, the raw weight
+    ``<module>.parametrizations.<name>.original``.
+    """
+    if not module_pattern.endswith("$"):
+        raise ValueError(
+            f"param_pattern expects a module pattern anchored at the end ('...$'), got {module_pattern!r}."
+        )
+    n = re.escape(name)
+    return f"{module_pattern[:-1]}\\.({n}|parametrizations\\.{n}\\.original)$"
+
+
+class PCKeys(NamedTuple):
+    """State-dict keys of one preconditioned weight (see the module docstring)."""
+
+    raw: str
+    gamma: str
+    u: str
+    v: str
+    meta: str
+
+    @property
+    def state(self) -> tuple[str, str, str]:
+        """The PC state entries besides the raw weight: gamma, u, v."""
+        return (self.gamma, self.u, self.v)
+
+
+def pc_keys(module_fqn: str, name: str = "weight") -> PCKeys:
+    """State-dict keys of the preconditioned ``<module_fqn>.<name>`` (``module_fqn`` may be empty)."""
+    prefix = f"{module_fqn}.parametrizations.{name}" if module_fqn else f"parametrizations.{name}"
+    return PCKeys(
+        f"{prefix}.original", f"{prefix}.0.gamma", f"{prefix}.0.u", f"{prefix}.0.v", f"{prefix}.0.pc_meta"
+    )
+
+
+_PC_KEY = re.compile(r"^(?:(?P<module>.+)\.)?parametrizations\.(?P<name>[^.]+)\.(original|0\.[^.]+)$")
+
+
+def pc_module_of_key(key: str) -> tuple[str, str] | None:
+    """``(module_fqn, name)`` of a PC state-dict key (raw weight, gamma, u, v, meta), else None."""
+    m = _PC_KEY.match(key)
+    return (m.group("module") or "", m.group("name")) if m else None
+
+
+_ANY = pc_keys("_")
+RAW_SUFFIX = _ANY.raw[1:]
+"""Key suffix of a PC raw weight: ``.parametrizations.weight.original`` (``<module> + RAW_SUFFIX``)."""
+STATE_SUFFIXES = tuple(k[1:] for k in (*_ANY.state, _ANY.meta))
+"""Key suffixes of the rest of a PC weight's state: gamma, u, v, pc_meta."""

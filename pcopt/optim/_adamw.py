@@ -1,0 +1,71 @@
+"""``torch.optim.AdamW`` that calls the model's :class:`pcopt.PCState` after every step.
+
+The update is ``torch.optim.AdamW``'s, unchanged (same arguments, defaults, state keys, foreach/fused
+kernels). The one addition the reparameterization needs: with ``pc_state=``, every ``step()`` ends with
+``pc_state.after_step()``, the warm-started power-iteration refresh of ``u``, ``v`` (without it they would
+describe the weight of the previous step). ``pcopt.PCState(model).attach(torch.optim.AdamW(...))`` does the
+same for the stock class.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from pcopt.optim._pc_state import resolve_pc_state
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AdamW"]
+
+
+class AdamW(torch.optim.AdamW):
+    r"""``torch.optim.AdamW`` whose ``step()`` ends with ``pc_state.after_step()``.
+
+    .. math::
+       \begin{aligned}
+            &\theta_t \leftarrow \mathrm{AdamW}(\theta_{t-1}, g_t)
+                \quad \text{(torch.optim.AdamW, unchanged)} \\
+            &\textbf{for}\ \text{each PC weight with raw } W:\
+                \textbf{repeat } n:\ v \leftarrow \frac{W^\top u}{\lVert W^\top u \rVert},\
+                u \leftarrow \frac{W v}{\lVert W v \rVert}
+       \end{aligned}
+
+    Args:
+        params, lr, betas, eps, weight_decay, amsgrad, maximize, foreach, capturable, differentiable, fused:
+            exactly as :class:`torch.optim.AdamW` (same defaults: ``weight_decay=1e-2``). Weight decay is
+            decoupled and applies to every parameter of a group, including raw PC weights and ``gamma``; the
+            paper uses 0.1 on everything (``pcopt.optim.param_groups`` / ``build_optimizer`` default).
+
+    Keyword-only args:
+        pc_state (pcopt.PCState or nn.Module, optional): the preconditioned model's PC state (a model is
+            wrapped in one). None (default): nothing is refreshed here.
+
+    Under FSDP2 the refresh issues small vector all-reduces, so ``step()`` must run on every rank (it does).
+    """
+
+    def __init__(self, params: Any, *args: Any, pc_state=None, **kwargs: Any) -> None:
+        super().__init__(params, *args, **kwargs)
+        self.pc_state = resolve_pc_state(pc_state, "AdamW")
+        self.register_step_post_hook(
+            _after_step
+        )  # a hook, so torch's step wrapper and hooks stay as they are
+        for i, group in enumerate(self.param_groups):
+            logger.info(
+                "AdamW param group %d: %d tensors, %d elements, lr=%s, betas=%s, eps=%s, weight_decay=%s",
+                i, len(group["params"]), sum(p.numel() for p in group["params"]), group["lr"], group["betas"],
+                group["eps"], group["weight_decay"],
+            )  # fmt: skip
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("pc_state", None)  # not pickled: it belongs to the model, not the optimizer
+        if _after_step not in self._optimizer_step_post_hooks.values():  # hooks are not pickled either
+            self.register_step_post_hook(_after_step)
+
+
+def _after_step(optimizer: AdamW, args, kwargs) -> None:
+    if optimizer.pc_state is not None:
+        optimizer.pc_state.after_step()

@@ -1,0 +1,254 @@
+"""Declaring the PC layer: register it on a weight (:func:`precondition`) or on a model's targets.
+
+Registration is a ``torch.nn.utils.parametrize`` registration of :class:`pcopt.layer.PolynomialPC`; it is
+the public way to declare PC and, on one device, its reference semantics. The raw weight keeps its object
+and values; it moves to ``module.parametrizations.<name>.original`` (keys: :mod:`pcopt.names`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from collections.abc import Callable, Sequence
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from pcopt._tensor import is_dtensor, is_fsdp_module
+from pcopt.layer import PolynomialPC
+from pcopt.names import PC_TARGETS, pc_keys
+from pcopt.options import PCOptions
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["precondition", "precondition_model", "is_preconditioned", "preconditioners"]
+
+Targets = str | re.Pattern | Callable[[str, nn.Module], bool]
+
+
+def _pcs_of(module: nn.Module) -> list[tuple[str, PolynomialPC]]:
+    """(tensor name, PC module) pairs registered on ``module`` itself."""
+    if not parametrize.is_parametrized(module):
+        return []
+    return [
+        (n, plist[0]) for n, plist in module.parametrizations.items() if isinstance(plist[0], PolynomialPC)
+    ]
+
+
+def is_preconditioned(module: nn.Module, name: str = "weight") -> bool:
+    """Whether ``module.<name>`` carries a PC parametrization."""
+    return any(n == name for n, _ in _pcs_of(module))
+
+
+def preconditioners(model: nn.Module) -> list[tuple[str, PolynomialPC]]:
+    """All PC parametrizations in ``model`` as ``(fqn of the effective tensor, PC module)`` pairs.
+
+    The order is ``model.named_modules()`` order, the same on every rank.
+    """
+    out = []
+    for fqn, mod in model.named_modules():
+        for name, pc in _pcs_of(mod):
+            out.append((f"{fqn}.{name}" if fqn else name, pc))
+    return out
+
+
+def precondition(
+    module: nn.Module,
+    name: str = "weight",
+    *,
+    options: PCOptions | None = None,
+    degree: int | None = None,
+    coefficients: Sequence[float] | None = None,
+    num_power_iterations: int | None = None,
+    learn_gamma: bool | None = None,
+    eps: float | None = None,
+) -> nn.Module:
+    r"""Register the PC layer on ``module.<name>`` and return ``module``.
+
+    The effective weight is :math:`W_\text{eff} = \gamma\,\mathrm{sg}(\hat\sigma)\,p(W/\hat\sigma)` with
+    :math:`\hat\sigma = u^\top W v + \epsilon`. The raw weight ``W`` (unchanged by registration) moves to
+    ``module.parametrizations.<name>.original``; the learnable scale ``gamma`` (one per matrix, init 1) and
+    the buffers ``u``, ``v`` live in ``module.parametrizations.<name>[0]``. ``u``, ``v`` are refreshed by
+    warm-started power iterations right away (unless on the meta device) and then once per optimizer step
+    by the model's :class:`pcopt.PCState` (see :mod:`pcopt.state`).
+
+    Args:
+        module: a module with a 2-D (``out x in``) or 3-D (batch of matrices) parameter ``name``.
+        options: the settings as one :class:`pcopt.PCOptions`; the keywords below override its fields.
+        degree: 3, 5, 7 or 9 (default 9): the PC polynomial of that degree (the paper: 9 with AdamW, 5 with
+            Muon).
+        coefficients: custom odd polynomial, the coefficients of ``x, x^3, ...``; overrides ``degree``.
+        num_power_iterations: iterations per refresh (default 10).
+        learn_gamma: train ``gamma`` (default True; ``False`` freezes it at 1).
+        eps: added to the sigma estimate (default 1e-7).
+
+    Must be called before ``fully_shard`` (FSDP2 then gives the parametrization the unsharded weight).
+
+    Example::
+
+        >>> lin = pcopt.precondition(nn.Linear(64, 256, bias=False), degree=9)
+        >>> type(lin).__name__
+        'ParametrizedLinear'
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"precondition expects an nn.Module, got {type(module).__name__}.")
+    opts = PCOptions.resolve(
+        options,
+        dict(
+            degree=degree,
+            coefficients=coefficients,
+            num_power_iterations=num_power_iterations,
+            learn_gamma=learn_gamma,
+            eps=eps,
+        ),
+    )
+    if is_preconditioned(module, name):
+        raise ValueError(
+            f"{type(module).__name__}.{name} is already preconditioned. Call precondition once per weight "
+            "(pcopt.merge removes the PC layer if you want to re-register it with other settings)."
+        )
+    if parametrize.is_parametrized(module, name):
+        raise ValueError(
+            f"{type(module).__name__}.{name} already has another parametrization; the PC layer must be the only "
+            "parametrization of a weight. Remove the other one first."
+        )
+    param = module._parameters.get(name) if isinstance(name, str) else None
+    if param is None:
+        available = [n for n, _ in module.named_parameters(recurse=False)]
+        raise ValueError(
+            f"{type(module).__name__} has no parameter named {name!r}; expected one of {available}. "
+            "Pass the name of a matrix parameter, e.g. name='weight'."
+        )
+    if is_dtensor(param) or is_fsdp_module(module):
+        raise ValueError(
+            f"{type(module).__name__}.{name} is already sharded (fully_shard was applied). Call "
+            "pcopt.precondition / precondition_model before fully_shard."
+        )
+    if param.ndim not in (2, 3):
+        raise ValueError(
+            f"precondition expects a matrix (out x in) or a batch of matrices for {name!r}, got a tensor of "
+            f"{param.ndim} dimension(s) with shape {tuple(param.shape)}. Precondition only 2-D/3-D weights."
+        )
+    if not param.is_floating_point():
+        raise ValueError(f"precondition expects a floating-point weight, got dtype {param.dtype}.")
+
+    pc = PolynomialPC(param.shape, opts, device=param.device, dtype=param.dtype)
+    pc.label = f"{type(module).__name__}.{name} of shape {tuple(param.shape)}"
+    parametrize.register_parametrization(module, name, pc)
+    pc._identity_inverse = False
+    pc.attach(module.parametrizations[name])
+    module.register_load_state_dict_pre_hook(_LoadGuard(name))
+    module.register_load_state_dict_post_hook(_MarkFresh(name))
+    if param.device.type != "meta":
+        from pcopt.state import refresh_modules
+
+        refresh_modules([pc])
+    return module
+
+
+class _LoadGuard:
+    """Check what is loaded into a preconditioned module before torch does.
+
+    A dense ``<name>`` key is refused with a message naming the conversion, and PC state saved with other
+    settings (degree, coefficients, eps) is refused instead of loading silently.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(
+        self, module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors
+    ) -> None:
+        if not is_preconditioned(module, self.name):
+            return
+        keys = pc_keys(prefix.rstrip("."), self.name)
+        dense = prefix + self.name
+        if dense in state_dict and keys.raw not in state_dict:
+            raise RuntimeError(
+                f"The state_dict holds a dense '{dense}' but the model is preconditioned (it expects "
+                f"'{keys.raw}'). Load dense checkpoints with pcopt.load_dense_state_dict(model, state_dict), "
+                "or export a preconditioned model with pcopt.merged_state_dict(model) for a plain one."
+            )
+        if keys.meta in state_dict:
+            module.parametrizations[self.name][0].check_meta(state_dict[keys.meta], keys.meta)
+
+
+class _MarkFresh:
+    """After ``load_state_dict``: the loaded ``u``, ``v`` belong to the loaded raw weight."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, module, incompatible_keys) -> None:
+        if is_preconditioned(module, self.name):
+            module.parametrizations[self.name][0].mark_fresh()
+
+
+def _matcher(targets: Targets) -> Callable[[str, nn.Module], bool]:
+    if isinstance(targets, (str, re.Pattern)):
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise ValueError(
+                f"targets={targets!r} is not a valid regex ({e}); pass a pattern searched in module FQNs."
+            ) from None
+        return lambda fqn, mod: pattern.search(fqn) is not None
+    if callable(targets):
+        return targets
+    raise TypeError(
+        "targets must be a regex (str or re.Pattern) or a callable (fqn, module) -> bool, got "
+        f"{type(targets).__name__}."
+    )
+
+
+def precondition_model(
+    model: nn.Module,
+    *,
+    targets: Targets | None = None,
+    name: str = "weight",
+    options: PCOptions | None = None,
+    degree: int | None = None,
+    coefficients: Sequence[float] | None = None,
+    num_power_iterations: int | None = None,
+    learn_gamma: bool | None = None,
+    eps: float | None = None,
+) -> list[str]:
+    """Precondition ``<module>.<name>`` for every module whose FQN matches ``targets``.
+
+    ``targets`` is a regex searched in module FQNs or a predicate ``(fqn, module) -> bool``. The default,
+    :data:`pcopt.names.PC_TARGETS`, selects the attention output and all FFN matrices (torchtitan
+    ``attention.wo``, ``feed_forward.w1/w2/w3``; Hugging Face ``o_proj``, ``gate_proj``, ``up_proj``,
+    ``down_proj``); never embeddings, LM head, norms or q/k/v. ``options`` and the keywords are those of
+    :func:`precondition`. Returns the FQNs of the modules it preconditioned and warns if nothing matched.
+    """
+    match = _matcher(PC_TARGETS if targets is None else targets)
+    opts = PCOptions.resolve(
+        options,
+        dict(
+            degree=degree,
+            coefficients=coefficients,
+            num_power_iterations=num_power_iterations,
+            learn_gamma=learn_gamma,
+            eps=eps,
+        ),
+    )
+    chosen = [
+        (fqn, mod)
+        for fqn, mod in model.named_modules()
+        if fqn and match(fqn, mod) and (name in mod._parameters or parametrize.is_parametrized(mod, name))
+    ]
+    for fqn, mod in chosen:
+        precondition(mod, name, options=opts)
+        mod.parametrizations[name][0].label = f"{fqn}.{name}"
+    touched = [fqn for fqn, _ in chosen]
+    if not touched:
+        warnings.warn(
+            f"precondition_model: no module matched targets={getattr(targets, 'pattern', targets)!r} with a "
+            f"parameter {name!r}; nothing was preconditioned. Check the module names (model.named_modules()).",
+            UserWarning,
+            stacklevel=2,
+        )
+    else:
+        logger.info("PC layer registered on %d weights (degree %d)", len(touched), opts.effective_degree)
+    return touched
