@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from pcopt.hardware import warn_slow_newton_schulz
 from pcopt.optim._distributed import orthogonalize_sharded, shard_layout
 from pcopt.optim._newton_schulz import (
     KELLER_COEFFICIENTS,
@@ -210,6 +211,9 @@ class Muon(Optimizer):
         Args:
             closure (Callable, optional): a closure that reevaluates the model and returns the loss.
         """
+        if "_ns_dtype_checked" not in self.__dict__:  # first step only: is bf16 emulated on this CPU?
+            self._ns_dtype_checked = True
+            warn_slow_newton_schulz(self.param_groups)
         loss = None
         if closure is not None:
             with torch.enable_grad():
