@@ -1,28 +1,44 @@
-"""Newton-Schulz on FSDP2 ``Shard(0)`` DTensors: every matrix orthogonalized once in the world, exactly.
+"""Newton-Schulz on DTensor matrices: every matrix orthogonalized once in the world, exactly.
 
-Who sends what to whom (one process group = the mesh dimension that shards dim 0, ``W`` ranks):
+Two entry points:
 
-1. Every rank computes the same owner table: matrices are sorted by Newton-Schulz FLOPs (largest first) and
-   each goes to the rank with the smallest FLOP total so far (longest-processing-time rule; ties to the
-   lower rank). Shards follow ``torch.chunk`` (FSDP2's layout): rank ``r`` holds rows
-   ``[r * ceil(M / W), (r + 1) * ceil(M / W))`` clipped to ``M``, possibly none.
-2. ``all_to_all_single`` #1: every rank sends, to each owner, its row blocks of the matrices that owner owns,
-   already cast to the iteration dtype (bf16 by default, half the bytes of fp32; the cast is elementwise,
-   so doing it before or after the gather gives the same bits). Uneven splits need no padding.
-3. Each owner concatenates the row blocks into full matrices, groups them by shape and runs one batched
-   Newton-Schulz per shape.
-4. ``all_to_all_single`` #2: each owner sends every rank the rows of the results that rank holds.
+* :func:`map_full_matrices` (what :class:`pcopt.optim.Muon` uses): any placement combination of a 1-D or 2-D
+  (or larger) ``DeviceMesh`` -- ``Shard(0)``, ``Shard(1)``, ``_StridedShard`` (FSDP2 on top of TP when both
+  shard dim 0), ``Replicate`` -- so FSDP2, HSDP, TP and FSDP x TP. One process group spans all ranks of the
+  mesh (the default group when the mesh is the whole world, else the mesh flattened).
+* :func:`orthogonalize_sharded` with :func:`shard_layout`: the ``Shard(0)``-over-one-mesh-dimension path
+  (FSDP2; HSDP runs it within each replica group). Kept for callers that hold a :class:`ShardLayout`.
 
-Per step each rank sends and receives about ``(W - 1) / W`` of its share of the matrices twice, in the
-iteration dtype; no rank computes a matrix twice. Only ``torch.distributed`` collectives on the mesh's
-process group are used, so it runs on gloo (CPU) and NCCL alike.
+Who sends what to whom in :func:`map_full_matrices` (``P`` ranks in the mesh):
+
+1. Every rank computes the same tables, with no communication. Owners: matrices are sorted by
+   Newton-Schulz FLOPs (largest first) and each goes to the rank with the smallest FLOP total so far
+   (longest-processing-time rule; ties to the lower rank), over all ``P`` ranks. Blocks: for every rank,
+   which global rows and columns its local tensor holds, from the placements' own split rule applied to
+   index ranges (``torch.chunk`` for ``Shard``; the chunk-of-chunks of ``_StridedShard``), as row and column
+   runs. Sources: the ranks that agree with the owner on every ``Replicate`` mesh dimension; their blocks
+   tile the matrix exactly once (for HSDP: the owner's own replica group, so the gather stays inside it).
+2. ``all_to_all_single`` #1 over the ``P`` ranks: every source sends each owner its local blocks of the
+   matrices that owner owns, already cast to the iteration dtype (the cast is elementwise: same bits as a
+   cast after gathering, and bf16 halves the bytes). Uneven and empty blocks need no padding.
+3. Each owner writes the blocks into full matrices, groups them by shape and runs one batched Newton-Schulz
+   per shape.
+4. ``all_to_all_single`` #2: each owner sends every rank of the mesh (replicas included) that rank's block
+   of each result.
+
+So a step costs two collectives per mesh, whatever the placements. Bytes: #1 moves each matrix about once
+(minus what owners already hold); #2 moves it ``R`` times, ``R`` = product of the ``Replicate`` mesh
+dimensions (every replica needs the result). No rank computes a matrix twice. Only ``torch.distributed``
+collectives are used, so it runs on gloo (CPU) and NCCL alike.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,7 +46,14 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ShardLayout", "assign_owners", "orthogonalize_sharded", "row_range", "shard_layout"]
+__all__ = [
+    "ShardLayout",
+    "assign_owners",
+    "map_full_matrices",
+    "orthogonalize_sharded",
+    "row_range",
+    "shard_layout",
+]
 
 
 @dataclass(frozen=True)
@@ -54,7 +77,7 @@ def shard_layout(param: Tensor) -> ShardLayout | None:
     """Layout of a DTensor parameter: ``None`` when replicated (the local tensor is the full matrix).
 
     Supported: placements made of ``Replicate`` and at most one ``Shard(0)`` (FSDP2, HSDP). Anything else
-    raises ``NotImplementedError`` naming the placements.
+    raises ``NotImplementedError`` naming the placements (:func:`map_full_matrices` handles those).
     """
     from torch.distributed.tensor import Replicate, Shard
 
@@ -65,9 +88,9 @@ def shard_layout(param: Tensor) -> ShardLayout | None:
     )
     if not ok:
         raise NotImplementedError(
-            "pcopt Muon supports DTensor parameters sharded on dim 0 over one mesh dimension (FSDP2 / HSDP), "
-            f"got placements {placements} for a parameter of shape {tuple(param.shape)}. Use fully_shard "
-            "without tensor parallelism on Muon-managed matrices, or pass plain tensors."
+            "shard_layout describes DTensors sharded on dim 0 over one mesh dimension (FSDP2 / HSDP), "
+            f"got placements {placements} for a parameter of shape {tuple(param.shape)}. Use "
+            "pcopt.optim._distributed.map_full_matrices, which handles every placement combination."
         )
     if not shard_dims:
         return None
@@ -177,4 +200,302 @@ def orthogonalize_sharded(
             if owners[i] == s:
                 out[i] = back_recv[offset : offset + block.numel()].view(block.shape)
                 offset += block.numel()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Any placement combination: one all_to_all over all ranks of the mesh to the owners, one back.
+
+Runs = tuple[tuple[int, int], ...]
+"""Global index runs ``((start, stop), ...)`` of one tensor dim; the local tensor holds them in this order."""
+
+
+@dataclass(frozen=True)
+class _Block:
+    """What one rank holds of a matrix: row runs, column runs, and its coordinates on the Replicate dims."""
+
+    rows: Runs
+    cols: Runs
+    replica: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return sum(b - a for a, b in self.rows), sum(b - a for a, b in self.cols)
+
+    @property
+    def numel(self) -> int:
+        m, n = self.shape
+        return m * n
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _to_runs(indices: list[int]) -> Runs:
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return tuple(runs)
+
+
+def _check_placements(param: Tensor) -> None:
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    for pl in param.placements:
+        if not isinstance(pl, (Replicate, Shard, _StridedShard)):
+            raise RuntimeError(
+                f"Muon's Newton-Schulz needs each rank's block of the matrix, got placements {param.placements} "
+                f"for a parameter of shape {tuple(param.shape)}: {pl} holds no block (a Partial sum?). Expected "
+                "Shard(0), Shard(1), _StridedShard or Replicate on every mesh dimension; redistribute the "
+                "parameter (and its gradient) to one of those first."
+            )
+
+
+@functools.lru_cache(maxsize=4096)
+def _block_table(
+    shape: tuple[int, int],
+    placements: tuple[Any, ...],
+    mesh_shape: tuple[int, ...],
+    mesh_ranks: tuple[int, ...],
+    group_ranks: tuple[int, ...],
+) -> tuple[_Block, ...]:
+    """The block of every group rank (index = group rank), from the placements' own split rule.
+
+    DTensor applies placements left to right over the mesh dims, each splitting the current local tensor with
+    its ``_split_tensor`` (``torch.chunk`` for ``Shard``; chunks of chunks for ``_StridedShard``). The same
+    rule applied to ``arange`` gives the global indices that each rank holds, as torch does itself in
+    ``_StridedShard.local_shard_size_and_offset``.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    table = []
+    for g in group_ranks:
+        pos = mesh_ranks.index(g)
+        coord = []
+        for size in reversed(mesh_shape):
+            coord.append(pos % size)
+            pos //= size
+        coord.reverse()
+        idx = [torch.arange(n) for n in shape]
+        replica = []
+        for d, pl in enumerate(placements):
+            if isinstance(pl, Replicate):
+                replica.append(coord[d])
+                continue
+            dim = pl.dim % 2
+            split = (
+                _StridedShard(0, split_factor=pl.split_factor) if isinstance(pl, _StridedShard) else Shard(0)
+            )
+            pieces, _ = split._split_tensor(idx[dim], mesh_shape[d], with_padding=False, contiguous=False)
+            idx[dim] = pieces[coord[d]]
+        table.append(_Block(_to_runs(idx[0].tolist()), _to_runs(idx[1].tolist()), tuple(replica)))
+    return tuple(table)
+
+
+def _copy_runs(full: Tensor, local: Tensor, block: _Block, into_full: bool) -> None:
+    """``full[rows, cols] <- local`` (``into_full``) or ``local <- full[rows, cols]``, run by run (exact copies)."""
+    lr = 0
+    for r0, r1 in block.rows:
+        lc = 0
+        for c0, c1 in block.cols:
+            f = full[r0:r1, c0:c1]
+            loc = local[lr : lr + r1 - r0, lc : lc + c1 - c0]
+            (f if into_full else loc).copy_(loc if into_full else f)
+            lc += c1 - c0
+        lr += r1 - r0
+
+
+def _mesh_group(mesh: Any) -> dist.ProcessGroup:
+    """One process group over all ranks of ``mesh``: its own for 1-D, the default group, or the mesh flattened."""
+    if mesh.ndim == 1:
+        return mesh.get_group(0)
+    ranks = sorted(mesh.mesh.flatten().tolist())
+    if ranks == list(range(dist.get_world_size())):
+        return dist.group.WORLD  # type: ignore[return-value]
+    if not mesh.mesh_dim_names:
+        raise RuntimeError(
+            f"Muon needs one process group over the {len(ranks)} ranks of a {mesh.ndim}-D DeviceMesh that is not "
+            "the whole world; it flattens the mesh, which torch allows only for named meshes. Create the mesh "
+            "with mesh_dim_names (init_device_mesh(..., mesh_dim_names=('dp', 'tp')))."
+        )
+    return mesh._flatten().get_group()
+
+
+def _apply_batched(fn: Callable[[Tensor], Tensor], mats: dict[tuple[int, ...], Tensor], like: Tensor):
+    return {shape: fn(batch).to(like.dtype) for shape, batch in mats.items()}
+
+
+@torch.no_grad()
+def map_full_matrices(
+    params: Sequence[Tensor],
+    local_tensors: Sequence[Tensor],
+    fn: Callable[[Tensor], Tensor],
+    cost: Callable[[tuple[int, int]], int],
+) -> list[Tensor]:
+    """Apply ``fn`` to every full matrix, once in the world; return this rank's local block of each result.
+
+    Args:
+        params: 2-D tensors that give each matrix's global shape and layout: DTensors on any ``DeviceMesh``
+            with ``Shard(0)``, ``Shard(1)``, ``_StridedShard`` or ``Replicate`` on each mesh dim (FSDP2, HSDP,
+            TP, FSDP x TP), or plain tensors (computed locally).
+        local_tensors: this rank's local block of each matrix, laid out as ``params[i].to_local()`` (for a
+            plain tensor, the full matrix). The blocks of DTensors that share a set of ranks must share a dtype
+            and device: that dtype is what travels (cast before calling, e.g. to bf16, to halve the bytes).
+        fn: maps a ``(b, M, N)`` batch to its ``(b, M, N)`` image, independently per matrix (Newton-Schulz).
+        cost: the work of one ``(M, N)`` matrix, for balancing owners (e.g. ``newton_schulz_flops``).
+
+    Returns:
+        ``fn``'s result blocks, each of ``local_tensors[i]``'s shape and dtype.
+
+    Every rank of a mesh must call this with the same parameters in the same order (a collective). Per set of
+    mesh ranks: two ``all_to_all_single`` calls, whatever the placements (see the module docstring); a mesh of
+    one rank makes none. Exact: blocks are moved by copies, and each matrix is computed in a ``(b, M, N)``
+    batch of same-shaped matrices, so the result equals ``fn`` on the unsharded matrix bit for bit whenever
+    ``fn``'s result per matrix does not depend on the batch (true for batched matmuls).
+    """
+    if len(params) != len(local_tensors):
+        raise ValueError(
+            f"map_full_matrices expects one local tensor per parameter, got {len(params)} parameters and "
+            f"{len(local_tensors)} local tensors."
+        )
+    out: list[Tensor | None] = [None] * len(params)
+    plain: list[int] = []
+    buckets: dict[tuple[int, ...], tuple[Any, list[int]]] = {}
+    for i, p in enumerate(params):
+        if p.ndim != 2:
+            raise ValueError(
+                f"map_full_matrices expects 2-D matrices, got shape {tuple(p.shape)} for parameter {i}."
+            )
+        if not _is_dtensor(p) or p.device_mesh.size() == 1:  # the local tensor is the full matrix
+            plain.append(i)
+            continue
+        _check_placements(p)
+        mesh = p.device_mesh
+        if mesh.get_coordinate() is None:  # this rank holds nothing of it and takes no part
+            out[i] = local_tensors[i]
+            continue
+        buckets.setdefault(tuple(sorted(mesh.mesh.flatten().tolist())), (mesh, []))[1].append(i)
+
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i in plain:
+        by_shape.setdefault(tuple(local_tensors[i].shape), []).append(i)
+    for idx in by_shape.values():
+        result = fn(torch.stack([local_tensors[i] for i in idx])).to(local_tensors[idx[0]].dtype)
+        for j, i in enumerate(idx):
+            out[i] = result[j]
+
+    for mesh, idx in buckets.values():
+        results = _exchange(
+            [params[i] for i in idx], [local_tensors[i] for i in idx], _mesh_group(mesh), fn, cost
+        )
+        for i, r in zip(idx, results):
+            out[i] = r
+    return out  # type: ignore[return-value]
+
+
+def _exchange(
+    params: Sequence[Tensor],
+    blocks: Sequence[Tensor],
+    group: dist.ProcessGroup,
+    fn: Callable[[Tensor], Tensor],
+    cost: Callable[[tuple[int, int]], int],
+) -> list[Tensor]:
+    like = blocks[0]
+    for b in blocks:
+        if b.dtype != like.dtype or b.device != like.device:
+            raise ValueError(
+                f"map_full_matrices sends the blocks of one mesh in one buffer, so they must share a dtype and "
+                f"device: got {like.dtype} on {like.device} and {b.dtype} on {b.device}. Cast them first."
+            )
+    P, me = dist.get_world_size(group), dist.get_rank(group)
+    group_ranks = tuple(dist.get_global_rank(group, k) for k in range(P))
+    shapes = [(int(p.shape[0]), int(p.shape[1])) for p in params]
+    tables = []
+    for p, shape, b in zip(params, shapes, blocks):
+        mesh = p.device_mesh
+        table = _block_table(shape, tuple(p.placements), tuple(mesh.shape), tuple(mesh.mesh.flatten().tolist()),
+                             group_ranks)  # fmt: skip
+        if tuple(b.shape) != table[me].shape:
+            raise RuntimeError(
+                f"map_full_matrices: the {shape} matrix with placements {p.placements} on a {tuple(mesh.shape)} "
+                f"mesh should have a local block of shape {table[me].shape} on this rank (as DTensor lays it "
+                f"out), got {tuple(b.shape)}. Pass p.to_local() (or a tensor of that layout) for each parameter."
+            )
+        tables.append(table)
+
+    owners = assign_owners(shapes, P, cost)
+    # the ranks whose blocks tile matrix i: those on the owner's coordinates along every Replicate mesh dim
+    sources = [[q for q in range(P) if t[q].replica == t[owners[i]].replica] for i, t in enumerate(tables)]
+    mine = [i for i in range(len(params)) if owners[i] == me]
+
+    # 1. blocks -> owners
+    to_send = [[i for i in range(len(params)) if owners[i] == o and me in sources[i]] for o in range(P)]
+    in_splits = [sum(blocks[i].numel() for i in idx) for idx in to_send]
+    out_splits = [sum(tables[i][q].numel for i in mine if q in sources[i]) for q in range(P)]
+    send = like.new_empty(sum(in_splits))
+    offset = 0
+    for idx in to_send:
+        for i in idx:
+            n = blocks[i].numel()
+            send[offset : offset + n].view(blocks[i].shape).copy_(blocks[i])
+            offset += n
+    recv = like.new_empty(sum(out_splits))
+    dist.all_to_all_single(recv, send, out_splits, in_splits, group=group)
+    del send
+
+    # 2. full matrices on the owner, batched by shape
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i in mine:
+        by_shape.setdefault(shapes[i], []).append(i)
+    slot = {i: (shape, j) for shape, idx in by_shape.items() for j, i in enumerate(idx)}
+    full = {shape: like.new_empty(len(idx), *shape) for shape, idx in by_shape.items()}
+    offset = 0
+    for q in range(P):
+        for i in mine:
+            if q in sources[i]:
+                block = tables[i][q]
+                shape, j = slot[i]
+                _copy_runs(full[shape][j], recv[offset : offset + block.numel].view(block.shape), block, True)
+                offset += block.numel
+    del recv
+
+    # 3. one batched fn per shape
+    result = _apply_batched(fn, full, like)
+    del full
+
+    # 4. result blocks -> every rank that holds a block (replicas included)
+    back_in = [sum(tables[i][q].numel for i in mine) for q in range(P)]
+    back_out = [sum(blocks[i].numel() for i in range(len(params)) if owners[i] == o) for o in range(P)]
+    back_send = like.new_empty(sum(back_in))
+    offset = 0
+    for q in range(P):
+        for i in mine:
+            block = tables[i][q]
+            shape, j = slot[i]
+            _copy_runs(
+                result[shape][j], back_send[offset : offset + block.numel].view(block.shape), block, False
+            )
+            offset += block.numel
+    del result
+    back_recv = like.new_empty(sum(back_out))
+    dist.all_to_all_single(back_recv, back_send, back_out, back_in, group=group)
+
+    out: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
+    offset = 0
+    for o in range(P):
+        for i in range(len(params)):
+            if owners[i] == o:
+                n = blocks[i].numel()
+                out[i] = back_recv[offset : offset + n].view(blocks[i].shape)
+                offset += n
     return out

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from pcopt.hardware import warn_slow_newton_schulz
-from pcopt.optim._distributed import orthogonalize_sharded, shard_layout
+from pcopt.optim._distributed import map_full_matrices
 from pcopt.optim._newton_schulz import (
     KELLER_COEFFICIENTS,
     CoeffSetT,
@@ -348,16 +348,15 @@ def _orthogonalize(
     ns_steps: int,
     batch: bool,
 ) -> list[Tensor]:
-    """Newton-Schulz of every update; local updates of sharded params come back as local blocks."""
+    """Newton-Schulz of every update; local updates of DTensor params come back as local blocks.
+
+    DTensors (any placements of any mesh: FSDP2, HSDP, TP, FSDP x TP) go through ``map_full_matrices``: each
+    matrix is assembled on one owner rank of its mesh, orthogonalized there once in the world (batched with
+    the owner's other same-shaped matrices unless ``batch`` is False), and its blocks sent back.
+    """
     out: list[Tensor | None] = [None] * len(params)
-    plain: list[int] = []
-    sharded: dict[int, tuple[Any, list[int]]] = {}
-    for i, p in enumerate(params):
-        layout = shard_layout(p) if _is_dtensor(p) else None
-        if layout is None:
-            plain.append(i)
-        else:
-            sharded.setdefault(id(layout.group), (layout, []))[1].append(i)
+    plain = [i for i, p in enumerate(params) if not _is_dtensor(p)]
+    sharded = [i for i, p in enumerate(params) if _is_dtensor(p)]
 
     if batch:
         by_shape: dict[tuple[int, ...], list[int]] = {}
@@ -375,12 +374,10 @@ def _orthogonalize(
             out[i] = ns(updates[i])
 
     cost = partial(newton_schulz_flops, ns_steps=ns_steps)
-    for layout, idx in sharded.values():
-        groups = [idx] if batch else [[i] for i in idx]
-        for chunk in groups:
+    for chunk in [sharded] if batch else [[i] for i in sharded]:
+        if chunk:
             blocks = [updates[i].to(dtype) for i in chunk]
-            shapes = [tuple(params[i].shape) for i in chunk]
-            for i, r in zip(chunk, orthogonalize_sharded(blocks, shapes, layout, ns, cost)):
+            for i, r in zip(chunk, map_full_matrices([params[i] for i in chunk], blocks, ns, cost)):
                 out[i] = r
     return out  # type: ignore[return-value]
 
