@@ -2,21 +2,33 @@
 
 Runs on CPU in a few minutes with the embedded public-domain text sample (King James Bible, Genesis to
 Leviticus); no downloads. ``python -m pcopt.demo --help`` lists the options.
+
+Each arm (AdamW, AdamW + PC, Muon, Muon + PC) shows a progress bar with its running training loss, then one
+summary line: validation loss (next-byte cross-entropy, nats per byte), GMCN before -> after training (lower
+= flatter singular-value spectrum) and its wall time per step. Muon's Newton-Schulz dtype is
+:func:`pcopt.hardware.preferred_dtype` (bf16 only where the CPU computes it natively). The PC step-time
+ratios come from steps of the arms timed in turn after training (:func:`interleaved_step_ms`), since arms
+trained one after the other see different load from other processes.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
+import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import TextIO
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import pcopt
+from pcopt import recipes
+from pcopt.hardware import describe, preferred_dtype
 
 ARMS = ("adamw", "adamw_pc", "muon", "muon_pc")
 
@@ -110,26 +122,30 @@ def _batches(data: torch.Tensor, batch: int, seq: int, generator: torch.Generato
         yield chunk[:, :-1], chunk[:, 1:]
 
 
-def _lr_factor(step: int, steps: int) -> float:
-    """Paper schedule: linear warmup over 1% of steps, cosine decay to 10% of peak."""
-    warmup = max(1, steps // 100)
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+def make_arm_optimizer(
+    model: nn.Module, arm: str, lr: float, *, ns_dtype: torch.dtype | None = None
+) -> torch.optim.Optimizer:
+    """The paper's optimizer of one demo arm: AdamW on everything ("adamw*"), or Muon on the hidden matrices
+    and AdamW on the rest with the same lr ("muon*", :func:`pcopt.optim.build_optimizer`).
 
-
-def build_optimizer(model: nn.Module, arm: str, lr: float) -> torch.optim.Optimizer:
-    """The paper's optimizers: AdamW on everything, or Muon on hidden matrices + AdamW on the rest (same lr)."""
+    ``ns_dtype`` is Muon's Newton-Schulz dtype; None picks :func:`pcopt.hardware.preferred_dtype` of the CPU
+    (bf16 only where the CPU computes it natively).
+    """
     if arm.startswith("adamw"):
-        return pcopt.optim.AdamW(
-            model.parameters(), lr=lr, **pcopt.recipes.ADAMW, pc_state=model if pcopt.preconditioners(model) else None
-        )
-    return pcopt.optim.build_optimizer(model, lr=lr, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+        pc_state = pcopt.PCState(model) if pcopt.preconditioners(model) else None
+        return pcopt.optim.AdamW(model.parameters(), lr=lr, **recipes.ADAMW, pc_state=pc_state)
+    return pcopt.optim.build_optimizer(
+        model,
+        lr=lr,
+        weight_decay=recipes.WEIGHT_DECAY,
+        adjust_lr_fn="match_rms_adamw",
+        ns_dtype=preferred_dtype("cpu") if ns_dtype is None else ns_dtype,
+    )
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: torch.Tensor, seq: int, batches: int = 8) -> float:
+    """Mean next-byte cross-entropy (nats per byte) on ``batches`` fixed batches of 16 sequences."""
     model.eval()
     g = torch.Generator().manual_seed(1234)
     it = _batches(data, 16, seq, g)
@@ -141,37 +157,102 @@ def evaluate(model: nn.Module, data: torch.Tensor, seq: int, batches: int = 8) -
     return sum(losses) / len(losses)
 
 
-def train_arm(
-    arm: str, data: torch.Tensor, *, steps: int, seq: int, batch: int, lr: float, seed: int
-) -> dict:
-    torch.manual_seed(seed)
-    model = TinyLlama()
-    if arm.endswith("_pc"):
-        pcopt.precondition_model(model, degree=9 if arm.startswith("adamw") else 5)
-    gmcn_start = pcopt.gmcn(model)
-    optimizer = build_optimizer(model, arm, lr)
-    split = int(0.9 * len(data))
-    train, val = data[:split], data[split:]
-    it = _batches(train, batch, seq, torch.Generator().manual_seed(seed))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps))
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        x, y = next(it)
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+class _Run:
+    """One arm: its model, optimizer, lr schedule and batch stream; :meth:`step` is one training step."""
+
+    def __init__(self, arm: str, train: torch.Tensor, *, steps, seq, batch, lr, seed, ns_dtype):
+        torch.manual_seed(seed)
+        self.arm = arm
+        self.model = TinyLlama()
+        if arm.endswith("_pc"):
+            pcopt.precondition_model(self.model, degree=recipes.pc_degree(arm.removesuffix("_pc")))
+        self.gmcn_start = pcopt.gmcn(self.model)
+        self.optimizer = make_arm_optimizer(self.model, arm, lr, ns_dtype=ns_dtype)
+        self.batches = _batches(train, batch, seq, torch.Generator().manual_seed(seed))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: recipes.lr_factor(s, steps)
+        )
+
+    def step(self) -> float:
+        x, y = next(self.batches)
+        loss = F.cross_entropy(self.model(x).flatten(0, 1), y.flatten())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()  # also refreshes u, v of the PC weights (the optimizer was given the PC state)
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), recipes.GRAD_CLIP)
+        self.optimizer.step()  # also refreshes u, v of the PC weights (the optimizer holds the PC state)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss.item()
+
+
+class _Progress:
+    """A progress bar with the running loss: redrawn in place on a terminal, a line per 10% otherwise."""
+
+    def __init__(self, label: str, total: int, stream: TextIO | None = None, width: int = 20):
+        self.label, self.total, self.width = label, total, width
+        self.stream = sys.stdout if stream is None else stream
+        self.tty = self.stream.isatty()
+        self.every = max(1, total // 10)
+        self.t0 = time.perf_counter()
+        self.last_draw = 0.0
+
+    def update(self, done: int, loss: float) -> None:
+        now = time.perf_counter()
+        if self.tty and done < self.total and now - self.last_draw < 0.2:
+            return
+        if not self.tty and done % self.every and done != self.total:
+            return
+        self.last_draw = now
+        elapsed = now - self.t0
+        eta = elapsed / done * (self.total - done)
+        filled = round(self.width * done / self.total)
+        line = (
+            f"  {self.label:<9} [{'#' * filled}{'.' * (self.width - filled)}] {done:>{len(str(self.total))}}/"
+            f"{self.total}  loss {loss:.3f}  {1000 * elapsed / done:5.0f} ms/step  ETA {eta:4.0f} s"
+        )
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=self.stream, flush=True)
+
+    def close(self, summary: str) -> None:
+        if self.tty:
+            print("\r\033[K", end="", file=self.stream)
+        print(summary, file=self.stream, flush=True)
+
+
+def train_arm(run: _Run, steps: int, val: torch.Tensor, seq: int) -> dict:
+    """Train ``run`` for ``steps`` steps with a progress bar; evaluate it and print its one-line summary."""
+    bar = _Progress(run.arm, steps)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        loss = run.step()
+        bar.update(i + 1, loss)
     elapsed = time.perf_counter() - t0
-    return {
-        "arm": arm,
-        "train_loss": loss.item(),
-        "val_loss": evaluate(model, val, seq),
-        "gmcn_start": gmcn_start,
-        "gmcn_end": pcopt.gmcn(model),
+    r = {
+        "arm": run.arm,
+        "train_loss": loss,
+        "val_loss": evaluate(run.model, val, seq),
+        "gmcn_start": run.gmcn_start,
+        "gmcn_end": pcopt.gmcn(run.model),
         "ms_per_step": 1000 * elapsed / steps,
     }
+    bar.close(
+        f"  {run.arm:<9} val loss {r['val_loss']:.4f}  train loss {r['train_loss']:.4f}  "
+        f"GMCN {r['gmcn_start']:7.2f} -> {r['gmcn_end']:7.2f}  {r['ms_per_step']:6.1f} ms/step"
+    )
+    return r
+
+
+def interleaved_step_ms(runs: list[_Run], rounds: int) -> dict[str, list[float]]:
+    """Time one step of each run in turn, ``rounds`` times (order reversed every other round).
+
+    Adjacent steps of different arms see the same load from other processes, so ratios of these times are
+    comparable where the wall times of arms trained one after the other are not.
+    """
+    times: dict[str, list[float]] = {run.arm: [] for run in runs}
+    for i in range(rounds):
+        for run in runs if i % 2 == 0 else runs[::-1]:
+            t0 = time.perf_counter()
+            run.step()
+            times[run.arm].append(1000 * (time.perf_counter() - t0))
+    return times
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -186,6 +267,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--muon-lr", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--ns-dtype",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="Muon's Newton-Schulz dtype (auto: pcopt.hardware.preferred_dtype, bf16 only where native)",
+    )
+    parser.add_argument(
+        "--timing-rounds",
+        type=int,
+        default=10,
+        help="after training, time this many interleaved steps per arm for the PC step-time ratio (0: skip)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1: robust when other jobs share the cores)"
     )
     parser.add_argument(
@@ -196,36 +289,66 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         parser.error(f"unknown arm(s) {unknown}; expected a subset of {list(ARMS)}")
+    if args.steps < 1 or args.timing_rounds < 0:
+        parser.error(
+            f"--steps must be >= 1 and --timing-rounds >= 0, got {args.steps} and {args.timing_rounds}"
+        )
     data = (
         load_sample_bytes()
         if args.text is None
         else torch.tensor(list(args.text.read_bytes()), dtype=torch.long)
     )
     torch.set_num_threads(max(1, args.threads))
+    ns_dtype = {"auto": preferred_dtype("cpu"), "bf16": torch.bfloat16, "fp32": torch.float32}[args.ns_dtype]
     print(
         f"pcopt {pcopt.__version__} demo: byte-level Llama (4 layers, dim 128), {args.steps} steps x "
-        f"{args.batch} x {args.seq} tokens, torch {torch.__version__}"
+        f"{args.batch} x {args.seq} tokens, torch {torch.__version__}, {torch.get_num_threads()} thread(s)\n"
+        f"  model in float32; Muon's Newton-Schulz in {str(ns_dtype).removeprefix('torch.')} "
+        f"({'--ns-dtype' if args.ns_dtype != 'auto' else 'pcopt.hardware: ' + describe('cpu')})\n"
+        "  loss: next-byte cross-entropy in nats per byte (uniform guessing: ln 256 = 5.55). GMCN: sigma_1 over "
+        "the mean of the bottom 10% singular values, geometric mean over the attention/FFN matrices; "
+        "lower = flatter spectrum.",
+        flush=True,
     )
-    results = []
+    split = int(0.9 * len(data))
+    train, val = data[:split], data[split:]
+    results, runs = [], []
     for arm in arms:
         lr = args.adamw_lr if arm.startswith("adamw") else args.muon_lr
-        r = train_arm(arm, data, steps=args.steps, seq=args.seq, batch=args.batch, lr=lr, seed=args.seed)
-        results.append(r)
-        print(
-            f"  {arm:<9} val loss {r['val_loss']:.4f}  train loss {r['train_loss']:.4f}  "
-            f"GMCN {r['gmcn_start']:7.2f} -> {r['gmcn_end']:7.2f}  {r['ms_per_step']:6.1f} ms/step",
-            flush=True,
+        run = _Run(
+            arm,
+            train,
+            steps=args.steps,
+            seq=args.seq,
+            batch=args.batch,
+            lr=lr,
+            seed=args.seed,
+            ns_dtype=ns_dtype,
         )
+        r = train_arm(run, args.steps, val, args.seq)
+        r["ns_dtype"] = str(ns_dtype).removeprefix("torch.") if arm.startswith("muon") else None
+        results.append(r)
+        runs.append(run)
     by_arm = {r["arm"]: r for r in results}
-    print("\nPC vs baseline (same lr, same data order):")
-    for base in ("adamw", "muon"):
-        if base in by_arm and f"{base}_pc" in by_arm:
-            b, p = by_arm[base], by_arm[f"{base}_pc"]
-            print(
-                f"  {base:<6} val loss {b['val_loss']:.4f} -> {p['val_loss']:.4f} with PC "
-                f"({p['val_loss'] - b['val_loss']:+.4f}); GMCN {b['gmcn_end']:.2f} -> {p['gmcn_end']:.2f}; "
-                f"step time x{p['ms_per_step'] / b['ms_per_step']:.2f}"
-            )
+    pairs = [b for b in ("adamw", "muon") if b in by_arm and f"{b}_pc" in by_arm]
+    if pairs and args.timing_rounds:
+        print(f"\ntiming {args.timing_rounds} interleaved steps per arm (after training) ...", flush=True)
+        times = interleaved_step_ms(runs, args.timing_rounds)
+        for r in results:
+            r["interleaved_ms"] = times[r["arm"]]
+    if pairs:
+        print("\nPC vs baseline (same lr, same data order):")
+    for base in pairs:
+        b, p = by_arm[base], by_arm[f"{base}_pc"]
+        line = (
+            f"  {base:<6} val loss {b['val_loss']:.4f} -> {p['val_loss']:.4f} with PC "
+            f"({p['val_loss'] - b['val_loss']:+.4f}); GMCN {b['gmcn_end']:.2f} -> {p['gmcn_end']:.2f}"
+        )
+        if "interleaved_ms" in p:
+            ratios = [tp / tb for tp, tb in zip(p["interleaved_ms"], b["interleaved_ms"])]
+            p["step_time_ratio"] = statistics.median(ratios)
+            line += f"; step time x{p['step_time_ratio']:.2f} (median of {len(ratios)} interleaved pairs)"
+        print(line, flush=True)
     return results
 
 
