@@ -29,13 +29,14 @@ import logging
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from torchtitan_ext.processes import kill_tree
 
 REPO = Path(__file__).resolve().parents[1]
 _STEP = re.compile(r"step:\s*(\d+)\s+loss:\s*(\S+)\s+grad_norm:\s*(\S+)")
@@ -192,34 +193,6 @@ def print_summary(s: dict[str, Any], tolerance: float) -> None:
         )
 
 
-def descendants(pid: int) -> list[int]:
-    """PIDs of every descendant of ``pid`` (from /proc): torchrun starts each worker in a session of its own."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and its descendants."""
-    for victim in [pid, *descendants(pid)]:
-        try:
-            os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.long_run", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=2000)
@@ -255,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         while proc.poll() is None:
             time.sleep(5)
             if args.time_limit_min and time.monotonic() - begin > 60 * args.time_limit_min:
-                _kill_tree(proc.pid)
+                kill_tree(proc.pid)
                 proc.wait()
                 stopped = True
     minutes = (time.monotonic() - begin) / 60

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Sequence
 
 import torch
+from einops import pack, unpack
 from torch import Tensor
 
 __all__ = ["PC_COEFFICIENTS", "polynomial", "apply_polynomial", "validate_coefficients", "evaluate_scalar"]
@@ -103,16 +104,15 @@ def apply_polynomial(X: Tensor, coefficients: Sequence[float]) -> Tensor:
     # Horner with fused multiply-adds: Q = a_k G + a_{k-1} I, then Q = G Q + a_j I down to a_0. Everything is
     # out of place, so activation checkpointing (which forbids mutating saved tensors) works unchanged.
     k = gram.shape[-1]
-    batch = gram.shape[:-2]
     eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
     q = torch.add(eye * coefficients[-2], gram, alpha=coefficients[-1])
-    if batch:
-        g3 = gram.reshape(-1, k, k)
-        q = q.reshape(-1, k, k)
+    if gram.ndim > 2:  # any batch shape, flattened into the one batch dim baddbmm takes
+        g3, batch_shape = pack([gram], "* k l")
+        q3, _ = pack([q], "* k l")
         eye3 = eye.expand_as(g3)
         for a in reversed(coefficients[:-2]):
-            q = torch.baddbmm(eye3, g3, q, beta=a)
-        q = q.reshape(*batch, k, k)
+            q3 = torch.baddbmm(eye3, g3, q3, beta=a)
+        (q,) = unpack(q3, batch_shape, "* k l")
     else:
         for a in reversed(coefficients[:-2]):
             q = torch.addmm(eye, gram, q, beta=a)

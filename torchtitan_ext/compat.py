@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "TORCH_HAS_SPMD_FSDP",
     "check_spmd_backend",
-    "default_spmd_backend",
     "force_sum_reduction_on_gloo",
     "install_cpu_shims",
     "install_set_timeout_shim",
@@ -41,11 +40,6 @@ __all__ = [
 
 TORCH_HAS_SPMD_FSDP = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
 """torch >= 2.14: FSDP2 understands spmd_types and full_dtensor trains correctly."""
-
-
-def default_spmd_backend() -> str:
-    """The SPMD backend the configs default to: torchtitan's own default where torch supports it."""
-    return "spmd_types" if TORCH_HAS_SPMD_FSDP else "partial_dtensor"
 
 
 def check_spmd_backend(spmd_backend: str) -> None:

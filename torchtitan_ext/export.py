@@ -15,6 +15,7 @@ The tokenizer files found in the config's ``hf_assets_path`` (or ``--hf_assets_p
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import json
 import logging
@@ -24,8 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torchtitan.config.override import derive
-from torchtitan.models.common.attention import FlexAttention
+from torchtitan.config.override import apply_overrides
 from torchtitan.trainer import Trainer
 
 import pcopt
@@ -54,22 +54,15 @@ def load_trainer_config(config: str, module: str = "torchtitan_ext") -> Trainer.
     return fn()
 
 
-def build_model(trainer_config: Trainer.Config, *, dense_attention: bool = False) -> torch.nn.Module:
+def build_model(trainer_config: Trainer.Config) -> torch.nn.Module:
     """The config's model, unsharded on the CPU in fp32, with the PC layer attached and initialised.
 
-    ``dense_attention`` swaps FlexAttention for the dense-mask SDPA variant (for CPU forward passes).
+    The config's ``--override.imports`` are applied first, as the trainer does (the torchtitan_ext configs
+    add the dense-mask attention on machines without a GPU).
     """
+    trainer_config = copy.deepcopy(trainer_config)  # overrides mutate the config tree in place
+    apply_overrides(trainer_config.override, trainer_config)
     model_config = trainer_config.model_spec.model
-    if dense_attention:
-        from torchtitan_ext.cpu_attention import DenseMaskAttention
-
-        for _, cfg, parent, attr in list(model_config.traverse(FlexAttention.Config)):
-            if type(cfg) is FlexAttention.Config:
-                new = derive(cfg, DenseMaskAttention.Config)
-                if isinstance(parent, list):
-                    parent[attr] = new
-                else:
-                    setattr(parent, attr, new)
     with torch.device("meta"):
         model = model_config.build()
     attach_pc(model)

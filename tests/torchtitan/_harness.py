@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from torchtitan_ext.processes import kill_tree
 
 REPO = Path(__file__).resolve().parents[2]
 STEP_RE = re.compile(r"step:\s*(\d+)\s+loss:\s*([-\d.naif]+)\s+grad_norm:\s*([-\d.naif]+)")
@@ -85,7 +86,7 @@ def torchrun(
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)  # torchrun's workers run in sessions of their own: walk the whole tree
         out, _ = proc.communicate()
         raise AssertionError(
             f"torchrun timed out after {timeout}s: {' '.join(args)}\n{out[-6000:]}"

@@ -37,11 +37,11 @@ import torch.distributed.checkpoint as dcp  # noqa: E402
 from torchtitan.components.checkpoint import AsyncMode, ModelWrapper  # noqa: E402
 
 import pcopt  # noqa: E402
-from benchmarks.long_run import descendants  # noqa: E402
 from tests.torchtitan._harness import COMMON, REPO, parse_steps, torchrun  # noqa: E402
 from torchtitan_ext.checkpoint import PCCheckpointManager  # noqa: E402
 from torchtitan_ext.config_registry import llama2_model  # noqa: E402
 from torchtitan_ext.pc import PCConverter, attach_pc  # noqa: E402
+from torchtitan_ext.processes import descendants  # noqa: E402
 
 TORCH_2_14 = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
 ALL_TARGETS = None  # PCConverter's default: attention.wo and feed_forward.w1/w2/w3
@@ -623,10 +623,10 @@ def test_pc_checkpoint_continues_without_pc_through_export(uninterrupted, workdi
     from torchtitan_ext.state_dict_adapter import PCLlamaStateDictAdapter
 
     ckpt = uninterrupted.dump / "checkpoint" / f"step-{STEPS}"
-    pc_model = build_model(load_trainer_config("debug_muon_pc"), dense_attention=True)
+    pc_model = build_model(load_trainer_config("debug_muon_pc"))
     load_checkpoint(pc_model, ckpt)
     dense_cfg = load_trainer_config("debug_muon")
-    dense = build_model(dense_cfg, dense_attention=True)
+    dense = build_model(dense_cfg)
     with pytest.raises(RuntimeError, match=r"was written with the PC layer on 24 matrices"):
         _load(dense, workdir, folder="none", initial_load_path=str(ckpt))
 

@@ -177,7 +177,7 @@ def test_export_matches_torchtitan_logits(pc_muon, baseline, workdir):
         assert not any("parametrizations" in k for k in sd), "the export must hold merged weights only"
         assert "model.layers.0.self_attn.o_proj.weight" in sd and len(sd) == 2 + 1 + 6 * 9
 
-        model = build_model(load_trainer_config(config), dense_attention=True)
+        model = build_model(load_trainer_config(config))
         load_checkpoint(model, ckpt)
         hf = LlamaForCausalLM.from_pretrained(out).eval()
         g = torch.Generator().manual_seed(0)

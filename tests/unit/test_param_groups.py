@@ -11,52 +11,12 @@ from torch import nn
 
 import pcopt
 from pcopt.optim import CombinedOptimizer, build_optimizer, param_groups
+from tests.conftest import TinyLlama
 
 
-class _Block(nn.Module):
-    """Parameter names of a torchtitan 0.3 Llama block."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.attention = nn.Module()
-        self.attention.qkv_linear = nn.Module()
-        for n in ("wq", "wk", "wv"):
-            setattr(self.attention.qkv_linear, n, nn.Linear(dim, dim, bias=False))
-        self.attention.wo = nn.Linear(dim, dim, bias=False)
-        self.feed_forward = nn.Module()
-        self.feed_forward.w1 = nn.Linear(dim, hidden, bias=False)
-        self.feed_forward.w2 = nn.Linear(hidden, dim, bias=False)
-        self.feed_forward.w3 = nn.Linear(dim, hidden, bias=False)
-        self.attention_norm = nn.RMSNorm(dim)
-        self.ffn_norm = nn.RMSNorm(dim)
-
-    def forward(self, x):
-        a = self.attention
-        h = self.attention_norm(x)
-        x = x + a.wo(torch.tanh(a.qkv_linear.wq(h) + a.qkv_linear.wk(h) + a.qkv_linear.wv(h)))
-        h = self.ffn_norm(x)
-        f = self.feed_forward
-        return x + f.w2(nn.functional.silu(f.w1(h)) * f.w3(h))
-
-
-class _TinyLlama(nn.Module):
-    def __init__(self, vocab: int = 32, dim: int = 8, hidden: int = 12, layers: int = 2) -> None:
-        super().__init__()
-        self.tok_embeddings = nn.Embedding(vocab, dim)
-        self.layers = nn.ModuleDict({str(i): _Block(dim, hidden) for i in range(layers)})
-        self.norm = nn.RMSNorm(dim)
-        self.output = nn.Linear(dim, vocab, bias=False)
-
-    def forward(self, tokens):
-        h = self.tok_embeddings(tokens)
-        for layer in self.layers.values():
-            h = layer(h)
-        return self.output(self.norm(h))
-
-
-def _pc_llama(seed: int = 0) -> _TinyLlama:
+def _pc_llama(seed: int = 0) -> TinyLlama:
     torch.manual_seed(seed)
-    model = _TinyLlama()
+    model = TinyLlama()
     pcopt.precondition_model(model, degree=5)
     return model
 

@@ -19,6 +19,7 @@ from torch import nn
 import pcopt
 from pcopt.optim import AdamW, Muon
 from pcopt.spectral import sigma_estimate
+from tests.conftest import TwoMatrices
 
 
 def _matrix(m: int, n: int, singular_values, seed: int = 0) -> torch.Tensor:
@@ -30,19 +31,9 @@ def _matrix(m: int, n: int, singular_values, seed: int = 0) -> torch.Tensor:
     return (U * s) @ V.T
 
 
-class _Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(16, 24, bias=False)
-        self.w2 = nn.Linear(24, 16, bias=False)
-
-    def forward(self, x):
-        return self.w2(torch.relu(self.w1(x)))
-
-
 def _block() -> nn.Module:
     """Two PC matrices with a clear spectral gap (sigma_1 / sigma_2 = 2), so 10 iterations converge."""
-    block = _Block()
+    block = TwoMatrices()
     with torch.no_grad():
         spectrum = [1.0, *torch.linspace(0.5, 0.01, 15).tolist()]
         block.w1.weight.copy_(_matrix(24, 16, spectrum, seed=1))
