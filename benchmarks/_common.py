@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -306,6 +306,8 @@ class Timer:
 def to_jsonable(obj):
     if hasattr(obj, "__dataclass_fields__"):
         return asdict(obj)
+    if isinstance(obj, Mapping):  # e.g. the read-only recipe tables of pcopt.recipes
+        return dict(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 

@@ -489,7 +489,7 @@ def main(argv=None) -> dict:
             "weight_decay": 0.1,
             "adamw_betas": [0.9, 0.95],
             "muon": "momentum 0.95 Nesterov, 5 NS steps, adjust_lr_fn=match_rms_adamw; embeddings/head/norms/gamma to AdamW at the same lr",
-            "pc_degree": C.PC_DEGREE,
+            "pc_degree": dict(C.PC_DEGREE),
             "dtype": args.dtype,
             "seed": args.seed,
             "eval_every": eval_every(args),
