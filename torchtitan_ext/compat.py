@@ -15,12 +15,15 @@ present, and the other pieces are no-ops unless their condition holds:
   gradient divide factor of 1.0; a plain SUM is the same reduction.
 * :func:`check_spmd_backend` - the ``full_dtensor`` backend silently doubles the loss on torch < 2.14
   and ``spmd_types`` needs torch 2.14's FSDP2; refuse both there.
+* :func:`install_log_filter` - drops two torchtitan warnings that our configs trigger and that say nothing
+  (see :class:`QuietLogFilter`) and, on the CPU, the GPU-only ``memory`` and ``mfu`` fields of step lines.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -31,10 +34,12 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "QuietLogFilter",
     "TORCH_HAS_SPMD_FSDP",
     "check_spmd_backend",
     "force_sum_reduction_on_gloo",
     "install_cpu_shims",
+    "install_log_filter",
     "install_set_timeout_shim",
 ]
 
@@ -160,3 +165,63 @@ def force_sum_reduction_on_gloo(model: torch.nn.Module) -> int:
             module.set_force_sum_reduction_for_comms(True)
             n += 1
     return n
+
+
+_ANSI = r"(?:\x1b\[[0-9;]*m)?"
+_MEMORY_FIELD = re.compile(_ANSI + r"memory: *-?[\d.]+GiB\(-?[\d.]+%\) *")
+_CPU_PEAK_FLOPS_NOISE = ("Error running lspci", "Peak flops undefined for: CPU")  # only used for mfu
+_MFU_FIELD = re.compile(r" *" + _ANSI + r"mfu: *(?:-?[\d.]+%|N/A)")
+
+
+class QuietLogFilter(logging.Filter):
+    """Drop torchtitan log records that our configs trigger without meaning, and GPU-only fields on CPU.
+
+    * ``initial_load_model_only=True has no effect without an initial_load_path.``: logged by torchtitan's
+      ``CheckpointManager.Config.__post_init__`` whenever a config is built with its own default
+      ``initial_load_model_only=True`` and no initial checkpoint, i.e. for every plain run (once per
+      construction of the config). With ``--checkpoint.initial_load_path`` it is not logged anyway.
+    * ``model.safetensors.index.json not found at hf_assets_path: <tokenizer_dir>``: torchtitan's
+      ``StateDictAdapter`` looks for a Hugging Face weight index next to the tokenizer; the debug configs
+      point ``hf_assets_path`` at the embedded tokenizer (``tokenizer_dir``), which has no weights, so a
+      Hugging Face export is written as one safetensors file, as intended. Only dropped for that folder.
+    * With ``cpu=True``, the ``memory: ...GiB(...%)`` and ``mfu: ...%`` fields of torchtitan's step and
+      validation lines: they read GPU memory counters and a GPU's peak FLOPs, meaningless on a CPU (the
+      TensorBoard/W&B ``memory/*`` and ``mfu(%)`` scalars stay, equally meaningless there), and the two
+      warnings about looking up a GPU's peak FLOPs for the MFU (``lspci``, ``Peak flops undefined``).
+    """
+
+    def __init__(self, tokenizer_dir: str | os.PathLike, *, cpu: bool) -> None:
+        super().__init__()
+        self.index_warning = f"model.safetensors.index.json not found at hf_assets_path: {tokenizer_dir}"
+        self.cpu = cpu
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg
+        if not isinstance(msg, str):
+            return True
+        if msg.startswith("initial_load_model_only=True has no effect without"):
+            return False
+        if msg.startswith(self.index_warning):
+            return False
+        if self.cpu and msg.startswith(_CPU_PEAK_FLOPS_NOISE):
+            return False
+        if self.cpu and "memory:" in msg and "loss:" in msg:
+            record.msg = _MFU_FIELD.sub("", _MEMORY_FIELD.sub("", msg))
+        return True
+
+
+def install_log_filter(*, cpu: bool) -> QuietLogFilter:
+    """Add a :class:`QuietLogFilter` to the root logger (torchtitan's) once; returns the one installed.
+
+    A logger-level filter: it survives torchtitan's ``init_logger()``, which replaces the handlers.
+    """
+    from torchtitan_ext.data import TOKENIZER_DIR
+
+    root = logging.getLogger()
+    for f in root.filters:
+        if isinstance(f, QuietLogFilter):
+            f.cpu = cpu
+            return f
+    f = QuietLogFilter(TOKENIZER_DIR, cpu=cpu)
+    root.addFilter(f)
+    return f
