@@ -169,7 +169,12 @@ def force_sum_reduction_on_gloo(model: torch.nn.Module) -> int:
 
 _ANSI = r"(?:\x1b\[[0-9;]*m)?"
 _MEMORY_FIELD = re.compile(_ANSI + r"memory: *-?[\d.]+GiB\(-?[\d.]+%\) *")
-_CPU_PEAK_FLOPS_NOISE = ("Error running lspci", "Peak flops undefined for: CPU")  # only used for mfu
+_CPU_PEAK_FLOPS_NOISE = (  # GPU peak-FLOPs lookup (only used for mfu) and GPU memory counters
+    "Error running lspci",
+    "Peak flops undefined for: CPU",
+    "Peak FLOPS used for computing MFU",
+    "CPU memory usage for model",
+)
 _MFU_FIELD = re.compile(r" *" + _ANSI + r"mfu: *(?:-?[\d.]+%|N/A)")
 
 
@@ -187,7 +192,8 @@ class QuietLogFilter(logging.Filter):
     * With ``cpu=True``, the ``memory: ...GiB(...%)`` and ``mfu: ...%`` fields of torchtitan's step and
       validation lines: they read GPU memory counters and a GPU's peak FLOPs, meaningless on a CPU (the
       TensorBoard/W&B ``memory/*`` and ``mfu(%)`` scalars stay, equally meaningless there), and the two
-      warnings about looking up a GPU's peak FLOPs for the MFU (``lspci``, ``Peak flops undefined``).
+      warnings about looking up a GPU's peak FLOPs for the MFU (``lspci``, ``Peak flops undefined``), the
+      peak it then assumes (an A100's) and the ``CPU memory usage for model: -0.00GiB`` line.
     """
 
     def __init__(self, tokenizer_dir: str | os.PathLike, *, cpu: bool) -> None:
