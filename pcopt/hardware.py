@@ -28,7 +28,9 @@ Silence it with ``warnings.filterwarnings("ignore", category=pcopt.hardware.Slow
 from __future__ import annotations
 
 import functools
+import os
 import platform
+import sys
 import time
 import warnings
 from collections.abc import Iterable, Mapping
@@ -215,5 +217,14 @@ def warn_slow_newton_schulz(param_groups: Iterable[Mapping[str, Any]]) -> None:
         "pcopt.optim.build_optimizer (or ns_dtype=pcopt.hardware.preferred_dtype()) for the fast path; the "
         "update then differs from the bf16 one only by bf16 rounding.",
         SlowBF16Warning,
-        stacklevel=3,
+        stacklevel=_outside_stacklevel(),
     )
+
+
+def _outside_stacklevel() -> int:
+    """``stacklevel`` of the first caller outside pcopt and torch (the user's ``opt.step()`` line)."""
+    inside = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
