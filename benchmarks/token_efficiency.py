@@ -74,6 +74,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-reuse", action="store_true", help="rerun arms even if a matching run is stored")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--variant",
+        default="",
+        help="arm variant of benchmarks/_variants.py for the PC arms (e.g. deg3, merge25)",
+    )
     args = p.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     bad = [a for a in arms if a not in C.ARMS]
@@ -177,6 +182,7 @@ def run_config(args, arm: str, lr: float, data: dict) -> dict:
         "val_every_doc": args.val_every_doc,
         "val_sha": hashlib.sha256(data["val"].numpy().tobytes()).hexdigest()[:16],
         "version": 1,
+        **({"variant": args.variant} if getattr(args, "variant", "") and arm.endswith("_pc") else {}),
     }
 
 
@@ -191,11 +197,16 @@ def eval_every(args) -> int:
 def train_arm(args, arm: str, lr: float, data: dict) -> dict:
     optimizer = arm.removesuffix("_pc")
     use_pc = arm.endswith("_pc")
+    variant = _variant(args) if use_pc else None  # benchmarks/_variants.py; None for the default arms
     model = C.build_llama(data["vocab_size"], model_size(args), args.seed)
     n_params = C.count_params(model)
-    pc_fqns = C.precondition(model, optimizer) if use_pc else []
+    pc_fqns = (
+        (variant.precondition(model, optimizer) if variant else C.precondition(model, optimizer))
+        if use_pc
+        else []
+    )
     n_params_pc = C.count_params(model)
-    opts, self_refresh = C.build_optimizers(model, optimizer, lr)
+    opts, self_refresh = (variant or C).build_optimizers(model, optimizer, lr)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: C.lr_factor(s, args.steps)) for o in opts]
     sampler = C.WindowSampler(data["train"], args.batch_size, args.seed)
     tokens_per_step = args.batch_size * args.seq_len
@@ -211,6 +222,8 @@ def train_arm(args, arm: str, lr: float, data: dict) -> dict:
     for step in bar:
         steps_done = step + 1
         batch = sampler.next()
+        if variant is not None:
+            variant.before_step(model, step, args.steps)  # e.g. merges PC after K% of the steps
         with C.autocast(args.dtype):
             loss = C.lm_loss(model, batch)
         loss.backward()
@@ -245,7 +258,10 @@ def train_arm(args, arm: str, lr: float, data: dict) -> dict:
         "arm": arm,
         "optimizer": optimizer,
         "pc": use_pc,
-        "pc_degree": C.PC_DEGREE[optimizer] if use_pc else None,
+        "pc_degree": (variant.pc_degree(optimizer) if variant else C.PC_DEGREE[optimizer])
+        if use_pc
+        else None,
+        **({"variant": variant.name} if variant else {}),
         "pc_weights": len(pc_fqns),
         "lr": lr,
         "diverged": diverged,
@@ -261,6 +277,15 @@ def train_arm(args, arm: str, lr: float, data: dict) -> dict:
         "curve": curve,
         "spectra": spectra(model, args.n_layers) if not diverged else {},
     }
+
+
+def _variant(args):
+    name = getattr(args, "variant", "")
+    if not name:
+        return None
+    from benchmarks import _variants
+
+    return _variants.resolve(name)
 
 
 def get_run(args, arm: str, lr: float, data: dict, out: Path) -> dict:
