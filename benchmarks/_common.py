@@ -21,6 +21,7 @@ from torch import nn
 
 import pcopt
 from pcopt import recipes
+from pcopt.hardware import describe, preferred_dtype
 from pcopt.names import ATTENTION_FFN_MODULES
 
 # Every attention and FFN matrix of a torchtitan 0.3 Llama (q/k/v live under ``attention.qkv_linear``).
@@ -116,7 +117,9 @@ def build_optimizers(
     if optimizer == "adamw":
         params = [p for p in model.parameters() if p.requires_grad]
         pc_state = pcopt.PCState(model) if pcopt.preconditioners(model) else None
-        opt = pcopt.optim.AdamW(params, lr=lr, **{**recipes.ADAMW, "weight_decay": weight_decay}, pc_state=pc_state)
+        opt = pcopt.optim.AdamW(
+            params, lr=lr, **{**recipes.ADAMW, "weight_decay": weight_decay}, pc_state=pc_state
+        )
         return [opt], True
     if optimizer == "muon":
         return [pcopt.optim.build_optimizer(model, lr=lr, weight_decay=weight_decay)], True
@@ -291,7 +294,14 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "dtype_choice": describe("cpu"),
     }
+
+
+def default_dtype() -> str:
+    """The ``--dtype`` default: "bf16" where the CPU computes bf16 natively, else "fp32" (pcopt.hardware)."""
+    return "bf16" if preferred_dtype("cpu") == torch.bfloat16 else "fp32"
 
 
 class Timer:
@@ -338,6 +348,7 @@ __all__ = [
     "lm_loss",
     "load_tokenizer",
     "lr_factor",
+    "default_dtype",
     "machine_info",
     "precondition",
     "progress",

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pcopt.hardware import describe
 from torchtitan_ext.processes import kill_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     print("command:", " ".join(cmd), flush=True)
+    print(f"pcopt.hardware: {describe('cpu')}", flush=True)  # the dtype pcopt would pick on this CPU
     begin = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(

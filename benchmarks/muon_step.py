@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from pcopt.hardware import describe
 from pcopt.optim import Muon
 
 
@@ -186,6 +187,7 @@ def main() -> None:
     kwargs = {"lr": 0.02, "weight_decay": 0.1, "adjust_lr_fn": "match_rms_adamw"}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (single process), 1 thread per rank "
           f"(FSDP2); {args.layers} layers x (wq, wk, wv, wo, w1, w2, w3); median of {args.steps} interleaved steps")  # fmt: skip
+    print(f"Newton-Schulz in bf16 for both (torch.optim.Muon's default); pcopt.hardware: {describe('cpu')}")
     rows = []
     for dim in args.dims:
         hidden = dim * 11 // 4

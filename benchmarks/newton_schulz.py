@@ -7,7 +7,7 @@ same run. Every Newton-Schulz run is bracketed by two runs of the reference matm
 the median over rounds is reported, so that load from other processes on a shared machine does not
 favour either side.
 
-    python benchmarks/newton_schulz.py                  # CPU fp32 (and GPU bf16 when CUDA is available)
+    python benchmarks/newton_schulz.py                  # CPU in pcopt.hardware.preferred_dtype (and GPU bf16)
     python benchmarks/newton_schulz.py --dtype bf16     # CPU bf16
 """
 
@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from pcopt.hardware import describe, preferred_dtype
 from pcopt.optim import newton_schulz, newton_schulz_flops
 from pcopt.optim._newton_schulz import KELLER_COEFFICIENTS
 
@@ -87,14 +88,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="CPU dtype (default fp32)")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="CPU dtype (default: pcopt.hardware.preferred_dtype, bf16 only where native)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="bracketed rounds per shape (median)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}; 5 Newton-Schulz steps, Keller coefficients")
-    run(torch.device("cpu"), args.dtype or "fp32", CPU_SHAPES, (1024, 2048), args.rounds)
+    print(
+        f"torch {torch.__version__}; 5 Newton-Schulz steps, Keller coefficients; pcopt.hardware: {describe('cpu')}"
+    )
+    default = "bf16" if preferred_dtype("cpu") == torch.bfloat16 else "fp32"
+    run(torch.device("cpu"), args.dtype or default, CPU_SHAPES, (1024, 2048), args.rounds)
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()}")
         run(torch.device("cuda"), "bf16", GPU_SHAPES, (4096, 8192), max(args.rounds, 10))

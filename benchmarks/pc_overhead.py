@@ -31,6 +31,7 @@ from torch import nn
 import pcopt
 from benchmarks import _common as C
 from pcopt.accumulation import once_per_step
+from pcopt.hardware import describe
 
 VARIANTS = ("no_pc", "pc", "pc_once")
 
@@ -50,7 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-heads", type=int, default=6)
     p.add_argument("--ffn-multiple-of", type=int, default=256)
     p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="autocast dtype of the matmuls")
+    p.add_argument(
+        "--dtype",
+        default=C.default_dtype(),
+        choices=("bf16", "fp32"),
+        help="autocast dtype of the matmuls (default: bf16 where the CPU has native bf16, else fp32)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--poly", action="store_true", help="also time polynomial evaluation variants")
     p.add_argument("--poly-reps", type=int, default=30)
@@ -239,7 +245,7 @@ def main(argv=None) -> dict:
     print(
         f"[pc_overhead] model {n_params / 1e6:.2f}M params, micro-batch {args.micro_batch}x{args.seq_len}, "
         f"{args.optimizer} (PC degree {C.PC_DEGREE[args.optimizer]}), {args.dtype}, "
-        f"{torch.get_num_threads()} threads",
+        f"{torch.get_num_threads()} threads; pcopt.hardware: {describe('cpu')}",
         flush=True,
     )
     results = {
@@ -249,6 +255,7 @@ def main(argv=None) -> dict:
         "optimizer": args.optimizer,
         "pc_degree": C.PC_DEGREE[args.optimizer],
         "dtype": args.dtype,
+        "dtype_choice": describe("cpu"),
         "micro_batch": args.micro_batch,
         "steps": args.steps,
         "accum": [],

@@ -69,7 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-every-doc", type=int, default=20, help="every N-th document goes to validation")
     p.add_argument("--val-windows", type=int, default=192, help="validation windows evaluated (fixed set)")
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: steps // 25)")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="autocast dtype of the matmuls")
+    p.add_argument(
+        "--dtype",
+        default=C.default_dtype(),
+        choices=("bf16", "fp32"),
+        help="autocast dtype of the matmuls (default: bf16 where the CPU has native bf16, else fp32)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--no-reuse", action="store_true", help="rerun arms even if a matching run is stored")
     p.add_argument("--no-plots", action="store_true")
