@@ -126,6 +126,7 @@ def test_muon_warns_once_for_bf16_on_a_cpu_without_it(monkeypatch):
     message = str(caught[0].message)
     assert "without native bf16 (x86_64 CPU, ATen AVX2, no avx512_bf16/amx_bf16)" in message
     assert "7.2x as long as a float32 one" in message and "ns_dtype=torch.float32" in message
+    assert caught[0].filename == __file__  # points at the caller's opt.step(), not into pcopt or torch
     assert _muon_steps(ns_dtype="bf16") == []  # once per process
 
 
