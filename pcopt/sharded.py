@@ -119,7 +119,9 @@ class _Entry:
     mesh: Any = None
     mesh_dims: tuple[int, ...] = ()  # mesh dims that shard `dim`
     index: Tensor | None = None  # this rank's indices along `dim` (None: all)
-    stamp: tuple[int, ...] | None = field(default=None, repr=False)  # versions of raw, gamma at the W_eff write
+    stamp: tuple[int, ...] | None = field(
+        default=None, repr=False
+    )  # versions of raw, gamma at the W_eff write
 
     @property
     def state(self) -> PCShardState:
@@ -269,8 +271,10 @@ class ShardedPC:
     def _check_layout(self) -> None:
         for e in self._entries:
             w, raw = e.weight, e.state.raw
-            if _is_dtensor(w) != _is_dtensor(raw) or (
-                _is_dtensor(w) and tuple(w.placements) != tuple(raw.placements)
+            if (
+                _is_dtensor(w) != (e.mesh is not None)
+                or _is_dtensor(w) != _is_dtensor(raw)
+                or (_is_dtensor(w) and tuple(w.placements) != tuple(raw.placements))
             ):
                 raise RuntimeError(
                     f"{e.fqn} is placed differently from its raw weight {e.fqn[: -len('weight')]}{HOLDER}.raw "
@@ -617,7 +621,9 @@ def _bind(owner: ShardedPC, entry: _Entry, gamma: Tensor, u: Tensor, v: Tensor, 
 
     mesh, placements = w.device_mesh, tuple(w.placements)
     if any(isinstance(p, Partial) for p in placements):
-        raise ValueError(f"distribute: {entry.fqn} has a Partial placement {placements}; expected Shard/Replicate.")
+        raise ValueError(
+            f"distribute: {entry.fqn} has a Partial placement {placements}; expected Shard/Replicate."
+        )
     shard_dims = {p.dim for p in placements if p.is_shard()}
     if len(shard_dims) > 1 or any(p.is_shard() and type(p).__name__ != "Shard" for p in placements):
         raise ValueError(
@@ -735,9 +741,9 @@ def to_parametrize_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
         mod, _, holder = head.rpartition(".") if "." in head else ("", "", head)
         if holder == HOLDER and tail in _STATE_FIELDS:
             keys = pc_keys(mod)
-            out[{"raw": keys.raw, "gamma": keys.gamma, "u": keys.u, "v": keys.v, "pc_meta": keys.meta}[tail]] = (
-                value
-            )
+            out[
+                {"raw": keys.raw, "gamma": keys.gamma, "u": keys.u, "v": keys.v, "pc_meta": keys.meta}[tail]
+            ] = value
         elif tail == "weight" and head in modules:
             continue
         else:
@@ -766,6 +772,8 @@ def from_parametrize_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
         new = _sharded_keys(mod)
         table = {keys.raw: "raw", keys.gamma: "gamma", keys.u: "u", keys.v: "v", keys.meta: "pc_meta"}
         if key not in table:
-            raise ValueError(f"from_parametrize_keys: unknown PC key {key!r}; expected one of {sorted(table)}.")
+            raise ValueError(
+                f"from_parametrize_keys: unknown PC key {key!r}; expected one of {sorted(table)}."
+            )
         out[new[table[key]]] = value
     return out

@@ -1,0 +1,391 @@
+"""The sharded once-per-step PC mode (pcopt.sharded) on 2 gloo ranks, against the unsharded parametrize path."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import pcopt
+import pcopt.sharded as ps
+from tests._distributed import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+DIM, HIDDEN = 64, 176
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.wv = nn.Linear(dim, dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x):
+        return self.wo(torch.tanh(self.wv(x)))
+
+
+class _FFN(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class _Layer(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.attention = _Attention(dim)
+        self.feed_forward = _FFN(dim, hidden)
+        self.norm = nn.RMSNorm(dim)
+
+    def forward(self, x):
+        x = x + self.attention(self.norm(x))
+        return x + self.feed_forward(self.norm(x))
+
+
+class _Model(nn.Module):
+    def __init__(self, dim=DIM, hidden=HIDDEN):
+        super().__init__()
+        self.layers = nn.ModuleList([_Layer(dim, hidden) for _ in range(2)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _model(seed=0, degree=5, **kw):
+    torch.manual_seed(seed)
+    model = _Model(**kw)
+    pcopt.precondition_model(model, degree=degree)
+    return model
+
+
+def _shard_fn(**kwargs):
+    def shard(model, placement_fn):
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.layers:
+            fully_shard(layer, shard_placement_fn=placement_fn, **kwargs)
+        fully_shard(model, shard_placement_fn=placement_fn, **kwargs)
+
+    return shard
+
+
+def _sharded(seed=0, degree=5, **kwargs):
+    model = _model(seed, degree)
+    return model, ps.distribute(model, _shard_fn(**kwargs))
+
+
+def _parametrize_fsdp(seed=0, degree=5):
+    model = _model(seed, degree)
+    _shard_fn()(model, None)
+    return model
+
+
+def _ref_name(name):
+    return name.replace(".pc.raw", ".parametrizations.weight.original").replace(
+        ".pc.gamma", ".parametrizations.weight.0.gamma"
+    )
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _optimizers(model, named, kind):
+    named = list(named)
+    if kind == "adamw":
+        return [pcopt.optim.AdamW([p for _, p in named], lr=1e-2, weight_decay=0.1)]
+    mats = [p for n, p in named if n.endswith((".pc.raw", "parametrizations.weight.original"))]
+    rest = [p for n, p in named if not n.endswith((".pc.raw", "parametrizations.weight.original"))]
+    return [
+        pcopt.optim.Muon(mats, lr=2e-2, ns_dtype=torch.float32, adjust_lr_fn="match_rms_adamw"),
+        pcopt.optim.AdamW(rest, lr=1e-2, weight_decay=0.1),
+    ]
+
+
+# -- exactness ---------------------------------------------------------------------------------------------
+def _equality(rank, world):
+    from torch.distributed.tensor import DTensor
+
+    for accum in (1, 4):
+        for kind in ("adamw", "muon"):
+            ref = _model()
+            model, pc = _sharded()
+            w2 = model.layers[0].feed_forward.w2
+            assert isinstance(w2.weight, DTensor) and w2.weight.placements[0].is_shard(1)
+            assert w2.pc.raw.placements == w2.weight.placements
+            assert model.layers[0].feed_forward.w1.pc.raw.placements[0].is_shard(0)
+            ref_opts = _optimizers(ref, ref.named_parameters(), kind)
+            opts = _optimizers(model, pc.optimizer_parameters(model), kind)
+            ref_params = dict(ref.named_parameters())
+            torch.manual_seed(10 + accum)
+            for step in range(2):
+                for _ in range(accum):
+                    x = torch.randn(2 * world, 6, DIM)
+                    ref(x).pow(2).mean().div(accum).backward()
+                    model(x[rank * 2 : (rank + 1) * 2]).pow(2).mean().div(accum).backward()
+                pc.after_backward()
+                assert all(w.grad is None for w in pc.effective_weights())
+                for name, p in pc.optimizer_parameters(model):
+                    r = ref_params[_ref_name(name)]
+                    assert _rel(_full(p.grad), r.grad) <= 1e-5, (accum, kind, step, name, "grad")
+                for o in ref_opts + opts:
+                    o.step()
+                pcopt.refresh(ref)
+                pc.after_step()
+                for o in ref_opts + opts:
+                    o.zero_grad()
+                for name, p in pc.optimizer_parameters(model):
+                    assert _rel(_full(p), ref_params[_ref_name(name)]) <= 1e-5, (accum, kind, step, name)
+                for fqn, state in pc.states():
+                    mod = ref.get_submodule(fqn[: -len(".weight")])
+                    pcr = mod.parametrizations.weight[0]
+                    assert _rel(state.u, pcr.u) <= 1e-4 and _rel(state.v, pcr.v) <= 1e-4, fqn
+                    with torch.no_grad():
+                        w_ref = mod.weight
+                    assert _rel(_full(model.get_parameter(fqn)), w_ref) <= 1e-5, (accum, kind, step, fqn)
+
+
+def test_sharded_matches_unsharded_parametrize_grads_and_steps():
+    """Raw-weight and gamma gradients, the weights after AdamW / Muon steps, u, v and W_eff equal the
+    unsharded per-micro-batch parametrize path (accumulation 1 and 4, two steps, <= 1e-5 relative)."""
+    run_distributed(_equality)
+
+
+# -- communication and memory ------------------------------------------------------------------------------
+class _Comms(TorchDispatchMode):
+    """Records every c10d collective dispatched: (op name, element counts of its tensor arguments)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        if name.startswith(("c10d::", "_c10d_functional::")) and "wait" not in name:
+            sizes = [t.numel() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            self.calls.append((name, sizes))
+        return func(*args, **(kwargs or {}))
+
+
+def _collectives(rank, world):
+    model, pc = _sharded()
+    shapes = [tuple(model.get_parameter(f).shape) for f in pc.names]
+    n_sq = [min(s) ** 2 for s in shapes]
+    vec_max = sum(max(s) for s in shapes)
+
+    from torch.distributed.tensor import Shard
+
+    torch.manual_seed(0)
+    plain = _Model()
+    _shard_fn()(plain, lambda p: Shard(1) if p.ndim == 2 and p.shape[0] < p.shape[1] else None)
+    x = torch.randn(2, 6, DIM)
+    with _Comms() as fwd:
+        for _ in range(2):
+            model(x).pow(2).mean().backward()
+    # the model's forward and backward issue FSDP2's collectives and nothing else: those of a plain model
+    # with the same parameters and placements
+    with _Comms() as fwd_plain:
+        for _ in range(2):
+            plain(x).pow(2).mean().backward()
+    assert fwd.calls and fwd.calls == fwd_plain.calls, (fwd.calls, fwd_plain.calls)
+
+    with _Comms() as back:
+        pc.after_backward()
+    assert [n for n, _ in back.calls] == ["c10d::allreduce_"] * len(shapes), back.calls
+    for (_, sizes), nn_ in zip(back.calls, n_sq):
+        assert sizes == [2 * nn_ + 1], (sizes, nn_)  # [Gram, W^T dL/dW_eff, sigma] in one all-reduce
+
+    for p in model.parameters():
+        if p.grad is not None:
+            p.data.add_(p.grad, alpha=-1e-3)
+    with _Comms() as step:
+        pc.after_step()
+    grams = [s for n, s in step.calls if s[0] > vec_max]
+    vectors = [s for n, s in step.calls if s[0] <= vec_max]
+    assert all(n == "c10d::allreduce_" for n, _ in step.calls), step.calls
+    assert grams == [[nn_ + 1] for nn_ in n_sq], grams  # one n x n (+ sigma) all-reduce per matrix
+    iters = pc._entries[0].num_power_iterations
+    assert len(vectors) == 2 * iters, len(vectors)  # power iteration: all matrices in one vector all-reduce
+    # no all-gather / reduce-scatter of a weight: every collective above is an all-reduce of the sizes checked
+    # the byte counts a benchmark reports: 4 bytes per fp32 element
+    sent = sum(4 * s[0] for _, s in back.calls + step.calls)
+    assert sent == 4 * (sum(3 * nn_ + 2 for nn_ in n_sq) + sum(len(s) and s[0] for s in vectors))
+
+
+def test_collective_sizes_per_pc_matrix():
+    """Per PC matrix: one all-reduce of 2n^2+1 floats in the pull-back, one of n^2+1 in the W_eff write,
+    vector all-reduces for the power iteration, none in the model forward/backward besides FSDP2's."""
+    run_distributed(_collectives)
+
+
+def _saved(model, x):
+    sizes = []
+
+    def pack(t):
+        sizes.append((t.dtype, tuple(t.shape), t.numel() * t.element_size()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum().backward()
+    return sizes
+
+
+def _memory(rank, world):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    x = torch.randn(2, 6, DIM)
+    for mp in (None, MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)):
+        kw = {} if mp is None else {"mp_policy": mp}
+        torch.manual_seed(0)
+        plain = _Model()
+        _shard_fn(**kw)(plain, None)
+        model, pc = _sharded(**kw)
+        param = _model()
+        _shard_fn(**kw)(param, None)
+        xin = x if mp is None else x.bfloat16()
+        s_plain, s_sharded, s_param = _saved(plain, xin), _saved(model, xin), _saved(param, xin)
+        bytes_ = [sum(b for *_, b in s) for s in (s_plain, s_sharded, s_param)]
+        assert bytes_[1] == bytes_[0], bytes_  # the PC'd model saves what the plain model saves
+        assert bytes_[2] > 2 * bytes_[0], bytes_  # the parametrize path saves the map's intermediates
+        shapes = {tuple(model.get_parameter(f).shape) for f in pc.names}
+        shapes |= {s[::-1] for s in shapes} | {(min(s), min(s)) for s in shapes}
+        if mp is not None:
+            fp32_full = [s for d, s, _ in s_sharded if d == torch.float32 and s in shapes]
+            assert not fp32_full, fp32_full
+            assert [s for d, s, _ in s_param if d == torch.float32 and s in shapes]  # the check can fail
+
+
+def test_no_full_weight_fp32_saved_for_backward():
+    run_distributed(_memory)
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------
+def _train_step(model, pc, opt, x):
+    model(x).pow(2).mean().backward()
+    if pc is not None:
+        pc.after_backward()
+    opt.step()
+    if pc is not None:
+        pc.after_step()
+    else:
+        pcopt.refresh(model)
+    opt.zero_grad()
+
+
+def _dcp(rank, world, root):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    torch.manual_seed(3)
+    x = torch.randn(2, 6, DIM)
+    a, pa = _sharded(seed=1)
+    oa = pcopt.optim.AdamW([p for _, p in pa.optimizer_parameters(a)], lr=1e-2)
+    _train_step(a, pa, oa, x)
+    dcp.save(
+        {"model": get_model_state_dict(a), "optim": get_optimizer_state_dict(a, oa)},
+        checkpoint_id=f"{root}/s",
+    )
+
+    # sharded -> sharded, exact resume
+    b, pb = _sharded(seed=2)
+    ob = pcopt.optim.AdamW([p for _, p in pb.optimizer_parameters(b)], lr=1e-2)
+    _train_step(b, pb, ob, x)  # creates the optimizer state to load into
+    sd = {"model": get_model_state_dict(b), "optim": get_optimizer_state_dict(b, ob)}
+    assert not any(k.endswith(tuple(f"{f}.weight" for f in ("w1", "w2", "w3", "wo"))) for k in sd["model"])
+    dcp.load(sd, checkpoint_id=f"{root}/s")
+    set_model_state_dict(b, sd["model"])
+    set_optimizer_state_dict(b, ob, sd["optim"])
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(_full(p), _full(q)), name
+    for wa, wb in zip(pa.effective_weights(), pb.effective_weights()):
+        assert torch.equal(_full(wa), _full(wb))
+    _train_step(a, pa, oa, x)
+    _train_step(b, pb, ob, x)
+    assert torch.equal(a(x), b(x))
+
+    # parametrize (FSDP2) checkpoint -> sharded mode
+    p = _parametrize_fsdp(seed=4)
+    op = torch.optim.AdamW(p.parameters(), lr=1e-2)
+    _train_step(p, None, op, x)
+    dcp.save({"model": get_model_state_dict(p)}, checkpoint_id=f"{root}/p")
+    c, pcc = _sharded(seed=5)
+    sd = get_model_state_dict(c)
+    dcp.load({"model": ps.to_parametrize_keys(sd)}, checkpoint_id=f"{root}/p")
+    set_model_state_dict(c, sd)
+    assert _rel(c(x), p(x)) <= 1e-5
+    # and back: the sharded checkpoint loads into the parametrize path
+    d = _parametrize_fsdp(seed=6)
+    sd = get_model_state_dict(d)
+    dcp.load({"model": ps.from_parametrize_keys(sd)}, checkpoint_id=f"{root}/s")
+    set_model_state_dict(d, sd)
+    e, pe = _sharded(seed=7)
+    sd = get_model_state_dict(e)
+    dcp.load({"model": sd}, checkpoint_id=f"{root}/s")
+    set_model_state_dict(e, sd)
+    assert _rel(d(x), e(x)) <= 1e-5
+
+
+@pytest.mark.slow
+def test_dcp_round_trip_and_parametrize_checkpoints(tmp_path):
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    run_distributed(_dcp, str(path))
+
+
+# -- misuse ------------------------------------------------------------------------------------------------
+def _misuse(rank, world):
+    from torch.distributed.fsdp import fully_shard
+
+    late = _parametrize_fsdp()
+    with pytest.raises(
+        ValueError, match=r"already sharded \(fully_shard was applied.*apply fully_shard inside"
+    ):
+        ps.distribute(late, _shard_fn())
+
+    after = _model()
+    pc = ps.distribute(after)  # no shard: unsharded ...
+    for layer in after.layers:
+        fully_shard(layer)  # ... then sharded by hand: FSDP2 now manages the raw weights too
+    with pytest.raises(RuntimeError, match=r"fully_shard was applied after pcopt.sharded.distribute"):
+        pc.after_step()
+
+    # sharding a wide matrix on its smaller dim: a warning, and still exact
+    ref = _model()
+
+    def default_placement(model, placement_fn):
+        _shard_fn()(model, None)
+
+    model = _model()
+    with pytest.warns(UserWarning, match=r"sharded on their smaller dim.*shard_placement_fn"):
+        pc = ps.distribute(model, default_placement)
+    x = torch.randn(2 * world, 6, DIM)
+    ref(x).pow(2).mean().backward()
+    model(x[rank * 2 : (rank + 1) * 2]).pow(2).mean().backward()
+    pc.after_backward()
+    refp = dict(ref.named_parameters())
+    for name, p in pc.optimizer_parameters(model):
+        assert _rel(_full(p.grad), refp[_ref_name(name)].grad) <= 1e-5, name
+    dist.barrier()
+
+
+@pytest.mark.slow
+def test_misuse_errors_and_smaller_dim_sharding():
+    run_distributed(_misuse)
