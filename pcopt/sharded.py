@@ -333,7 +333,8 @@ class ShardedPC:
 
         For every PC weight: pulls the accumulated (FSDP2: reduce-scattered) ``dL/dW_eff`` shard back through
         the map into ``raw.grad`` and ``gamma.grad`` (accumulated if they exist), then sets ``W_eff.grad`` to
-        None. One all-reduce of ``2 n^2 + 1`` floats per weight; ``gamma``'s gradient comes out of it on every
+        None. The map's ``n x n`` part is differentiated by autograd; the chain rule to the shard uses the
+        linear Jacobians of the local partial sums (two matmuls of the shard's size). One all-reduce of ``2 n^2 + 1`` floats per weight; ``gamma``'s gradient comes out of it on every
         rank, so no other collective is needed.
 
         Raises:
@@ -368,14 +369,13 @@ class ShardedPC:
         cd = self.compute_dtype
         learn_gamma = s.gamma.requires_grad
         with self._autocast_off(raw.device):
-            # 1. Local partial sums, with their graph to this rank's block A of the raw weight.
-            A = _oriented(raw.detach(), e.dim).to(cd).requires_grad_(True)
+            # 1. Local partial sums of this rank's block A of the raw weight.
+            A = _oriented(raw.detach(), e.dim).to(cd)
             Y = _oriented(y_local.detach(), e.dim).to(cd)
             u_loc, v_o = _vectors(e, cd)
-            with torch.enable_grad():
-                parts = [A.mT @ A, A.mT @ Y, u_loc @ A @ v_o]
+            parts = [A.mT @ A, A.mT @ Y, u_loc @ A @ v_o]
             n = A.shape[1]
-            buf = torch.cat([p.detach().float().reshape(-1) for p in parts])
+            buf = torch.cat([p.float().reshape(-1) for p in parts])
             _all_reduce(buf, e)  # [G = sum A_r^T A_r, C = sum A_r^T Y_r, u^T W v]
             # 2. The loss as a function of the reduced quantities: L = gamma sg(sigma)/sigma <C, q(G/sigma^2)>,
             #    equal to sum_r <Y_r, W_eff_r>. Its gradients are the totals over all ranks.
@@ -389,8 +389,11 @@ class ShardedPC:
                 L = (gamma * (sigma.detach() / sigma) * (C * Q).sum().float()).sum()
                 inputs = [G, C, sig] + ([gamma] if learn_gamma else [])
                 grads = torch.autograd.grad(L, inputs)
-            # 3. Chain rule through this rank's partial sums: dL/dA_r.
-            (dA,) = torch.autograd.grad(parts, [A], [grads[0], grads[1], grads[2].to(cd).reshape(())])
+            # 3. Chain rule through this rank's partial sums A^T A, A^T Y, u^T A v (their Jacobians are linear):
+            #    dL/dA_r = A_r (dG + dG^T) + Y_r dC^T + dsigma u_r v^T.
+            dG, dC, dsig = grads[0], grads[1], grads[2].to(cd)
+            dA = torch.addmm(Y @ dC.mT, A, dG + dG.mT)
+            dA.addr_(u_loc, v_o, alpha=float(dsig))
         self._accumulate(s.raw, _oriented(dA, e.dim).to(raw.dtype))
         if learn_gamma:
             self._accumulate(s.gamma, grads[3].to(_local(s.gamma).dtype))
