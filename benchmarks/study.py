@@ -95,7 +95,7 @@ def _sqrt2_grid(center: float, below: int, above: int) -> tuple[float, ...]:
     return tuple(lr_step(center, k) for k in range(-below, above + 1))
 
 
-MUON_LRS = _sqrt2_grid(1.2e-2, 0, 2)  # 1.2e-2, 1.7e-2, 2.4e-2: the 400-step Muon optimum and above
+MUON_LRS = _sqrt2_grid(1.2e-2, 1, 1)  # 8.5e-3, 1.2e-2, 1.7e-2: around the 400-step Muon optimum
 MUON_PC_LRS = _sqrt2_grid(1.7e-2, 0, 2)  # 1.7e-2, 2.4e-2, 3.4e-2: the PC arm tied Muon only at 2.4e-2
 ADAMW_LRS = _sqrt2_grid(4e-3, 1, 1)
 
@@ -680,6 +680,7 @@ def main(argv=None) -> dict | None:
     if not args.no_plots:
         summary["plots"] = plot(summary, runs, best, grid_dir, f"study_{grid.name}")
     (grid_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    (grid_dir / "tables.md").write_text(markdown(summary))
     report(summary)
     print(f"[study] wrote {grid_dir / 'summary.json'}{'' if complete else ' (partial: --max-runs reached)'}")
     return summary
@@ -691,6 +692,55 @@ def _fmt(st: dict, digits: int = 4) -> str:
     if st["ci95"] is None:
         return f"{st['mean']:.{digits}f} (n={st['n']})"
     return f"{st['mean']:.{digits}f} [{st['ci95'][0]:.{digits}f}, {st['ci95'][1]:.{digits}f}] (n={st['n']})"
+
+
+def markdown(summary: dict) -> str:
+    """The summary's tables in Markdown (written next to summary.json as tables.md)."""
+
+    def ci(st: dict, digits: int = 4) -> str:
+        if st["mean"] is None:
+            return "-"
+        if st["ci95"] is None:
+            return f"{st['mean']:.{digits}f}"
+        return f"{st['mean']:.{digits}f} [{st['ci95'][0]:.{digits}f}, {st['ci95'][1]:.{digits}f}]"
+
+    lines = [
+        f"Grid `{summary['grid']}`: {summary['description']}. {summary['steps']} steps, "
+        f"{summary['tokens_per_run']:,} tokens per run, seeds {summary['seeds']}"
+        + ("" if summary["complete"] else " (**incomplete**)")
+        + ". Intervals: 95% t-interval over seeds.",
+        "",
+        f"| arm | lr sweep (seed {summary['seeds'][0]}): lr -> final val loss | best lr | seeds | "
+        "final val loss | GMCN end |",
+        "|---|---|---|---|---|---|",
+    ]
+    for spec, a in summary["arms"].items():
+        sweep = ", ".join(f"{r['lr']:g}: {r['final_val_loss']:.4f}" for r in a["lr_sweep"]) or (
+            f"lr of {a['lr_from']}" if a["lr_from"] else "-"
+        )
+        where = "" if a["lr_from"] else (" (interior)" if a["best_lr_interior"] else " (**edge**)")
+        lines.append(
+            f"| {spec} | {sweep} | {a['best_lr']:g}{where} | {a['final_val_loss']['n']} | "
+            f"{ci(a['final_val_loss'])} | {ci(a['gmcn_end'], 2)} |"
+        )
+    for title, key in (("best lr vs best lr", "best_vs_best"), ("same lr (the baseline's best)", "same_lr")):
+        if not summary[key]:
+            continue
+        lines += [
+            "",
+            f"{title}, paired by seed:",
+            "",
+            "| arm vs baseline | lrs | seeds | PC - baseline final val loss | token ratio | PC reaches the baseline's final loss |",
+            "|---|---|---|---|---|---|",
+        ]
+        for spec, c in summary[key].items():
+            lrs = f"{c['lr']:g} vs {c.get('baseline_lr', c['lr']):g}"
+            reach = c["token_ratio"]["pc_reaches_baseline_final"]
+            lines.append(
+                f"| {spec} vs {c['baseline']} | {lrs} | {len(c['seeds'])} | {ci(c['delta_final_val_loss'])} | "
+                f"{ci(c['token_ratio'], 3)} | {sum(bool(x) for x in reach)}/{len(reach)} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def report(summary: dict) -> None:

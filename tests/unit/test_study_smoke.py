@@ -140,6 +140,9 @@ def test_resume_reuses_runs_and_budget_stops(smoke, tmp_path):
 def test_plots_written(smoke):
     for kind in ("loss", "tokens_to_target", "lr", "gmcn"):
         assert (smoke["out"] / "smoke" / f"study_smoke_{kind}.png").stat().st_size > 1000, kind
+    tables = (smoke["out"] / "smoke" / "tables.md").read_text()
+    mean = smoke["summary"]["best_vs_best"]["muon_pc"]["token_ratio"]["mean"]
+    assert "best lr vs best lr" in tables and f"| {mean:.3f} [" in tables
 
 
 def test_bad_grid_and_seeds_are_rejected(capsys):
