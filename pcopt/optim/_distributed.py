@@ -254,7 +254,7 @@ def _check_placements(param: Tensor) -> None:
         if not isinstance(pl, (Replicate, Shard, _StridedShard)):
             raise RuntimeError(
                 f"Muon's Newton-Schulz needs each rank's block of the matrix, got placements {param.placements} "
-                f"for a parameter of shape {tuple(param.shape)}: {pl} holds no block (a Partial sum?). Expected "
+                f"for a parameter of shape {tuple(param.shape)}: {pl!r} holds no block (a pending sum?). Expected "
                 "Shard(0), Shard(1), _StridedShard or Replicate on every mesh dimension; redistribute the "
                 "parameter (and its gradient) to one of those first."
             )
