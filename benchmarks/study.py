@@ -718,6 +718,9 @@ def markdown(summary: dict) -> str:
         sweep = ", ".join(f"{r['lr']:g}: {r['final_val_loss']:.4f}" for r in a["lr_sweep"]) or (
             f"lr of {a['lr_from']}" if a["lr_from"] else "-"
         )
+        if a["best_lr"] is None:
+            lines.append(f"| {spec} | {sweep} | not reached | 0 | - | - |")
+            continue
         where = "" if a["lr_from"] else (" (interior)" if a["best_lr_interior"] else " (**edge**)")
         lines.append(
             f"| {spec} | {sweep} | {a['best_lr']:g}{where} | {a['final_val_loss']['n']} | "
