@@ -145,10 +145,13 @@ def _fsdp_worker(rank: int, world_size: int, port: int, shapes, steps: int, kwar
         def gather():
             _explicit_gather_step(gather_params, gather_bufs, kwargs)
 
+        single = _single_rank_stepper(reference, kwargs)
         t = _interleaved(
-            {"pcopt": ours.step, "torch": theirs.step, "gather": gather}, steps, sync=dist.barrier
+            {"pcopt": ours.step, "torch": theirs.step, "gather": gather, "single": single},
+            steps,
+            sync=dist.barrier,
         )
-        t_all = torch.tensor([t["pcopt"], t["torch"], t["gather"]], dtype=torch.float64)
+        t_all = torch.tensor([t["pcopt"], t["torch"], t["gather"], t["single"]], dtype=torch.float64)
         dist.all_reduce(t_all, op=dist.ReduceOp.MAX)  # a step is as slow as its slowest rank
         if rank == 0:
             out.put(
@@ -156,11 +159,199 @@ def _fsdp_worker(rank: int, world_size: int, port: int, shapes, steps: int, kwar
                     "pcopt": t_all[0].item(),
                     "torch": t_all[1].item(),
                     "gather": t_all[2].item(),
+                    "single": t_all[3].item(),
                     "diffs": diffs,
                 }
             )
     finally:
         dist.destroy_process_group()
+
+
+def _single_rank_stepper(module: nn.Module, kwargs: dict):
+    """pcopt Muon on unsharded copies of the matrices, stepped by rank 0 alone (the others wait)."""
+    if dist.get_rank() != 0:
+        return lambda: None
+    params = [nn.Parameter(p.detach().clone()) for p in module.parameters()]
+    for p, q in zip(params, module.parameters()):
+        p.grad = q.grad.clone()
+    return Muon(params, **kwargs).step
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4 ranks: 1-D FSDP, HSDP 2 x 2, FSDP 2 x TP 2
+# ----------------------------------------------------------------------------------------------------
+def matrix_kinds(layers: int) -> list[str]:
+    """Llama's TP plan per matrix: colwise (Shard(0)) wq wk wv w1 w3, rowwise (Shard(1)) wo w2."""
+    return ["col", "col", "col", "row", "col", "row", "col"] * layers
+
+
+def _layout_placements(layout: str, kind: str) -> tuple:
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    if layout == "fsdp":
+        return (Shard(0),)
+    if layout == "hsdp":
+        return (Replicate(), Shard(0))
+    # FSDP2 on 'dp' over TP on 'tp', as fully_shard(parallelize_module(...)) lays it out
+    return (_StridedShard(0, split_factor=2), Shard(0)) if kind == "col" else (Shard(0), Shard(1))
+
+
+LAYOUTS = {"fsdp": "1-D FSDP (4)", "hsdp": "HSDP 2x2", "fsdp_tp": "FSDP 2 x TP 2"}
+
+
+class _CommMeter:
+    """Counts every c10d collective (CommDebugMode) and the bytes this rank receives from other ranks in
+    pcopt's all_to_all_single calls (their split sizes, minus the part a rank sends itself)."""
+
+    def __enter__(self):
+        from torch.distributed.tensor.debug import CommDebugMode
+
+        self.bytes, self._orig = 0, dist.all_to_all_single
+
+        def metered(
+            output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False
+        ):
+            me = dist.get_rank(group)
+            splits = output_split_sizes or [
+                output.numel() // dist.get_world_size(group)
+            ] * dist.get_world_size(group)
+            self.bytes += (sum(splits) - splits[me]) * output.element_size()
+            return self._orig(
+                output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op
+            )
+
+        dist.all_to_all_single = metered
+        self._mode = CommDebugMode().__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        dist.all_to_all_single = self._orig
+        self.counts = {str(k).removeprefix("c10d."): v for k, v in self._mode.get_comm_counts().items()}
+
+
+def _duplicated_ns_step(params, bufs, kwargs, ns):
+    """Every rank gathers every matrix (bf16, torch's DTensor gather) and runs Newton-Schulz on all of them."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from pcopt.optim._muon import _adjust_lr
+
+    lr, wd, mu = kwargs["lr"], kwargs["weight_decay"], 0.95
+    with torch.no_grad():
+        fulls = []
+        for p, buf in zip(params, bufs):
+            g = p.grad.to_local()
+            buf.lerp_(g, 1 - mu)
+            update = g.lerp(buf, mu).to(torch.bfloat16)
+            fulls.append(DTensor.from_local(update, p.device_mesh, p.placements, shape=p.shape,
+                                            stride=p.stride()).full_tensor())  # fmt: skip
+        by_shape: dict[tuple, list[int]] = {}
+        for i, f in enumerate(fulls):
+            by_shape.setdefault(tuple(f.shape), []).append(i)
+        for idx in by_shape.values():
+            result = ns(torch.stack([fulls[i] for i in idx]))
+            for j, i in enumerate(idx):
+                p = params[i]
+                mine = distribute_tensor(
+                    result[j], p.device_mesh, p.placements, src_data_rank=None
+                ).to_local()
+                local = p.to_local()
+                local.mul_(1 - lr * wd)
+                local.add_(mine, alpha=-_adjust_lr(lr, kwargs.get("adjust_lr_fn"), p.shape))
+
+
+def _mesh_worker(rank: int, world_size: int, port: int, shapes, kinds, steps: int, kwargs: dict, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        from functools import partial
+
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import distribute_tensor
+
+        from pcopt.optim import newton_schulz
+
+        meshes = {
+            "fsdp": init_device_mesh("cpu", (world_size,), mesh_dim_names=("dp",)),
+            "hsdp": init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("replicate", "shard")),
+            "fsdp_tp": init_device_mesh("cpu", (world_size // 2, 2), mesh_dim_names=("dp", "tp")),
+        }
+        ns = partial(
+            newton_schulz, coefficients=[(3.4445, -4.775, 2.0315)] * 5, dtype=torch.bfloat16
+        )  # Muon's default
+        gen = torch.Generator().manual_seed(0)
+        weights = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        reference = Matrices(shapes)
+        with torch.no_grad():
+            for p, w, g in zip(reference.parameters(), weights, grads):
+                p.copy_(w)
+                p.grad = g.clone()
+        ref_after = [nn.Parameter(w.clone()) for w in weights]
+        for p, g in zip(ref_after, grads):
+            p.grad = g.clone()
+        Muon(ref_after, **kwargs).step()
+        results = {}
+        for layout, mesh in meshes.items():
+
+            def sharded(layout=layout, mesh=mesh):
+                ps = []
+                for w, g, kind in zip(weights, grads, kinds):
+                    pl = _layout_placements(layout, kind)
+                    p = nn.Parameter(distribute_tensor(w.clone(), mesh, pl, src_data_rank=None))
+                    p.grad = distribute_tensor(g.clone(), mesh, pl, src_data_rank=None)
+                    ps.append(p)
+                return ps
+
+            ours_params, dup_params = sharded(), sharded()
+            ours = Muon(ours_params, **kwargs)
+            dup_bufs = [torch.zeros_like(p.to_local()) for p in dup_params]
+
+            def dup(dup_params=dup_params, dup_bufs=dup_bufs):
+                _duplicated_ns_step(dup_params, dup_bufs, kwargs, ns)
+
+            with _CommMeter() as ours_comm:  # first step: exactness and communication
+                ours.step()
+            with _CommMeter() as dup_comm:
+                dup()
+            diffs = {
+                k: max((p.full_tensor() - r).abs().max().item() for p, r in zip(ps, ref_after))
+                for k, ps in (("pcopt", ours_params), ("duplicated", dup_params))
+            }
+            dup_bytes = sum(  # what every rank receives in the all-gathers: the matrix minus its own block
+                (p.numel() - p.to_local().numel()) * 2 for p in dup_params
+            )
+            single = _single_rank_stepper(reference, kwargs)
+            t = _interleaved(
+                {"pcopt": ours.step, "duplicated": dup, "single": single}, steps, sync=dist.barrier
+            )
+            t_all = torch.tensor([t["pcopt"], t["duplicated"], t["single"]], dtype=torch.float64)
+            dist.all_reduce(t_all, op=dist.ReduceOp.MAX)
+            b = torch.tensor([ours_comm.bytes, dup_bytes], dtype=torch.float64)
+            dist.all_reduce(b, op=dist.ReduceOp.MAX)  # the busiest rank
+            results[layout] = {
+                "pcopt": t_all[0].item(), "duplicated": t_all[1].item(), "single": t_all[2].item(),
+                "diffs": diffs, "comm": ours_comm.counts, "dup_comm": dup_comm.counts,
+                "bytes": b[0].item(), "dup_bytes": b[1].item(),
+            }  # fmt: skip
+        if rank == 0:
+            out.put(results)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def meshes(shapes, kinds, steps: int, kwargs: dict, world_size: int = 4) -> dict:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.SimpleQueue()
+    mp.start_processes(_mesh_worker, args=(world_size, port, shapes, kinds, steps, kwargs, out),
+                       nprocs=world_size, start_method="spawn")  # fmt: skip
+    return out.get()
 
 
 def fsdp(shapes, steps: int, kwargs: dict, world_size: int = 2) -> dict:
@@ -182,7 +373,8 @@ def main() -> None:
                         help="model widths to sweep; FFN = 2.75 x dim as in Llama-271M (1024 -> 2816)")  # fmt: skip
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per optimizer (median reported)")
-    parser.add_argument("--part", choices=["all", "single", "fsdp"], default="all")
+    parser.add_argument("--part", choices=["all", "single", "fsdp", "mesh"], default="all",
+                        help="single process, 2-rank FSDP2, or 4-rank 1-D FSDP / HSDP / FSDP x TP ('all': every part)")  # fmt: skip
     args = parser.parse_args()
     kwargs = {"lr": 0.02, "weight_decay": 0.1, "adjust_lr_fn": "match_rms_adamw"}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (single process), 1 thread per rank "
@@ -199,15 +391,20 @@ def main() -> None:
             row.update(single_pcopt=t["pcopt"], single_torch=t["torch"])
         if args.part in ("all", "fsdp"):
             t = fsdp(shapes, args.steps, kwargs)
-            row.update(
-                fsdp_pcopt=t["pcopt"], fsdp_torch=t["torch"], fsdp_gather=t["gather"], diffs=t["diffs"]
-            )
+            row.update(fsdp_pcopt=t["pcopt"], fsdp_torch=t["torch"], fsdp_gather=t["gather"],
+                       fsdp_single=t["single"], diffs=t["diffs"])  # fmt: skip
+        if args.part in ("all", "mesh"):
+            row["mesh"] = meshes(shapes, matrix_kinds(args.layers), args.steps, kwargs)
         rows.append(row)
         _print_row(row)
     print()
+    if args.part in ("all", "mesh"):
+        _print_mesh_table(rows)
+    if args.part == "mesh":
+        return
     print("| dim / FFN | params | single: pcopt | torch | speed-up | FSDP2 2 ranks: pcopt | torch on shards | "
-          "speed-up | all-gather baseline | max diff pcopt / torch |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "speed-up | all-gather baseline | parallel efficiency | max diff pcopt / torch |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         cells = [f"{r['dim']} / {r['hidden']}", f"{r['params']:.1f}M"]
         if "single_pcopt" in r:
@@ -218,10 +415,35 @@ def main() -> None:
         if "fsdp_pcopt" in r:
             cells += [f"{r['fsdp_pcopt'] * 1e3:.0f} ms", f"{r['fsdp_torch'] * 1e3:.0f} ms",
                       f"x{r['fsdp_torch'] / r['fsdp_pcopt']:.2f}", f"{r['fsdp_gather'] * 1e3:.0f} ms",
+                      f"{r['fsdp_single'] / (2 * r['fsdp_pcopt']):.2f}",
                       f"{r['diffs']['pcopt']:.2g} / {r['diffs']['torch']:.2g}"]  # fmt: skip
         else:
-            cells += ["-"] * 5
+            cells += ["-"] * 6
         print("| " + " | ".join(cells) + " |")
+
+
+def _print_mesh_table(rows) -> None:
+    print("4 gloo ranks, 1 thread each (oversubscribed on a 2-core machine: efficiency <= ~0.5 by construction). "
+          "single = pcopt Muon on the unsharded matrices, one rank; efficiency = single / (4 x sharded); "
+          "duplicated = every rank gathers every matrix and runs Newton-Schulz on all of them; "
+          "bytes = received from other ranks per step by the busiest rank.")  # fmt: skip
+    print("| dim / FFN | layout | single rank | pcopt 4 ranks | efficiency | duplicated NS | pcopt speed-up | "
+          "collectives pcopt / duplicated | MB received pcopt / duplicated | max diff pcopt / duplicated |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        for layout, m in r.get("mesh", {}).items():
+            print("| " + " | ".join([
+                f"{r['dim']} / {r['hidden']}", LAYOUTS[layout], f"{m['single'] * 1e3:.0f} ms",
+                f"{m['pcopt'] * 1e3:.0f} ms", f"{m['single'] / (4 * m['pcopt']):.2f}",
+                f"{m['duplicated'] * 1e3:.0f} ms", f"x{m['duplicated'] / m['pcopt']:.2f}",
+                f"{_fmt_counts(m['comm'])} / {_fmt_counts(m['dup_comm'])}",
+                f"{m['bytes'] / 1e6:.2f} / {m['dup_bytes'] / 1e6:.2f}",
+                f"{m['diffs']['pcopt']:.2g} / {m['diffs']['duplicated']:.2g}",
+            ]) + " |")  # fmt: skip
+
+
+def _fmt_counts(counts: dict) -> str:
+    return " + ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "0"
 
 
 def _print_row(r: dict) -> None:
@@ -232,8 +454,13 @@ def _print_row(r: dict) -> None:
     if "fsdp_pcopt" in r:
         print(f"{head} FSDP2  : pcopt {r['fsdp_pcopt'] * 1e3:8.1f} ms  torch.optim.Muon on shards "
               f"{r['fsdp_torch'] * 1e3:8.1f} ms  speed-up x{r['fsdp_torch'] / r['fsdp_pcopt']:.2f}; all-gather "
-              f"baseline {r['fsdp_gather'] * 1e3:.1f} ms; max |W - W_unsharded| after one step: pcopt "
+              f"baseline {r['fsdp_gather'] * 1e3:.1f} ms; parallel efficiency single-rank / (2 x pcopt) "
+              f"{r['fsdp_single'] / (2 * r['fsdp_pcopt']):.2f}; max |W - W_unsharded| after one step: pcopt "
               f"{r['diffs']['pcopt']:.3g}, torch on shards {r['diffs']['torch']:.3g}")  # fmt: skip
+    for layout, m in r.get("mesh", {}).items():
+        print(f"{head} {LAYOUTS[layout]:14s}: pcopt {m['pcopt'] * 1e3:8.1f} ms, single rank {m['single'] * 1e3:8.1f} ms "
+              f"(efficiency {m['single'] / (4 * m['pcopt']):.2f}), duplicated NS {m['duplicated'] * 1e3:8.1f} ms; "
+              f"{_fmt_counts(m['comm'])}, {m['bytes'] / 1e6:.2f} MB in; max diff {m['diffs']['pcopt']:.3g}")  # fmt: skip
 
 
 if __name__ == "__main__":
