@@ -1,9 +1,9 @@
-"""Muon with ``torch.optim.Muon`` semantics, named Newton-Schulz coefficient sets, and FSDP2 support.
+"""Muon with ``torch.optim.Muon`` semantics, named Newton-Schulz coefficient sets, and DTensor support.
 
 Drop-in for ``torch.optim.Muon``: same positional arguments, defaults, state key (``momentum_buffer``) and,
 on plain tensors with the default settings, bitwise the same updates. Additions (keyword-only): named or
 per-step Newton-Schulz coefficients, the iteration dtype, batched Newton-Schulz over same-shaped matrices,
-exact and non-redundant orthogonalization of FSDP2 ``Shard(0)`` DTensors (see ``_distributed.py``), and
+exact and non-redundant orthogonalization of DTensors on 1-D and 2-D meshes (see ``_distributed.py``), and
 ``pc_state``: the model's :class:`pcopt.PCState`, whose ``after_step()`` runs at the end of every step.
 """
 
@@ -299,10 +299,11 @@ Muon.__doc__ = r"""Implements Muon (MomentUm Orthogonalized by Newton-Schulz), c
             wrapped in one); its ``after_step()`` (the power-iteration refresh of ``u``, ``v``) runs at the end
             of every ``step()``. None (default): nothing is refreshed here.
 
-    FSDP2: parameters that are ``Shard(0)`` DTensors (``fully_shard``) are orthogonalized on the full matrix,
-    once in the world: each matrix has an owner rank (balanced by FLOPs) that gathers it, runs Newton-Schulz
-    batched with its other same-shaped matrices, and scatters the result rows back (two ``all_to_all``
-    collectives per param group and step, in ``ns_dtype``). The result is bitwise the same as unsharded.
+    DTensors (FSDP2, HSDP, TP, FSDP x TP: any mix of ``Shard(0)``, ``Shard(1)``, ``_StridedShard`` and
+    ``Replicate`` on a 1-D or 2-D mesh) are orthogonalized on the full matrix, once in the world: each matrix
+    has an owner rank of its mesh (balanced by FLOPs) that gathers it, runs Newton-Schulz batched with its
+    other same-shaped matrices, and sends every rank its block of the result (two ``all_to_all`` collectives
+    per mesh, param group and step, in ``ns_dtype``). The result is bitwise the same as unsharded.
     Momentum and the update stay on the local shards.
 
     Example::
@@ -441,7 +442,7 @@ def muon(
     r"""Functional Muon step (see :class:`Muon`). Updates ``params`` and ``momentum_buffers`` in place.
 
     ``foreach=False`` runs the per-matrix loop; None or True batch same-shaped matrices. DTensor parameters
-    sharded on dim 0 are gathered to one owner rank per matrix in both modes (every rank must call this).
+    (any placements) are gathered to one owner rank per matrix in both modes (every rank must call this).
     """
     _muon_impl(
         params,
