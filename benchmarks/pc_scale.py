@@ -2,6 +2,7 @@
 
     python -m benchmarks.pc_scale [--shapes 271m,1b,8b] [--tokens 1024] [--micro-batches 4] [--degree 5]
         [--repeat 2] [--world-size 2]
+    python -m benchmarks.pc_scale --bf16-accuracy
 
 For each shape, one FFN ``w1`` matrix (``hidden x dim``: 2816x1024 for the 271M model, 5632x2048 for 1B,
 14336x4096 for Llama-3 8B) is wrapped in FSDP2 over ``--world-size`` CPU ranks and run for one optimizer
@@ -194,6 +195,40 @@ def _worker(rank, world, port, args):
         dist.destroy_process_group()
 
 
+def bf16_accuracy() -> None:
+    """bf16 against fp32 compute dtype of the sharded map (one process): W_eff, dL/dW and dL/dgamma."""
+
+    def run(dense, dtype, degree):
+        lin = nn.Linear(dense.shape[1], dense.shape[0], bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(dense)
+        model = nn.Module()
+        model.feed_forward = nn.Module()
+        model.feed_forward.w1 = lin
+        pcopt.precondition_model(model, degree=degree)
+        pc = ps.distribute(model, compute_dtype=dtype)
+        eff = lin.weight.detach().clone()
+        lin.weight.grad = torch.randn(dense.shape, generator=torch.Generator().manual_seed(1))
+        pc.after_backward()
+        return eff, lin.pc.raw.grad.clone(), lin.pc.gamma.grad.clone()
+
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(96, 40, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(40, 40, generator=g))
+    cases = {
+        "condition number 1e4, 96x40": U @ torch.diag(torch.logspace(0, -4, 40)) @ V.T,
+        "N(0, 0.02) init, 2816x1024": torch.randn(2816, 1024, generator=g) * 0.02,
+    }
+    print("\nbf16 vs fp32 compute dtype, relative Frobenius error (random upstream gradient)\n")
+    print("| matrix | degree | W_eff | dL/dW | dL/dgamma |\n|---|---|---|---|---|")
+    for name, dense in cases.items():
+        for degree in (5, 9):
+            ref = run(dense, torch.float32, degree)
+            low = run(dense, torch.bfloat16, degree)
+            errs = [float((a - b).norm() / b.norm()) for a, b in zip(low, ref)]
+            print(f"| {name} | {degree} | {errs[0]:.1e} | {errs[1]:.1e} | {errs[2]:.1e} |")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.pc_scale", description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="271m,1b,8b", help=f"comma-separated, from {sorted(SHAPES)}")
@@ -203,7 +238,11 @@ def main(argv=None) -> None:
     p.add_argument("--repeat", type=int, default=2, help="timed steps per mode (the first also counts)")
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--bf16-accuracy", action="store_true", help="only print the bf16-vs-fp32 accuracy table")
     args = p.parse_args(argv)
+    if args.bf16_accuracy:
+        bf16_accuracy()
+        return
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown:
         p.error(f"unknown shapes {unknown}; expected a comma-separated subset of {sorted(SHAPES)}")

@@ -386,7 +386,7 @@ class ShardedPC:
             with torch.enable_grad():
                 sigma = sig + e.eps
                 Q = _q_of_gram(G / (sigma**2).to(cd), e.coefficients)
-                L = (gamma * (sigma.detach() / sigma) * (C * Q).sum().float()).sum()
+                L = (gamma * (sigma.detach() / sigma) * (C.float() * Q.float()).sum()).sum()
                 inputs = [G, C, sig] + ([gamma] if learn_gamma else [])
                 grads = torch.autograd.grad(L, inputs)
             # 3. Chain rule through this rank's partial sums A^T A, A^T Y, u^T A v (their Jacobians are linear):
