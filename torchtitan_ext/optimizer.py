@@ -25,6 +25,7 @@ from torchtitan.components.optimizer import OptimizersContainer, ParamGroupConfi
 import pcopt
 import pcopt.optim
 from pcopt import recipes
+from pcopt.hardware import preferred_dtype
 from pcopt.names import ATTENTION_FFN_MODULES, param_pattern
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,10 @@ MUON_MATRICES = param_pattern(ATTENTION_FFN_MODULES)
 start: torchtitan matches patterns against module-wrapper FQNs (``_checkpoint_wrapped_module``)."""
 
 _MATRIX_ONLY = {"Muon"}
+
+
+def _training_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class PCOptimizersContainer(OptimizersContainer):
@@ -130,7 +135,8 @@ def muon_config(
             ParamGroupConfig(
                 pattern=matrices,
                 optimizer_name="Muon",
-                optimizer_kwargs={"lr": lr, **recipes.MUON},
+                # Newton-Schulz in bf16 on GPUs and CPUs that compute it natively, fp32 on the others
+                optimizer_kwargs={"lr": lr, **recipes.MUON, "ns_dtype": preferred_dtype(_training_device())},
             ),
             ParamGroupConfig(
                 pattern=r".*",

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pcopt.hardware import preferred_dtype
 from pcopt.optim._adamw import AdamW
 from pcopt.optim._combined import ROUTING_KEY, CombinedOptimizer
 from pcopt.optim._muon import AdjustLrT, Muon
@@ -32,7 +33,7 @@ def build_optimizer(
     ns_coefficients: tuple[float, float, float] = KELLER_COEFFICIENTS,
     ns_steps: int = MUON["ns_steps"],
     ns_coefficient_set: CoeffSetT | Sequence[tuple[float, float, float]] | None = None,
-    ns_dtype: torch.dtype | str = torch.bfloat16,
+    ns_dtype: torch.dtype | str | None = None,
     adamw_lr: float | None = None,
     betas: tuple[float, float] = ADAMW["betas"],
     adamw_eps: float = ADAMW["eps"],
@@ -45,7 +46,7 @@ def build_optimizer(
 ) -> CombinedOptimizer:
     """The PC-layer paper's optimizer for any model: Muon on hidden matrices, AdamW on everything else.
 
-    Defaults reproduce the paper's Muon runs: Muon (momentum 0.95, Nesterov, 5 Keller steps in bf16,
+    Defaults reproduce the paper's Muon runs: Muon (momentum 0.95, Nesterov, 5 Keller steps in the preferred dtype,
     ``adjust_lr_fn="match_rms_adamw"``) and AdamW (betas (0.9, 0.95), eps 1e-8) with the **same peak lr**,
     weight decay 0.1 on every parameter including gamma and the raw PC weights. Parameters are split by
     :func:`param_groups`. The result is one :class:`CombinedOptimizer`: use it with any
@@ -57,7 +58,9 @@ def build_optimizer(
         lr: peak learning rate of both groups (AdamW's can differ via ``adamw_lr``).
         weight_decay: decoupled weight decay of the Muon group and default for the AdamW groups.
         adamw_weight_decay, gamma_weight_decay: override the AdamW / gamma group's decay (None: inherit).
-        momentum, nesterov, adjust_lr_fn, ns_coefficients, ns_steps, ns_coefficient_set, ns_dtype: Muon's.
+        momentum, nesterov, adjust_lr_fn, ns_coefficients, ns_steps, ns_coefficient_set: Muon's.
+        ns_dtype: Newton-Schulz dtype; None (default) picks it for the parameters' device with
+            :func:`pcopt.hardware.preferred_dtype` (bf16 on CUDA and on CPUs with native bf16, else fp32).
         betas, adamw_eps: AdamW's betas and eps. ``adamw_kwargs``: more ``torch.optim.AdamW`` kwargs
             (``foreach``, ``fused``, ...).
         muon_pattern, adamw_pattern: see :func:`param_groups`.
@@ -84,6 +87,8 @@ def build_optimizer(
     muon_groups = [g for g in groups if g[ROUTING_KEY] == "muon"]
     adamw_groups = [g for g in groups if g[ROUTING_KEY] == "adamw"]
     if muon_groups:
+        if ns_dtype is None:
+            ns_dtype = preferred_dtype(muon_groups[0]["params"][0].device)
         children["muon"] = Muon(
             muon_groups,
             lr=lr,

@@ -5,7 +5,8 @@ a baseline AdamW run, a PC + Muon run with checkpoints at steps 4 and 8, its res
 PC run started from the baseline's dense checkpoint, and three bad configs that must fail before step 1.
 
 Regenerate the golden loss file after an intended numerical change with
-``PCOPT_REGEN_GOLDEN=1 python -m pytest -q tests/torchtitan/test_train_runs.py -k golden``.
+``PCOPT_REGEN_GOLDEN=1 python -m pytest -q tests/torchtitan/test_train_runs.py -k golden`` (and once more with
+``ATEN_CPU_CAPABILITY=avx2`` for the fp32 Newton-Schulz file).
 """
 
 from __future__ import annotations
@@ -20,11 +21,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from pcopt.hardware import preferred_dtype
 from tests.torchtitan._harness import torchrun
 
 pytestmark = [pytest.mark.torchtitan, pytest.mark.slow]
 
-GOLDEN = Path(__file__).parent / "golden" / "debug_muon_pc_losses.json"
+# The configs run Newton-Schulz in the CPU's preferred dtype (pcopt.hardware): one golden file per dtype. Make
+# the fp32 one on a CPU with native bf16 by capping ATen to AVX2: ATEN_CPU_CAPABILITY=avx2 PCOPT_REGEN_GOLDEN=1.
+_NS_DTYPE = {torch.bfloat16: "bf16", torch.float32: "fp32"}[
+    preferred_dtype("cpu")
+]
+GOLDEN = Path(__file__).parent / "golden" / f"debug_muon_pc_losses_{_NS_DTYPE}.json"
 PC_STEPS, PC_CKPT_EVERY = 8, 4
 
 
