@@ -10,11 +10,18 @@ dims 128, 256, 512 with FFN 2.75 x dim, 4 layers). Both optimizers get the same 
   orthogonalizes it there and scatters the rows back. An explicit-gather baseline (every rank all-gathers
   every matrix and orthogonalizes all of them) is timed too, for context.
 
+* 4 gloo ranks (``--part mesh``): the same matrices as 1-D FSDP (``Shard(0)``), HSDP 2 x 2
+  (``Replicate, Shard(0)``) and FSDP 2 x TP 2 (Llama's colwise ``(_StridedShard(0), Shard(0))`` and rowwise
+  ``(Shard(0), Shard(1))``), each against the single-rank unsharded step (parallel efficiency) and the
+  duplicated-NS baseline (every rank gathers and orthogonalizes every matrix), with the collectives
+  (``CommDebugMode``) and the bytes received per step. On a 2-core machine 4 ranks are oversubscribed.
+
 Steps are interleaved (A, B, A, B, ...) so that load from other processes hits both alike; the median step
 time is reported, and ratios are computed from numbers measured in this one run.
 
-    python benchmarks/muon_step.py                                  # both parts, dims 128 256 512
+    python benchmarks/muon_step.py                                  # every part, dims 128 256 512
     python benchmarks/muon_step.py --part fsdp --dims 1024 --steps 3
+    python benchmarks/muon_step.py --part mesh --dims 128 256 --steps 3   # 4 ranks: FSDP, HSDP, FSDP x TP
 """
 
 from __future__ import annotations

@@ -435,7 +435,7 @@ def _exchange(
 
     owners = assign_owners(shapes, P, cost)
     # the ranks whose blocks tile matrix i: those on the owner's coordinates along every Replicate mesh dim
-    sources = [[q for q in range(P) if t[q].replica == t[owners[i]].replica] for i, t in enumerate(tables)]
+    sources = [{q for q in range(P) if t[q].replica == t[owners[i]].replica} for i, t in enumerate(tables)]
     mine = [i for i in range(len(params)) if owners[i] == me]
 
     # 1. blocks -> owners
