@@ -121,6 +121,13 @@ GRIDS: dict[str, Grid] = {
             data="../shared/corpora/kjv.jsonl",
         ),
         Grid(
+            "kjv-muon-merge10",
+            "Muon + PC for the first 10% of the steps (where PC leads), then merged and trained as plain Muon "
+            "at the Muon baseline's best lr (KJV)",
+            (Arm("muon", MUON_LRS), Arm("muon_pc", MUON_PC_LRS), Arm("muon_pc:merge10", lr_from="muon")),
+            data="../shared/corpora/kjv.jsonl",
+        ),
+        Grid(
             "kjv-muon-deg3",
             "Muon + PC degree 3 (KJV), lr swept",
             (Arm("muon", MUON_LRS), Arm("muon_pc:deg3", MUON_PC_LRS)),
