@@ -13,6 +13,8 @@ pytest.importorskip("tokenizers", reason="the token-efficiency benchmark trains 
 
 from benchmarks import study  # noqa: E402
 
+pytestmark = pytest.mark.slow  # about 15-40 s: 13 tiny training runs
+
 _WORDS = "the a lord said unto him and it was light dark water earth land went came saw good night".split()
 
 
