@@ -26,6 +26,7 @@ from pcopt.names import PC_TARGETS
 from pcopt.options import PCOptions
 from pcopt.polynomials import PC_COEFFICIENTS, apply_polynomial, polynomial
 from pcopt.registration import is_preconditioned, precondition, precondition_model, preconditioners
+from pcopt.spectral_clip import spectral_clip
 from pcopt.state import PCState, refresh, reset_preconditioners
 
 __version__ = "0.2.0"
@@ -54,4 +55,5 @@ __all__ = [
     "preconditioners",
     "refresh",
     "reset_preconditioners",
+    "spectral_clip",
 ]
