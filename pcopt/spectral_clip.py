@@ -59,7 +59,9 @@ def check_threshold(c: Any, what: str = "c") -> float:
 
 def check_steps(steps: Any) -> int:
     if isinstance(steps, bool) or not isinstance(steps, int):
-        raise TypeError(f"steps must be an int (Newton-Schulz iterations), got {type(steps).__name__} {steps!r}.")
+        raise TypeError(
+            f"steps must be an int (Newton-Schulz iterations), got {type(steps).__name__} {steps!r}."
+        )
     if not 1 <= steps <= 100:
         raise ValueError(
             f"steps must be between 1 and 100 Newton-Schulz iterations, got {steps}. The default is "
@@ -82,10 +84,14 @@ def resolve_clip_dtype(dtype: Any, like: torch.dtype) -> torch.dtype:
     )
 
 
-def _vector_clip(g: Tensor, c: float) -> Tensor:
+def vector_clip_scale(g: Tensor, c: float) -> Tensor:
+    """The factor of the vector rule for ``g`` (a 0-D tensor): 1 if ``||g|| <= c``, else ``(1 + ||g||^2/c^2)^(-1/2)``."""
     norm = torch.linalg.vector_norm(g.float() if g.dtype in (torch.float16, torch.bfloat16) else g)
-    scale = torch.where(norm <= c, torch.ones_like(norm), torch.rsqrt(1 + (norm / c) ** 2))
-    return g * scale.to(g.dtype)
+    return torch.where(norm <= c, torch.ones_like(norm), torch.rsqrt(1 + (norm / c) ** 2))
+
+
+def _vector_clip(g: Tensor, c: float) -> Tensor:
+    return g * vector_clip_scale(g, c).to(g.dtype)
 
 
 def _matrix_clip(X: Tensor, c: float, steps: int, dtype: torch.dtype) -> Tensor:

@@ -39,6 +39,7 @@ from pcopt.spectral_clip import (
     resolve_clip_dtype,
     spectral_clip,
     spectral_clip_flops,
+    vector_clip_scale,
 )
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,17 @@ def _is_dtensor(t: Tensor) -> bool:
 
 def _local(t: Tensor) -> Tensor:
     return t.to_local() if _is_dtensor(t) else t
+
+
+def _full(p: Tensor, local: Tensor) -> Tensor:
+    """The full tensor whose local block on this rank is ``local``, laid out as ``p`` (``local`` if plain)."""
+    if not _is_dtensor(p):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+    ).full_tensor()
 
 
 def _float(value: Any) -> float:
@@ -226,7 +238,9 @@ class Spectra(Optimizer):
             try:
                 self._pattern = re.compile(pattern)
             except re.error as exc:
-                raise ValueError(f"Spectra: pattern {pattern!r} is not a valid regular expression ({exc}).") from None
+                raise ValueError(
+                    f"Spectra: pattern {pattern!r} is not a valid regular expression ({exc})."
+                ) from None
         self._check_schedule(warmup_steps, base_lr, decay_fraction, total_steps, final_scale, decay)
         self.decoupled = decoupled
         for leaf in _leaf_optimizers(optimizer):
@@ -276,7 +290,9 @@ class Spectra(Optimizer):
                     or base_lr <= 0:  # fmt: skip
                 raise ValueError(f"Spectra: base_lr must be a finite float > 0 or None, got {base_lr!r}.")
             if warmup_steps == 0:
-                warnings.warn("Spectra: base_lr has no effect without warmup_steps > 0.", UserWarning, stacklevel=3)
+                warnings.warn(
+                    "Spectra: base_lr has no effect without warmup_steps > 0.", UserWarning, stacklevel=3
+                )
         if isinstance(decay_fraction, bool) or not isinstance(decay_fraction, (int, float)) \
                 or not 0.0 <= decay_fraction <= 1.0:  # fmt: skip
             raise ValueError(f"Spectra: decay_fraction must be a float in [0, 1], got {decay_fraction!r}.")
@@ -417,8 +433,8 @@ class Spectra(Optimizer):
         out: list[Tensor | None] = [None] * len(params)
         mats = [i for i, p in enumerate(params) if p.ndim >= 2]
         for i, p in enumerate(params):
-            if p.ndim < 2:  # vector rule on the full vector (DTensor ops reduce across shards)
-                out[i] = spectral_clip(locals_[i], c) if math.isfinite(c) else locals_[i]
+            if p.ndim < 2:  # the vector rule, its norm taken on the full vector (gathered: exact, and small)
+                out[i] = locals_[i] * vector_clip_scale(_full(p, locals_[i]), c).to(locals_[i].dtype)
         if not mats:
             return out  # type: ignore[return-value]
         if not math.isfinite(c):
@@ -442,7 +458,9 @@ class Spectra(Optimizer):
         for dtype, idx in by_dtype.items():
             fn = partial(spectral_clip, c=c, steps=self.steps, dtype=dtype)
             cost = partial(spectral_clip_flops, steps=self.steps)
-            results = map_full_matrices([params[i] for i in idx], [locals_[i].to(dtype) for i in idx], fn, cost)
+            results = map_full_matrices(
+                [params[i] for i in idx], [locals_[i].to(dtype) for i in idx], fn, cost
+            )
             for i, r in zip(idx, results):
                 out[i] = r.to(locals_[i].dtype)
         return out  # type: ignore[return-value]
@@ -455,15 +473,18 @@ class Spectra(Optimizer):
         calls it. Under FSDP2 every rank must call it (a collective per mesh).
         """
         if self.pre_clip is None:
-            raise RuntimeError("Spectra.clip_gradients_: pre_clip is None. Build Spectra with pre_clip=0.1 (say).")
+            raise RuntimeError(
+                "Spectra.clip_gradients_: pre_clip is None. Build Spectra with pre_clip=0.1 (say)."
+            )
         if self._grads_clipped:
             return
-        params = [p for g in self.param_groups for p in g["params"] if id(p) in self._selected and p.grad is not None]
-        vectors = [p for p in params if p.ndim < 2]
-        for p in vectors:
-            p.grad.copy_(spectral_clip(p.grad, self.pre_clip))
-        mats = [p for p in params if p.ndim >= 2]
-        for p, h in zip(mats, self._clip(mats, [_local(p.grad) for p in mats], self.pre_clip)):
+        params = [
+            p
+            for g in self.param_groups
+            for p in g["params"]
+            if id(p) in self._selected and p.grad is not None
+        ]
+        for p, h in zip(params, self._clip(params, [_local(p.grad) for p in params], self.pre_clip)):
             _local(p.grad).copy_(h)
         self._grads_clipped = True
 
@@ -498,21 +519,11 @@ class Spectra(Optimizer):
                 for p, u in zip(params, updates):
                     _local(p).add_(u, alpha=lr)
                 continue
-            vec = [j for j, p in enumerate(params) if p.ndim < 2]
-            updates: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
-            for j, (p, x0) in enumerate(zip(params, before)):
-                if j in vec:
-                    updates[j] = (x0 - p) / lr - wd * x0  # full vector (DTensor arithmetic if sharded)
-                else:
-                    x0l = _local(x0)
-                    updates[j] = (x0l - _local(p)) / lr - wd * x0l
+            updates = [(_local(x0) - _local(p)) / lr - wd * _local(x0) for p, x0 in zip(params, before)]
             clipped = self._clip(params, updates, c)
             for p, u, h in zip(params, updates, clipped):
                 alpha = _shape_factor(p.shape) if self.shape_factor else 1.0
-                delta = (u - h) if alpha == 1.0 else (u - alpha * h)
-                if _is_dtensor(delta):
-                    delta = delta.to_local()
-                _local(p).add_(delta, alpha=lr)
+                _local(p).add_((u - h) if alpha == 1.0 else (u - alpha * h), alpha=lr)
         for group in self.param_groups:
             group[_STEP_KEY] += 1
         self._grads_clipped = False

@@ -66,7 +66,9 @@ def _soft_clip_svd(U: torch.Tensor, c: float) -> torch.Tensor:
 BASES = {
     "pcopt_adamw": lambda ps: AdamW(ps, lr=3e-2, weight_decay=0.1),
     "torch_adamw": lambda ps: torch.optim.AdamW(ps, lr=3e-2, weight_decay=0.1, foreach=False),
-    "torch_adam_decoupled": lambda ps: torch.optim.Adam(ps, lr=3e-2, weight_decay=0.1, decoupled_weight_decay=True),
+    "torch_adam_decoupled": lambda ps: torch.optim.Adam(
+        ps, lr=3e-2, weight_decay=0.1, decoupled_weight_decay=True
+    ),
     "torch_adam_no_decay": lambda ps: torch.optim.Adam(ps, lr=3e-2),
     "sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9),
 }
@@ -76,7 +78,9 @@ BASES = {
 def test_huge_c_equals_unwrapped_bitwise(base):
     a, b = _net(), _net()
     ref = BASES[base](a.parameters())
-    opt = Spectra(BASES[base](b.parameters()), c=1e30, apply_to="all", dtype=torch.float32, shape_factor=False)
+    opt = Spectra(
+        BASES[base](b.parameters()), c=1e30, apply_to="all", dtype=torch.float32, shape_factor=False
+    )
     _train(a, ref, 4)
     _train(b, opt, 4)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
@@ -115,7 +119,9 @@ def test_post_clip_matches_svd_reference(c):
     """One step from the same state: Spectra's result = (1 - lr wd) X - lr alpha H_c(U), U from an unwrapped copy."""
     b = _net()
     lr, wd = 3e-2, 0.1
-    opt = Spectra(torch.optim.AdamW(b.parameters(), lr=lr, weight_decay=wd), c=c, model=b, dtype=torch.float32)
+    opt = Spectra(
+        torch.optim.AdamW(b.parameters(), lr=lr, weight_decay=wd), c=c, model=b, dtype=torch.float32
+    )
     _train(b, opt, 2)  # b's state differs from a's after clipped steps: compare one step from b's own state
     shadow = copy.deepcopy(b)
     shadow_opt = torch.optim.AdamW(shadow.parameters(), lr=lr, weight_decay=wd)
@@ -163,7 +169,10 @@ def test_muon_update_post_clip_is_a_uniform_shrink():
             want = (1 - 0.05 * 0.1) * x0.double() - 0.05 * _soft_clip_svd(U, c)
             assert torch.allclose(pb.double(), want, rtol=0, atol=1e-5)
             s = torch.linalg.svdvals(U)
-            shrink = ((pb.double() - (1 - 0.005) * x0.double()).norm() / (pa.double() - (1 - 0.005) * x0.double()).norm()).item()
+            shrink = (
+                (pb.double() - (1 - 0.005) * x0.double()).norm()
+                / (pa.double() - (1 - 0.005) * x0.double()).norm()
+            ).item()
             if c == 10.0:
                 assert 1 / math.sqrt(1 + (s.max().item() / c) ** 2) - 1e-3 <= shrink <= 1.0
                 assert shrink > 0.95
@@ -277,7 +286,11 @@ def test_pc_model_clips_raw_weights_and_refreshes_after_the_clip():
     opt = Spectra(base, c=0.3, model=model, dtype=torch.float32)
     assert base.pc_state is None and opt.pc_state is state
     names = {n for n, p in model.named_parameters() if id(p) in opt._selected}
-    assert names == {"w1.parametrizations.weight.original", "w3.parametrizations.weight.original", "proj.weight"}
+    assert names == {
+        "w1.parametrizations.weight.original",
+        "w3.parametrizations.weight.original",
+        "proj.weight",
+    }
     seen = {}
 
     class _Spy:
@@ -311,37 +324,94 @@ def test_pre_clip_gradients():
 @pytest.mark.parametrize(
     ("make", "exc", "pattern"),
     [
-        (lambda m: Spectra([p for p in m.parameters()], c=1.0), TypeError, r"wraps a torch\.optim\.Optimizer, got list"),
-        (lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=0.0, model=m), ValueError, r"finite and > 0, got 0\.0"),
+        (
+            lambda m: Spectra([p for p in m.parameters()], c=1.0),
+            TypeError,
+            r"wraps a torch\.optim\.Optimizer, got list",
+        ),
+        (
+            lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=0.0, model=m),
+            ValueError,
+            r"finite and > 0, got 0\.0",
+        ),
         (lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=-3.0, model=m), ValueError, r"got -3\.0"),
-        (lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=float("nan"), model=m), ValueError, r"got nan"),
-        (lambda m: Spectra(torch.optim.AdamW(m.parameters()), c="10", model=m), TypeError, r"real number.*got str"),
-        (lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, pre_clip=float("inf"), model=m), ValueError,
-         r"pre_clip must be finite"),
+        (
+            lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=float("nan"), model=m),
+            ValueError,
+            r"got nan",
+        ),
+        (
+            lambda m: Spectra(torch.optim.AdamW(m.parameters()), c="10", model=m),
+            TypeError,
+            r"real number.*got str",
+        ),
+        (
+            lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, pre_clip=float("inf"), model=m),
+            ValueError,
+            r"pre_clip must be finite",
+        ),
         (lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=None, model=m), ValueError, r"clips nothing"),
-        (lambda m: Spectra(torch.optim.Adam(m.parameters(), weight_decay=0.1), c=1.0, model=m), ValueError,
-         r"decoupled weight decay: torch\.optim\.Adam with weight_decay=0\.1 adds an L2 term"),
-        (lambda m: Spectra(torch.optim.SGD(m.parameters(), lr=0.1, weight_decay=1e-4), c=1.0, model=m), ValueError,
-         r"SGD with weight_decay=0\.0001 adds an L2 term"),
-        (lambda m: Spectra(torch.optim.RMSprop(m.parameters(), weight_decay=0.1), c=1.0, model=m), ValueError,
-         r"RMSprop has weight_decay=0\.1 and is not known.*decoupled=True"),
+        (
+            lambda m: Spectra(torch.optim.Adam(m.parameters(), weight_decay=0.1), c=1.0, model=m),
+            ValueError,
+            r"decoupled weight decay: torch\.optim\.Adam with weight_decay=0\.1 adds an L2 term",
+        ),
+        (
+            lambda m: Spectra(torch.optim.SGD(m.parameters(), lr=0.1, weight_decay=1e-4), c=1.0, model=m),
+            ValueError,
+            r"SGD with weight_decay=0\.0001 adds an L2 term",
+        ),
+        (
+            lambda m: Spectra(torch.optim.RMSprop(m.parameters(), weight_decay=0.1), c=1.0, model=m),
+            ValueError,
+            r"RMSprop has weight_decay=0\.1 and is not known.*decoupled=True",
+        ),
         (lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0), ValueError, r"needs model="),
-        (lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, apply_to="3d"), ValueError,
-         r"apply_to must be one of .*got '3d'"),
-        (lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, model=m, apply_to="2d", pattern="w"),
-         ValueError, r"either pattern"),
-        (lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, model=m, pattern="nomatch"), ValueError,
-         r"selected no parameter"),
-        (lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, model=m, pattern="("), ValueError,
-         r"not a valid regular expression"),
-        (lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, model=m, decay_fraction=0.1), ValueError,
-         r"needs total_steps"),
-        (lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, model=m, warmup_steps=-1), ValueError,
-         r"warmup_steps must be an int >= 0, got -1"),
-        (lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, model=m, steps=0), ValueError, r"between 1 and 100"),
-        (lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, model="m"), TypeError, r"nn\.Module or None"),
-        (lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, model=m, dtype=torch.int8), TypeError,
-         r"dtype must be None"),
+        (
+            lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, apply_to="3d"),
+            ValueError,
+            r"apply_to must be one of .*got '3d'",
+        ),
+        (
+            lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, model=m, apply_to="2d", pattern="w"),
+            ValueError,
+            r"either pattern",
+        ),
+        (
+            lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, model=m, pattern="nomatch"),
+            ValueError,
+            r"selected no parameter",
+        ),
+        (
+            lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, model=m, pattern="("),
+            ValueError,
+            r"not a valid regular expression",
+        ),
+        (
+            lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, model=m, decay_fraction=0.1),
+            ValueError,
+            r"needs total_steps",
+        ),
+        (
+            lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, model=m, warmup_steps=-1),
+            ValueError,
+            r"warmup_steps must be an int >= 0, got -1",
+        ),
+        (
+            lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, model=m, steps=0),
+            ValueError,
+            r"between 1 and 100",
+        ),
+        (
+            lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, model="m"),
+            TypeError,
+            r"nn\.Module or None",
+        ),
+        (
+            lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, model=m, dtype=torch.int8),
+            TypeError,
+            r"dtype must be None",
+        ),
     ],
 )
 def test_bad_input(make, exc, pattern):

@@ -156,7 +156,9 @@ def test_vector_rule():
     out = pcopt.spectral_clip(g, 2.5)
     assert torch.allclose(out, g / math.sqrt(1 + 4.0))
     assert torch.equal(pcopt.spectral_clip(torch.tensor(7.0), 10.0), torch.tensor(7.0))
-    assert torch.allclose(pcopt.spectral_clip(torch.tensor(-30.0), 10.0), torch.tensor(-30.0 / math.sqrt(10.0)))
+    assert torch.allclose(
+        pcopt.spectral_clip(torch.tensor(-30.0), 10.0), torch.tensor(-30.0 / math.sqrt(10.0))
+    )
 
 
 def test_huge_c_is_identity_in_fp32():
