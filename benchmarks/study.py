@@ -140,6 +140,21 @@ GRIDS: dict[str, Grid] = {
             data="../shared/corpora/python-docs.jsonl",
         ),
         Grid(
+            "python-docs-muon-pilot",
+            "Muon vs Muon + PC on python-docs at the KJV best lrs (1.2e-2, 2.4e-2), seed 0 only: no sweep",
+            (Arm("muon", (1.2e-2,)), Arm("muon_pc", (2.4e-2,))),
+            data="../shared/corpora/python-docs.jsonl",
+            seeds=(0,),
+            max_extend=0,
+        ),
+        Grid(
+            "kjv-muon-merge0",
+            "PC as an initialisation only: merged before the first step, then plain Muon at the Muon "
+            "baseline's best lr (the first-order equivalent of a W_eff-space Muon, docs/study.md), KJV",
+            (Arm("muon", MUON_LRS), Arm("muon_pc", MUON_PC_LRS), Arm("muon_pc:merge0", lr_from="muon")),
+            data="../shared/corpora/kjv.jsonl",
+        ),
+        Grid(
             "kjv-adamw",
             "AdamW vs AdamW + PC (degree 9), best lr vs best lr, KJV, 3.3M model",
             (Arm("adamw", ADAMW_LRS), Arm("adamw_pc", ADAMW_LRS)),
