@@ -36,6 +36,17 @@ from torch import nn
 import pcopt
 from benchmarks import _common as C
 
+# SPECTRA arms (docs/spectra.md): the arm without the suffix, its updates post-clipped by pcopt.optim.Spectra.
+SPECTRA_ARMS = ("adamw_spectra", "adamw_pc_spectra", "muon_spectra")
+ALL_ARMS = C.ARMS + SPECTRA_ARMS
+
+
+def split_arm(arm: str) -> tuple[str, bool, bool]:
+    """``arm`` -> (optimizer, PC?, SPECTRA?), e.g. ``"adamw_pc_spectra"`` -> ``("adamw", True, True)``."""
+    core = arm.removesuffix("_spectra")
+    return core.removesuffix("_pc"), core.endswith("_pc"), arm.endswith("_spectra")
+
+
 # Matrices whose spectra are plotted (layer index -1 = last layer).
 SPECTRA = (("0", "feed_forward.w1"), ("mid", "attention.wo"), ("-1", "feed_forward.w2"))
 
@@ -45,7 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m benchmarks.token_efficiency", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--data", required=True, help="JSON-lines file with a 'text' field per document")
-    p.add_argument("--arms", default=",".join(C.ARMS), help=f"comma-separated subset of {','.join(C.ARMS)}")
+    p.add_argument("--arms", default=",".join(C.ARMS), help=f"comma-separated subset of {','.join(ALL_ARMS)}")
+    p.add_argument(
+        "--spectra-c", type=float, default=10.0, help="post-clip threshold c of the *_spectra arms (published: 10)"
+    )
     p.add_argument("--steps", type=int, default=400, help="optimizer steps per arm")
     p.add_argument("--out", default="outputs/token_efficiency", help="output directory")
     p.add_argument("--seed", type=int, default=0, help="model init and data order seed (same for all arms)")
@@ -86,10 +100,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    bad = [a for a in arms if a not in C.ARMS]
+    bad = [a for a in arms if a not in ALL_ARMS]
     if bad or not arms:
         p.error(
-            f"--arms: unknown arm(s) {bad or arms}; expected a comma-separated subset of {','.join(C.ARMS)}"
+            f"--arms: unknown arm(s) {bad or arms}; expected a comma-separated subset of {','.join(ALL_ARMS)}"
         )
     args.arms = arms
     for name in ("sweep_adamw", "sweep_muon"):
@@ -187,7 +201,8 @@ def run_config(args, arm: str, lr: float, data: dict) -> dict:
         "val_every_doc": args.val_every_doc,
         "val_sha": hashlib.sha256(data["val"].numpy().tobytes()).hexdigest()[:16],
         "version": 1,
-        **({"variant": args.variant} if getattr(args, "variant", "") and arm.endswith("_pc") else {}),
+        **({"variant": args.variant} if getattr(args, "variant", "") and split_arm(arm)[1] else {}),
+        **({"spectra_c": args.spectra_c} if split_arm(arm)[2] else {}),
     }
 
 
@@ -200,8 +215,7 @@ def eval_every(args) -> int:
 
 
 def train_arm(args, arm: str, lr: float, data: dict) -> dict:
-    optimizer = arm.removesuffix("_pc")
-    use_pc = arm.endswith("_pc")
+    optimizer, use_pc, use_spectra = split_arm(arm)
     variant = _variant(args) if use_pc else None  # benchmarks/_variants.py; None for the default arms
     model = C.build_llama(data["vocab_size"], model_size(args), args.seed)
     n_params = C.count_params(model)
@@ -212,6 +226,9 @@ def train_arm(args, arm: str, lr: float, data: dict) -> dict:
     )
     n_params_pc = C.count_params(model)
     opts, self_refresh = (variant or C).build_optimizers(model, optimizer, lr)
+    if use_spectra:  # post-clip the hidden matrices' updates; c * lr constant during the 1% warmup
+        warmup = max(1, round(0.01 * args.steps))
+        opts = [pcopt.optim.Spectra(o, c=args.spectra_c, model=model, warmup_steps=warmup) for o in opts]
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: C.lr_factor(s, args.steps)) for o in opts]
     sampler = C.WindowSampler(data["train"], args.batch_size, args.seed)
     tokens_per_step = args.batch_size * args.seq_len
@@ -263,6 +280,7 @@ def train_arm(args, arm: str, lr: float, data: dict) -> dict:
         "arm": arm,
         "optimizer": optimizer,
         "pc": use_pc,
+        "spectra_c": args.spectra_c if use_spectra else None,
         "pc_degree": (variant.pc_degree(optimizer) if variant else C.PC_DEGREE[optimizer])
         if use_pc
         else None,
@@ -363,7 +381,8 @@ def token_ratio(base: dict, pc: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # Plots (matplotlib imported lazily)
 # ----------------------------------------------------------------------------------------------------
-_COLORS = {"adamw": "tab:blue", "adamw_pc": "tab:orange", "muon": "tab:green", "muon_pc": "tab:red"}
+_COLORS = {"adamw": "tab:blue", "adamw_pc": "tab:orange", "muon": "tab:green", "muon_pc": "tab:red",
+           "adamw_spectra": "tab:purple", "adamw_pc_spectra": "tab:brown", "muon_spectra": "tab:olive"}
 
 
 def plot(summary: dict, runs: dict[str, dict], out: Path) -> list[str]:
@@ -499,7 +518,7 @@ def main(argv=None) -> dict:
             runs[o] = best
     for arm in args.arms:
         if arm not in runs:
-            runs[arm] = get_run(args, arm, lrs[arm.removesuffix("_pc")], data, out)
+            runs[arm] = get_run(args, arm, lrs[split_arm(arm)[0]], data, out)
 
     summary = {
         "data": {"path": os.path.abspath(args.data), **data["stats"], "tokenizer": data["tokenizer_source"]},
@@ -549,6 +568,10 @@ def main(argv=None) -> dict:
         base = runs.get(arm.removesuffix("_pc"))
         if arm.endswith("_pc"):
             entry["pc_degree"] = r["pc_degree"]
+            entry["token_ratio"] = token_ratio(base, r) if base else None
+        if arm.endswith("_spectra"):  # against the same arm without the clip
+            base = runs.get(arm.removesuffix("_spectra"))
+            entry["spectra_c"] = r["spectra_c"]
             entry["token_ratio"] = token_ratio(base, r) if base else None
         summary["arms"][arm] = entry
     summary["curves"] = {arm: r["curve"] for arm, r in runs.items()}
