@@ -126,7 +126,8 @@ class Spectra(Optimizer):
     objects), so ``torch.optim.lr_scheduler.*``, ``zero_grad``, ``state_dict``/``load_state_dict`` (also
     through ``torch.distributed.checkpoint``) and ``step(closure)`` work on the wrapper. The wrapper's step
     count and each group's reference lr are kept in the param groups (``"spectra_step"``,
-    ``"spectra_base_lr"``), so they travel with every optimizer checkpoint.
+    ``"spectra_base_lr"``), so they travel with every optimizer checkpoint. A step where every group has
+    ``lr == 0`` (how ``torch.distributed.checkpoint`` and torchtitan create optimizer state) is not counted.
 
     Args:
         optimizer: the base optimizer, with decoupled weight decay: ``pcopt.optim.AdamW``/``Muon``,
@@ -524,8 +525,11 @@ class Spectra(Optimizer):
             for p, u, h in zip(params, updates, clipped):
                 alpha = _shape_factor(p.shape) if self.shape_factor else 1.0
                 _local(p).add_((u - h) if alpha == 1.0 else (u - alpha * h), alpha=lr)
-        for group in self.param_groups:
-            group[_STEP_KEY] += 1
+        if any(
+            _float(g["lr"]) != 0.0 for g in self.param_groups
+        ):  # a zero-lr step (DCP's state init) is no step
+            for group in self.param_groups:
+                group[_STEP_KEY] += 1
         self._grads_clipped = False
         if self.pc_state is not None:
             self.pc_state.after_step()

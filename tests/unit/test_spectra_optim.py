@@ -438,3 +438,19 @@ def test_coupled_decay_at_step_time_is_a_runtime_error():
     _loss(model, torch.Generator().manual_seed(0)).backward()
     with pytest.raises(RuntimeError, match=r"decoupled weight decay at step time: torch\.optim\.SGD"):
         opt.step()
+
+
+def test_zero_lr_step_is_not_counted_and_changes_nothing():
+    """torch.distributed.checkpoint / torchtitan create optimizer state with a zero-gradient, lr = 0 step."""
+    model = _net()
+    opt = Spectra(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), c=1.0, model=model)
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.param_groups[0]["lr"] = 0.0
+    opt.step()
+    assert opt.param_groups[0]["spectra_step"] == 0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    opt.param_groups[0]["lr"] = 1e-2
+    _train(model, opt, 1)
+    assert opt.param_groups[0]["spectra_step"] == 1
