@@ -51,6 +51,13 @@ class PCOptimizersContainer(OptimizersContainer):
         pc_refresh_iterations: int | None = None
         """Power iterations per refresh after each step (None: each PC weight's own setting, 10)."""
 
+        spectral_clip: float | None = None
+        """SPECTRA post-clip threshold ``c`` (docs/spectra.md): the hidden matrices' updates of every optimizer
+        go through :class:`pcopt.optim.Spectra` (published default 10.0). None (default): off."""
+
+        spectral_clip_warmup_steps: int = 0
+        """Steps over which ``c * lr`` is held constant (set it to the lr warmup; 0: ``c`` is constant)."""
+
     @staticmethod
     def _resolve_optimizer_factory(name: str) -> Callable[..., Optimizer]:
         if name == "Muon":
@@ -88,11 +95,45 @@ class PCOptimizersContainer(OptimizersContainer):
             raise ValueError(
                 f"optimizer.pc_refresh_iterations must be >= 1 or None, got {config.pc_refresh_iterations}."
             )
+        from torchtitan_ext.pc import sharded_pc
+
+        sharded = [s for s in map(sharded_pc, model_parts) if s is not None]
+        if len(sharded) > 1:
+            raise ValueError("The sharded PC mode supports one model part (no pipeline parallelism).")
+        if sharded:
+            # The model has just been initialised (to_empty + init_weights wrote <module>.weight): start the
+            # PC state from those values, as registration does, and write the first W_eff.
+            sharded[0].initialize()
         super().__init__(config, model_parts=model_parts)
         has_pc = any(pcopt.preconditioners(m) for m in model_parts)
         self.pc_state = (
-            pcopt.PCState(model_parts, num_power_iterations=config.pc_refresh_iterations) if has_pc else None
+            pcopt.PCState(
+                model_parts,
+                num_power_iterations=config.pc_refresh_iterations,
+                sharded=sharded[0] if sharded else None,
+            )
+            if has_pc or sharded
+            else None
         )
+        if config.spectral_clip is not None:
+            self.optimizers = [self._with_spectra(o, config, model_parts) for o in self.optimizers]
+
+    @staticmethod
+    def _with_spectra(optimizer: Optimizer, config: Config, model_parts: list[torch.nn.Module]) -> Optimizer:
+        """``optimizer`` wrapped in :class:`pcopt.optim.Spectra` if it holds hidden matrices, else as is."""
+        ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        for part in model_parts:
+            hidden = {
+                id(p) for g in pcopt.optim.param_groups(part) if g["algorithm"] == "muon" for p in g["params"]
+            }
+            if ids & hidden:
+                return pcopt.optim.Spectra(
+                    optimizer,
+                    c=config.spectral_clip,
+                    model=part,
+                    warmup_steps=config.spectral_clip_warmup_steps,
+                )
+        return optimizer
 
     def step(self, closure=None):
         super().step(closure)
