@@ -95,25 +95,10 @@ class PCOptimizersContainer(OptimizersContainer):
             raise ValueError(
                 f"optimizer.pc_refresh_iterations must be >= 1 or None, got {config.pc_refresh_iterations}."
             )
-        from torchtitan_ext.pc import sharded_pc
-
-        sharded = [s for s in map(sharded_pc, model_parts) if s is not None]
-        if len(sharded) > 1:
-            raise ValueError("The sharded PC mode supports one model part (no pipeline parallelism).")
-        if sharded:
-            # The model has just been initialised (to_empty + init_weights wrote <module>.weight): start the
-            # PC state from those values, as registration does, and write the first W_eff.
-            sharded[0].initialize()
         super().__init__(config, model_parts=model_parts)
         has_pc = any(pcopt.preconditioners(m) for m in model_parts)
         self.pc_state = (
-            pcopt.PCState(
-                model_parts,
-                num_power_iterations=config.pc_refresh_iterations,
-                sharded=sharded[0] if sharded else None,
-            )
-            if has_pc or sharded
-            else None
+            pcopt.PCState(model_parts, num_power_iterations=config.pc_refresh_iterations) if has_pc else None
         )
         if config.spectral_clip is not None:
             self.optimizers = [self._with_spectra(o, config, model_parts) for o in self.optimizers]
