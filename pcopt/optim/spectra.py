@@ -515,19 +515,14 @@ class Spectra(Optimizer):
         for group, params, before in todo:
             lr, wd = _float(group["lr"]), _float(group.get("weight_decay", 0.0))
             c = self.threshold(group)
-            if c == 0.0:  # the end of a decay to final_scale = 0: the clipped update is zero
-                updates = [(_local(x0) - _local(p)) / lr - wd * _local(x0) for p, x0 in zip(params, before)]
-                for p, u in zip(params, updates):
-                    _local(p).add_(u, alpha=lr)
-                continue
             updates = [(_local(x0) - _local(p)) / lr - wd * _local(x0) for p, x0 in zip(params, before)]
-            clipped = self._clip(params, updates, c)
+            # c = 0 (the end of a decay to final_scale = 0): the clipped update is zero, only the decay remains
+            clipped = [torch.zeros_like(u) for u in updates] if c == 0.0 else self._clip(params, updates, c)
             for p, u, h in zip(params, updates, clipped):
                 alpha = _shape_factor(p.shape) if self.shape_factor else 1.0
                 _local(p).add_((u - h) if alpha == 1.0 else (u - alpha * h), alpha=lr)
-        if any(
-            _float(g["lr"]) != 0.0 for g in self.param_groups
-        ):  # a zero-lr step (DCP's state init) is no step
+        # a step with lr = 0 everywhere (how DCP and torchtitan create optimizer state) is not counted
+        if any(_float(g["lr"]) != 0.0 for g in self.param_groups):
             for group in self.param_groups:
                 group[_STEP_KEY] += 1
         self._grads_clipped = False
