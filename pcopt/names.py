@@ -51,11 +51,12 @@ HEAD_MODULES = r"(^|\.)(output|lm_head)$"
 """The LM head (AdamW in the paper's Muon recipe)."""
 
 
-GAMMA_PARAMS = r"(^|\.)parametrizations\.[^.]+\.0\.gamma$"
-"""Parameter-FQN regex of every PC ``gamma``."""
+GAMMA_PARAMS = r"(^|\.)(parametrizations\.[^.]+\.0|pc)\.gamma$"
+"""Parameter-FQN regex of every PC ``gamma`` (parametrize registration, or the sharded mode's ``<module>.pc``)."""
 
-WEIGHT_PARAMS = r"(^|\.)(weight|parametrizations\.weight\.original)$"
-"""Parameter-FQN regex of every ``weight``, plain or the raw weight of a preconditioned one."""
+WEIGHT_PARAMS = r"(^|\.)(weight|parametrizations\.weight\.original|pc\.raw)$"
+"""Parameter-FQN regex of every ``weight``, plain or the raw weight of a preconditioned one (``pc.raw`` in the
+sharded mode of :mod:`pcopt.sharded`)."""
 
 
 def param_pattern(module_pattern: str, name: str = "weight") -> str:
@@ -69,7 +70,7 @@ def param_pattern(module_pattern: str, name: str = "weight") -> str:
             f"param_pattern expects a module pattern anchored at the end ('...$'), got {module_pattern!r}."
         )
     n = re.escape(name)
-    return f"{module_pattern[:-1]}\\.({n}|parametrizations\\.{n}\\.original)$"
+    return f"{module_pattern[:-1]}\\.({n}|parametrizations\\.{n}\\.original|pc\\.raw)$"
 
 
 class PCKeys(NamedTuple):

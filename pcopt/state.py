@@ -16,6 +16,10 @@ One object owns this for a model, :class:`PCState`, with one entry point per mom
         state.after_step()                # refresh u, v (warm-started power iteration)
         optimizer.zero_grad()
 
+In the sharded once-per-step mode (:func:`pcopt.sharded.distribute`, ``PCState(model, sharded=...)``) the
+same two calls do more: ``after_backward`` pulls the reduce-scattered ``dL/dW_eff`` shards back to ``dL/dW``
+and ``dL/dgamma``, and ``after_step`` also writes the new ``W_eff`` into FSDP2's parameter.
+
 ``after_step`` runs automatically when the optimizer was given the state: ``pcopt.optim.build_optimizer``
 (always), ``pcopt.optim.Muon(..., pc_state=state)``, ``pcopt.optim.AdamW(..., pc_state=state)``, or any
 ``torch.optim.Optimizer`` after ``state.attach(optimizer)``. torchtitan_ext's optimizers container calls it
@@ -122,13 +126,32 @@ class PCState:
     """
 
     def __init__(
-        self, model: nn.Module | Sequence[nn.Module], *, num_power_iterations: int | None = None
+        self,
+        model: nn.Module | Sequence[nn.Module],
+        *,
+        num_power_iterations: int | None = None,
+        sharded=None,
     ) -> None:
         self.modules = _modules(model, "PCState")
         if num_power_iterations is not None:
             check_positive_int(num_power_iterations, "num_power_iterations")
         self.num_power_iterations = num_power_iterations
-        if not self.preconditioners():
+        from pcopt.sharded import ShardedPC
+
+        if sharded is not None and not isinstance(sharded, ShardedPC):
+            raise TypeError(
+                f"PCState: sharded must be the pcopt.sharded.ShardedPC that distribute() returned, got "
+                f"{type(sharded).__name__}."
+            )
+        self.sharded = sharded
+        if sharded is not None and num_power_iterations is not None:
+            warnings.warn(
+                "PCState: num_power_iterations has no effect on the sharded weights (each keeps its "
+                "PCOptions.num_power_iterations); it applies to parametrized ones only.",
+                UserWarning,
+                stacklevel=2,
+            )
+        if not self.preconditioners() and sharded is None:
             warnings.warn(
                 "pcopt.PCState: the model has no preconditioned weights, so after_step/accumulate do nothing. "
                 "Call pcopt.precondition_model(model) first for them to have an effect.",
@@ -161,6 +184,8 @@ class PCState:
                 f"PCState.after_backward was called inside an accumulate() block (still open for {busy[:3]}). "
                 "Call it after the with block has exited."
             )
+        if self.sharded is not None:
+            self.sharded.after_backward()  # dL/dW_eff shards -> dL/dW, dL/dgamma (pcopt.sharded)
 
     @torch.no_grad()
     def after_step(self) -> int:
@@ -171,8 +196,11 @@ class PCState:
         pcs = [pc for _, pc in self.preconditioners()]
         if pcs:
             refresh_modules(pcs, self.num_power_iterations)
-        logger.debug("PCState.after_step: refreshed %d preconditioned weights", len(pcs))
-        return len(pcs)
+        n = len(pcs)
+        if self.sharded is not None:
+            n += self.sharded.after_step()  # refresh u, v and write W_eff on the shards
+        logger.debug("PCState.after_step: refreshed %d preconditioned weights", n)
+        return n
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Call :meth:`after_step` after every ``optimizer.step()`` (a step post-hook); returns its handle."""

@@ -48,12 +48,15 @@ from torchtitan_ext.data import TOKENIZER_DIR, register_datasets
 from torchtitan_ext.metrics import PCMetricsProcessor
 from torchtitan_ext.optimizer import adamw_config, muon_config
 from torchtitan_ext.pc import PCConverter, parallelize_llama_pc
+from torchtitan_ext.trainer import PCTrainer
 
 __all__ = [
     "debug_adamw",
     "debug_adamw_pc",
     "debug_muon",
     "debug_muon_pc",
+    "debug_muon_pc_sharded",
+    "debug_adamw_pc_sharded",
     "llama2_1b_adamw",
     "llama2_1b_adamw_pc",
     "llama2_1b_muon",
@@ -133,9 +136,10 @@ def _state_dict_adapter():
     return PCLlamaStateDictAdapter
 
 
-def _config(flavor: str, optimizer: str, pc: bool) -> Trainer.Config:
+def _config(flavor: str, optimizer: str, pc: bool, pc_mode: str = "parametrize") -> Trainer.Config:
     lr = _LR[(flavor, optimizer)]
-    model_spec = llama2_model(flavor, pc=PCConverter.Config(degree=pc_degree(optimizer)) if pc else None)
+    pc_cfg = PCConverter.Config(degree=pc_degree(optimizer), mode=pc_mode) if pc else None
+    model_spec = llama2_model(flavor, pc=pc_cfg)
     opt = adamw_config(lr) if optimizer == "adamw" else muon_config(lr)
     opt.implementation = "fused" if torch.cuda.is_available() else "foreach"
 
@@ -165,7 +169,7 @@ def _config(flavor: str, optimizer: str, pc: bool) -> Trainer.Config:
         # outputs stay valid. Same policy for baseline and PC runs, so their step times compare.
         activation_checkpoint = SelectiveAC.Config()
 
-    config = Trainer.Config(
+    config = PCTrainer.Config(
         model_spec=model_spec,
         hf_assets_path=hf_assets_path,
         loss=ChunkedLossWrapper.Config(
@@ -220,6 +224,16 @@ def debug_muon() -> Trainer.Config:
 
 def debug_muon_pc() -> Trainer.Config:
     return _config("debug", "muon", pc=True)
+
+
+def debug_muon_pc_sharded() -> Trainer.Config:
+    """``debug_muon_pc`` with W_eff computed once per step on the FSDP2 shards (:mod:`pcopt.sharded`)."""
+    return _config("debug", "muon", pc=True, pc_mode="sharded")
+
+
+def debug_adamw_pc_sharded() -> Trainer.Config:
+    """``debug_adamw_pc`` with W_eff computed once per step on the FSDP2 shards (:mod:`pcopt.sharded`)."""
+    return _config("debug", "adamw", pc=True, pc_mode="sharded")
 
 
 def llama2_271m_adamw() -> Trainer.Config:

@@ -73,6 +73,15 @@ class PCOptimizersContainer(OptimizersContainer):
     @staticmethod
     def _build_param_groups(model, param_group_configs, impl_kwargs):
         groups, patterns = OptimizersContainer._build_param_groups(model, param_group_configs, impl_kwargs)
+        from torchtitan_ext.pc import sharded_pc
+
+        sharded = sharded_pc(model)
+        if sharded is not None:  # W_eff belongs to FSDP2 and is written by the PC state, never stepped
+            skip = {id(w) for w in sharded.effective_weights()}
+            for group in (g for gs in groups.values() for g in gs):
+                keep = [i for i, p in enumerate(group["params"]) if id(p) not in skip]
+                group["params"] = [group["params"][i] for i in keep]
+                group["param_names"] = [group["param_names"][i] for i in keep]
         for opt_name in _MATRIX_ONLY & set(groups):
             for group, pattern in zip(groups[opt_name], patterns[opt_name]):
                 bad = [
@@ -88,6 +97,14 @@ class PCOptimizersContainer(OptimizersContainer):
                     )
         return groups, patterns
 
+    def _validate_params(self, all_params) -> None:
+        # The sharded PC mode's W_eff parameters are trainable (FSDP2 reduce-scatters their gradients) but are
+        # written by the PC state, not stepped: count them as assigned.
+        from torchtitan_ext.pc import sharded_pc
+
+        effective = [w for m in self.model_parts if (s := sharded_pc(m)) is not None for w in s.effective_weights()]
+        super()._validate_params([*all_params, *effective])
+
     def __init__(self, config: Config, *, model_parts: list[torch.nn.Module]) -> None:
         if config.pc_refresh_iterations is not None and (
             isinstance(config.pc_refresh_iterations, bool) or config.pc_refresh_iterations < 1
@@ -95,10 +112,25 @@ class PCOptimizersContainer(OptimizersContainer):
             raise ValueError(
                 f"optimizer.pc_refresh_iterations must be >= 1 or None, got {config.pc_refresh_iterations}."
             )
+        from torchtitan_ext.pc import sharded_pc
+
+        sharded = [s for s in map(sharded_pc, model_parts) if s is not None]
+        if len(sharded) > 1:
+            raise ValueError("The sharded PC mode supports one model part (no pipeline parallelism).")
+        if sharded:
+            # The model has just been initialised (to_empty + init_weights wrote <module>.weight): start the
+            # PC state from those values, as registration does, and write the first W_eff.
+            sharded[0].initialize()
         super().__init__(config, model_parts=model_parts)
         has_pc = any(pcopt.preconditioners(m) for m in model_parts)
         self.pc_state = (
-            pcopt.PCState(model_parts, num_power_iterations=config.pc_refresh_iterations) if has_pc else None
+            pcopt.PCState(
+                model_parts,
+                num_power_iterations=config.pc_refresh_iterations,
+                sharded=sharded[0] if sharded else None,
+            )
+            if has_pc or sharded
+            else None
         )
         if config.spectral_clip is not None:
             self.optimizers = [self._with_spectra(o, config, model_parts) for o in self.optimizers]

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass
@@ -31,13 +32,16 @@ from torchtitan.protocols.model import ModelConfigConverter
 from torchtitan.protocols.module import Module
 
 import pcopt
+import pcopt.sharded
 from pcopt import PCOptions
 from pcopt.names import PC_TARGETS
 from torchtitan_ext.compat import check_spmd_backend, force_sum_reduction_on_gloo
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PCConverter", "PCLinear", "parallelize_llama_pc"]
+__all__ = ["PC_MODES", "PCConverter", "PCLinear", "parallelize_llama_pc", "sharded_pc"]
+
+PC_MODES = ("parametrize", "sharded")
 
 
 def _options(c) -> PCOptions:
@@ -63,6 +67,10 @@ class PCLinear(Linear):
 
         eps: float = 1e-7
         """Added to the sigma estimate."""
+
+        pc_mode: str = "parametrize"
+        """How PC executes: ``"parametrize"`` (the map in every forward) or ``"sharded"`` (``W_eff`` once
+        per optimizer step on the FSDP2 shards, :mod:`pcopt.sharded`)."""
 
     def __init__(self, config: Config):
         super().__init__(config)
@@ -103,6 +111,10 @@ class PCConverter(ModelConfigConverter):
         num_power_iterations: int = 10
         learn_gamma: bool = True
         eps: float = 1e-7
+        mode: str = "parametrize"
+        """``"parametrize"``: the PC map runs in every micro-batch forward (the reference semantics).
+        ``"sharded"``: ``W_eff`` is computed once per optimizer step on the FSDP2 shards and the model's
+        forward sees a plain Linear (:mod:`pcopt.sharded`; FSDP2 / HSDP only)."""
 
     def __init__(self, config: Config, **kwargs):
         try:
@@ -110,6 +122,10 @@ class PCConverter(ModelConfigConverter):
         except re.error as e:
             raise ValueError(f"PC targets {config.targets!r} is not a valid regex: {e}") from None
         self.options = _options(config)
+        if config.mode not in PC_MODES:
+            raise ValueError(
+                f"PC mode must be one of {list(PC_MODES)}, got {config.mode!r}. Set PCConverter.Config(mode=...)."
+            )
         self.config = config
 
     def convert(self, model_config: Module.Config) -> Module.Config:
@@ -137,6 +153,7 @@ class PCConverter(ModelConfigConverter):
                 num_power_iterations=c.num_power_iterations,
                 learn_gamma=c.learn_gamma,
                 eps=c.eps,
+                pc_mode=c.mode,
             )
             if parent is None:
                 model_config = new
@@ -156,6 +173,36 @@ class PCConverter(ModelConfigConverter):
             "PC layer (%s) will be applied to %d matrices matching %r", self.options, matched, c.targets
         )
         return model_config
+
+
+_SHARDED_ATTR = "_pcopt_sharded_pc"
+
+
+def sharded_pc(model) -> pcopt.sharded.ShardedPC | None:
+    """The :class:`pcopt.sharded.ShardedPC` of a model parallelized in the sharded PC mode, else None."""
+    return model.__dict__.get(_SHARDED_ATTR)
+
+
+@contextlib.contextmanager
+def _shard_larger_dim(placement_fn):
+    """Make torchtitan's ``fully_shard`` calls shard each PC matrix on its larger dim (other params: Shard(0)).
+
+    torchtitan's ``apply_fsdp_to_decoder`` exposes no ``shard_placement_fn`` for dense blocks, so its module
+    global is wrapped for the duration of the call.
+    """
+    import torchtitan.distributed.fsdp as tt_fsdp
+
+    original = tt_fsdp.fully_shard
+
+    def fully_shard(module, *args, **kwargs):
+        kwargs.setdefault("shard_placement_fn", placement_fn)
+        return original(module, *args, **kwargs)
+
+    tt_fsdp.fully_shard = fully_shard
+    try:
+        yield
+    finally:
+        tt_fsdp.fully_shard = original
 
 
 def attach_pc(model) -> list[str]:
@@ -197,8 +244,8 @@ def parallelize_llama_pc(
             )
         fqns = attach_pc(model)
         logger.info("PC layer attached to %d matrices before FSDP: %s ...", len(fqns), fqns[:4])
-    model = parallelize_llama(
-        model,
+    modes = {m._pc_config.pc_mode for m in model.modules() if isinstance(m, PCLinear)}
+    kwargs = dict(
         parallel_dims=parallel_dims,
         training=training,
         parallelism=parallelism,
@@ -206,6 +253,22 @@ def parallelize_llama_pc(
         ac_config=ac_config,
         dump_folder=dump_folder,
     )
+    if modes == {"sharded"}:
+        if parallel_dims.pp_enabled:
+            raise ValueError(
+                "PC mode 'sharded' supports FSDP2/HSDP without pipeline parallelism; set "
+                "pipeline_parallel_degree to 1 or use PCConverter.Config(mode='parametrize')."
+            )
+
+        def shard(m, placement_fn):
+            with _shard_larger_dim(placement_fn):
+                parallelize_llama(m, **kwargs)
+
+        pc = pcopt.sharded.distribute(model, shard)
+        model.__dict__[_SHARDED_ATTR] = pc  # found by sharded_pc(model): the optimizers container calls it
+        logger.info("PC layer in the sharded once-per-step mode: %s", pc)
+    else:
+        model = parallelize_llama(model, **kwargs)
     n = force_sum_reduction_on_gloo(model)
     if n:
         logger.info("gloo: FSDP2 gradient reductions use SUM on %d modules", n)
