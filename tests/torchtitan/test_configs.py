@@ -188,3 +188,14 @@ def test_warmup_is_one_percent_and_lr_ends_at_ten_percent():
     cfg = _config("llama2_1b_muon_pc")
     assert cfg.lr_scheduler.warmup_steps == 611 and cfg.training.steps == 61_100
     assert math.isclose(cfg.lr_scheduler.min_lr_factor, 0.1)
+
+
+def test_pc_mode_is_validated_and_carried_to_the_layers():
+    from torchtitan_ext.config_registry import debug_muon_pc_sharded
+    from torchtitan_ext.pc import PCLinear
+
+    with pytest.raises(ValueError, match=r"PC mode must be one of \['parametrize', 'sharded'\], got 'fast'"):
+        PCConverter.Config(mode="fast").build()
+    model = debug_muon_pc_sharded().model_spec.model
+    modes = {cfg.pc_mode for _, cfg, *_ in model.traverse(PCLinear.Config)}
+    assert modes == {"sharded"}
