@@ -760,6 +760,9 @@ def markdown(summary: dict) -> str:
         ]
         for spec, c in summary[key].items():
             lrs = f"{c['lr']:g} vs {c.get('baseline_lr', c['lr']):g}"
+            if not c["seeds"]:
+                lines.append(f"| {spec} vs {c['baseline']} | {lrs} | 0 | not run | - | - |")
+                continue
             reach = c["token_ratio"]["pc_reaches_baseline_final"]
             lines.append(
                 f"| {spec} vs {c['baseline']} | {lrs} | {len(c['seeds'])} | {ci(c['delta_final_val_loss'])} | "
