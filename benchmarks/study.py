@@ -540,8 +540,14 @@ def plot(summary: dict, runs: dict, best: dict, out: Path, prefix: str) -> list[
         if spec in best:
             band(ax, spec, "val_loss")
     finals = [a["final_val_loss"]["mean"] for a in summary["arms"].values() if a["final_val_loss"]["mean"]]
-    if finals:
-        ax.set_ylim(min(finals) - 0.1, min(finals) + 1.0)
+    early = [  # the loss at the third evaluation: the view starts after the initial drop
+        r["curve"]["val_loss"][min(2, len(r["curve"]["val_loss"]) - 1)]
+        for spec in summary["arms"]
+        if spec in best
+        for r in runs[spec].get(best[spec]["lr"], {}).values()
+    ]
+    if finals and early and all(map(math.isfinite, early)):
+        ax.set_ylim(min(finals) - 0.1, max(early) + 0.1)
     ax.set_xlabel("training tokens (M)")
     ax.set_ylabel("validation loss")
     ax.set_title(f"{title}: mean over seeds, band = min..max", fontsize=9)
