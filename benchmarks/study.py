@@ -111,12 +111,12 @@ GRIDS: dict[str, Grid] = {
         Grid(
             "kjv-muon-candidates",
             "Muon + PC candidates at the Muon baseline's best lr (KJV): PC as an initialisation only "
-            "(merge0, the first-order equivalent of a W_eff-space Muon), PC for the first 25% then merged",
+            "(merge0, the first-order equivalent of a W_eff-space Muon), PC for the first 10% then merged",
             (
                 Arm("muon", MUON_LRS),
                 Arm("muon_pc", MUON_PC_LRS),
                 Arm("muon_pc:merge0", lr_from="muon"),
-                Arm("muon_pc:merge25", lr_from="muon"),
+                Arm("muon_pc:merge10", lr_from="muon"),
             ),
             data="../shared/corpora/kjv.jsonl",
         ),
