@@ -53,6 +53,8 @@ def test_container_matches_stock_muon_and_adamw_and_refreshes_pc():
     model = _debug_model(pc=True, n_layers=2)
     ref = copy.deepcopy(model)
     cfg = muon_config(1e-2)
+    # torch.optim.Muon (the reference) iterates in bf16 only; the config picks the dtype by hardware.
+    cfg.param_groups[0].optimizer_kwargs["ns_dtype"] = torch.bfloat16
     cfg.implementation = "for-loop"
     container = cfg.build(model_parts=[model])
     assert isinstance(container, PCOptimizersContainer)
@@ -66,7 +68,7 @@ def test_container_matches_stock_muon_and_adamw_and_refreshes_pc():
     assert (
         len(matrices) == 2 * 7 and len(rest) == 2 * (2 + 4) + 3
     )  # norms + gammas per layer; emb, norm, head
-    mk = cfg.param_groups[0].optimizer_kwargs
+    mk = {k: v for k, v in cfg.param_groups[0].optimizer_kwargs.items() if k != "ns_dtype"}
     ref_opts = [
         torch.optim.Muon(matrices, **mk),
         torch.optim.AdamW(rest, **cfg.param_groups[1].optimizer_kwargs, foreach=False),
