@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -30,11 +31,18 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args:
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
+        dist.barrier()  # no rank tears gloo down while the other still has collectives in flight
     except BaseException:
         errors.put((rank, traceback.format_exc()))
         raise
     finally:
         dist.destroy_process_group()
+    # A clean finish: leave without C++ static teardown, where gloo's threads occasionally abort the process
+    # ("terminate called without an active exception", SIGABRT) after everything has completed. The same
+    # as torchtitan_ext.train does after a finished run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_distributed(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> None:
