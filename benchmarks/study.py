@@ -779,6 +779,9 @@ def markdown(summary: dict) -> str:
 
 def report(summary: dict) -> None:
     for spec, a in summary["arms"].items():
+        if a["best_lr"] is None:
+            print(f"[study] {spec:22s} not run yet")
+            continue
         where = "interior" if a["best_lr_interior"] else ("from " + a["lr_from"] if a["lr_from"] else "EDGE")
         print(
             f"[study] {spec:22s} best lr {a['best_lr']} ({where}): final val loss {_fmt(a['final_val_loss'])}"
