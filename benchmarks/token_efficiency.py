@@ -58,7 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="JSON-lines file with a 'text' field per document")
     p.add_argument("--arms", default=",".join(C.ARMS), help=f"comma-separated subset of {','.join(ALL_ARMS)}")
     p.add_argument(
-        "--spectra-c", type=float, default=10.0, help="post-clip threshold c of the *_spectra arms (published: 10)"
+        "--spectra-c",
+        type=float,
+        default=10.0,
+        help="post-clip threshold c of the *_spectra arms (published: 10)",
     )
     p.add_argument("--steps", type=int, default=400, help="optimizer steps per arm")
     p.add_argument("--out", default="outputs/token_efficiency", help="output directory")
@@ -381,8 +384,15 @@ def token_ratio(base: dict, pc: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # Plots (matplotlib imported lazily)
 # ----------------------------------------------------------------------------------------------------
-_COLORS = {"adamw": "tab:blue", "adamw_pc": "tab:orange", "muon": "tab:green", "muon_pc": "tab:red",
-           "adamw_spectra": "tab:purple", "adamw_pc_spectra": "tab:brown", "muon_spectra": "tab:olive"}
+_COLORS = {
+    "adamw": "tab:blue",
+    "adamw_pc": "tab:orange",
+    "muon": "tab:green",
+    "muon_pc": "tab:red",
+    "adamw_spectra": "tab:purple",
+    "adamw_pc_spectra": "tab:brown",
+    "muon_spectra": "tab:olive",
+}
 
 
 def plot(summary: dict, runs: dict[str, dict], out: Path) -> list[str]:
