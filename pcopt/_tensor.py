@@ -7,6 +7,10 @@ from torch import Tensor, nn
 
 def is_dtensor(t: Tensor) -> bool:
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2 / TP shards)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return False
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
@@ -18,7 +22,7 @@ def full_tensor(t: Tensor) -> Tensor:
 
 
 def local_tensor(t: Tensor) -> Tensor:
-    """This rank's local shard of a DTensor, else ``t`` itself."""
+    """This rank's local shard of a DTensor (an alias: in-place ops update the DTensor), else ``t`` itself."""
     return t.to_local() if is_dtensor(t) else t
 
 

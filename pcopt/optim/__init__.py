@@ -12,7 +12,6 @@ from pcopt.optim._build import build_optimizer
 from pcopt.optim._combined import CombinedOptimizer
 from pcopt.optim._muon import AdjustLrT, Muon, muon
 from pcopt.optim._newton_schulz import NS_COEFFICIENT_SETS, CoeffSetT, newton_schulz, newton_schulz_flops
-from pcopt.optim.spectra import Spectra
 from pcopt.optim._param_groups import (
     DEFAULT_ADAMW_PATTERN,
     DEFAULT_MUON_PATTERN,
@@ -21,6 +20,7 @@ from pcopt.optim._param_groups import (
     HEAD_PATTERN,
     param_groups,
 )
+from pcopt.optim.spectra import Spectra
 
 __all__ = [
     "AdamW",

@@ -17,10 +17,11 @@ from functools import partial
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from pcopt._tensor import is_dtensor as _is_dtensor
+from pcopt._tensor import local_tensor as _local
 from pcopt.hardware import warn_slow_newton_schulz
 from pcopt.optim._distributed import map_full_matrices
 from pcopt.optim._newton_schulz import (
@@ -44,19 +45,6 @@ _ADJUST_LR_FNS = ("original", "match_rms_adamw")
 # Same-shaped matrices are orthogonalized together in batches of at most this many elements (bounds the
 # extra memory of the stacked copy and its Gram matrices).
 _MAX_BATCH_ELEMENTS = 1 << 27
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    if not dist.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-def _local(t: Tensor) -> Tensor:
-    """The local shard of a DTensor (an alias, so in-place ops update the DTensor), else ``t``."""
-    return t.to_local() if _is_dtensor(t) else t
 
 
 def _adjust_lr(lr: float, adjust_lr_fn: str | None, shape: Sequence[int]) -> float:

@@ -23,10 +23,11 @@ from functools import partial
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from pcopt._tensor import is_dtensor as _is_dtensor
+from pcopt._tensor import local_tensor as _local
 from pcopt.hardware import preferred_dtype
 from pcopt.optim._combined import ROUTING_KEY, CombinedOptimizer
 from pcopt.optim._distributed import map_full_matrices
@@ -51,18 +52,6 @@ _APPLY_TO = ("hidden", "2d", "all")
 _DECAYS = ("linear", "cosine")
 _STEP_KEY = "spectra_step"
 _BASE_LR_KEY = "spectra_base_lr"
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    if not dist.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if _is_dtensor(t) else t
 
 
 def _full(p: Tensor, local: Tensor) -> Tensor:
