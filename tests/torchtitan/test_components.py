@@ -20,21 +20,9 @@ pytestmark = pytest.mark.torchtitan
 pytest.importorskip("torchtitan")
 
 import pcopt  # noqa: E402
+from tests.torchtitan._models import debug_model  # noqa: E402
 from torchtitan_ext.config_registry import llama2_model  # noqa: E402
-from torchtitan_ext.pc import PCConverter, attach_pc  # noqa: E402
-
-
-def _debug_model(pc: bool, degree: int = 5, n_layers: int = 6) -> torch.nn.Module:
-    spec = llama2_model("debug", pc=PCConverter.Config(degree=degree) if pc else None)
-    spec.model.layers = spec.model.layers[:n_layers]
-    with torch.device("meta"):
-        model = spec.model.build()
-    attach_pc(model)
-    model.to_empty(device="cpu")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        model.init_weights()
-    return model
+from torchtitan_ext.pc import PCConverter  # noqa: E402
 
 
 def _warm_power_iteration(W, u, v, iterations=10):
@@ -50,7 +38,7 @@ def _warm_power_iteration(W, u, v, iterations=10):
 def test_container_matches_stock_muon_and_adamw_and_refreshes_pc():
     from torchtitan_ext.optimizer import PCOptimizersContainer, muon_config
 
-    model = _debug_model(pc=True, n_layers=2)
+    model = debug_model(pc=True, n_layers=2)
     ref = copy.deepcopy(model)
     cfg = muon_config(1e-2)
     # torch.optim.Muon (the reference) iterates in bf16 only; the config picks the dtype by hardware.
@@ -101,7 +89,7 @@ def test_container_refuses_non_matrix_params_for_muon():
 
     from torchtitan_ext.optimizer import muon_config
 
-    model = _debug_model(pc=True)
+    model = debug_model(pc=True)
     cfg = muon_config(1e-3)
     cfg.param_groups[0] = ParamGroupConfig(
         pattern=r"gamma$|" + cfg.param_groups[0].pattern, optimizer_name="Muon", optimizer_kwargs={"lr": 1e-3}
@@ -123,8 +111,8 @@ def test_hf_key_mapping_of_pc_raw_weights():
     from torchtitan_ext.state_dict_adapter import PCLlamaStateDictAdapter
 
     pc_spec = llama2_model("debug", pc=PCConverter.Config())
-    base = _debug_model(pc=False)
-    pc = _debug_model(pc=True, degree=9)
+    base = debug_model(pc=False)
+    pc = debug_model(pc=True, degree=9)
     stock = Llama3StateDictAdapter(llama2_model("debug").model, None).to_hf(base.state_dict())
     ours = PCLlamaStateDictAdapter(pc_spec.model, None)
     hf = ours.to_hf(pc.state_dict())
@@ -202,7 +190,7 @@ def test_text_dataset_loaders(tmp_path):
 def test_pc_metrics_match_pcopt_on_an_unsharded_model():
     from torchtitan_ext.metrics import pc_metrics
 
-    model = _debug_model(pc=True, n_layers=2)
+    model = debug_model(pc=True, n_layers=2)
     with torch.no_grad():
         for _, pc in pcopt.preconditioners(model):
             pc.gamma.fill_(1.5)

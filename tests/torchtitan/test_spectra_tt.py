@@ -18,23 +18,9 @@ pytest.importorskip("torchtitan")
 
 import pcopt  # noqa: E402
 import pcopt.hardware  # noqa: E402
-from torchtitan_ext.config_registry import llama2_model  # noqa: E402
-from torchtitan_ext.pc import PCConverter, attach_pc  # noqa: E402
+from tests.torchtitan._models import debug_model  # noqa: E402
 
 LR, WD = 1e-2, 0.1
-
-
-def _model(pc: bool, n_layers: int = 2) -> torch.nn.Module:
-    spec = llama2_model("debug", pc=PCConverter.Config(degree=5) if pc else None)
-    spec.model.layers = spec.model.layers[:n_layers]
-    with torch.device("meta"):
-        model = spec.model.build()
-    attach_pc(model)
-    model.to_empty(device="cpu")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        model.init_weights()
-    return model
 
 
 def _container(model, c):
@@ -62,7 +48,7 @@ def _soft_clip(U, c):
 
 @pytest.mark.parametrize("pc", [False, True], ids=["plain", "pc"])
 def test_spectral_clip_option_clips_hidden_matrices_as_the_svd_reference(pc):
-    model = _model(pc)
+    model = debug_model(pc, n_layers=2)
     ref = copy.deepcopy(model)
     c = 5.0  # AdamW first-step updates are sign-like: sigma_max ~ 30 here, so sigma_max / c ~ 6 (converged)
     opt, ref_opt = _container(model, c), _container(ref, None)
@@ -109,7 +95,7 @@ def test_spectral_clip_option_clips_hidden_matrices_as_the_svd_reference(pc):
 
 
 def test_flat_state_dict_carries_the_step_and_resumes_exactly():
-    model = _model(pc=True)
+    model = debug_model(pc=True, n_layers=2)
     opt = _container(model, 0.5)
     for seed in (1, 2):
         _grads(model, seed=seed)
@@ -137,4 +123,4 @@ def test_spectra_configs_and_bad_threshold():
         assert cfg.optimizer.spectral_clip == 10.0
         assert cfg.optimizer.spectral_clip_warmup_steps == cfg.lr_scheduler.warmup_steps > 0
     with pytest.raises(ValueError, match=r"threshold c must be finite and > 0, got 0\.0"):
-        _container(_model(pc=False), 0.0)
+        _container(debug_model(pc=False, n_layers=2), 0.0)
