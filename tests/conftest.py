@@ -56,6 +56,19 @@ class TinyLlama(nn.Module):
         return self.output(self.norm(h))
 
 
+class FeedForward(nn.Module):
+    """A SwiGLU FFN with torchtitan's names ``w1``, ``w2``, ``w3`` (no biases)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
 class TwoMatrices(nn.Module):
     """``w2(relu(w1 x))``: the smallest model with two PC-able matrices of different shapes."""
 

@@ -7,25 +7,15 @@ from torch import nn
 
 import pcopt
 from tests._distributed import run_distributed
+from tests.conftest import FeedForward
 
 pytestmark = pytest.mark.distributed
-
-
-class _FFN(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-
-    def forward(self, x):
-        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
 
 
 class _Layer(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.feed_forward = _FFN(dim, hidden)
+        self.feed_forward = FeedForward(dim, hidden)
         self.norm = nn.RMSNorm(dim)
 
     def forward(self, x):

@@ -10,6 +10,7 @@ from torch.utils._pytree import tree_leaves
 import pcopt
 import pcopt.sharded as ps
 from tests._distributed import run_distributed
+from tests.conftest import FeedForward
 
 pytestmark = pytest.mark.distributed
 
@@ -26,22 +27,11 @@ class _Attention(nn.Module):
         return self.wo(torch.tanh(self.wv(x)))
 
 
-class _FFN(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-
-    def forward(self, x):
-        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
-
-
 class _Layer(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
         self.attention = _Attention(dim)
-        self.feed_forward = _FFN(dim, hidden)
+        self.feed_forward = FeedForward(dim, hidden)
         self.norm = nn.RMSNorm(dim)
 
     def forward(self, x):
