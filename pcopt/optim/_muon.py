@@ -4,7 +4,7 @@ Drop-in for ``torch.optim.Muon``: same positional arguments, defaults, state key
 on plain tensors with the default settings, bitwise the same updates. Additions (keyword-only): named or
 per-step Newton-Schulz coefficients, the iteration dtype, batched Newton-Schulz over same-shaped matrices,
 exact and non-redundant orthogonalization of DTensors on 1-D and 2-D meshes (see ``_distributed.py``), and
-``pc_state``: the model's :class:`pcopt.PCState`, whose ``after_step()`` runs at the end of every step.
+``pc_state`` (deprecated): attaches the model's :class:`pcopt.PCState` (``state.attach(optimizer)``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pcopt.optim._newton_schulz import (
     resolve_coefficients,
     resolve_dtype,
 )
-from pcopt.optim._pc_state import resolve_pc_state
+from pcopt.optim._pc_state import attach_pc_state
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class Muon(Optimizer):
             "foreach": foreach,
         }
         _validate_options(defaults, warn=False)
-        self.pc_state = resolve_pc_state(pc_state, "Muon")
+        attach_pc_state(self, pc_state, "Muon")  # deprecated: pcopt.PCState(model).attach(optimizer)
         super().__init__(params, defaults)
         for i, group in enumerate(self.param_groups):
             logger.info(
@@ -157,7 +157,6 @@ class Muon(Optimizer):
             group.setdefault("ns_coefficient_set", None)
             group.setdefault("ns_dtype", torch.bfloat16)
             group.setdefault("foreach", None)
-        self.__dict__.setdefault("pc_state", None)  # not pickled: it belongs to the model, not the optimizer
 
     def _init_group(
         self,
@@ -194,7 +193,7 @@ class Muon(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform a single optimization step, then ``pc_state.after_step()`` if a PC state was given.
+        """Perform a single optimization step.
 
         Args:
             closure (Callable, optional): a closure that reevaluates the model and returns the loss.
@@ -227,8 +226,6 @@ class Muon(Optimizer):
                 ns_coefficient_set=group["ns_coefficient_set"],
                 ns_dtype=group["ns_dtype"],
             )
-        if self.pc_state is not None:
-            self.pc_state.after_step()
         return loss
 
 
@@ -283,9 +280,8 @@ Muon.__doc__ = r"""Implements Muon (MomentUm Orthogonalized by Newton-Schulz), c
             or fp64 (also as strings ``"bf16"``, ``"fp32"``...).
         foreach (bool, optional): None/True batch same-shaped matrices into one batched matmul (default);
             False runs the per-matrix reference loop. Both give the same bits.
-        pc_state (pcopt.PCState or nn.Module, optional): the preconditioned model's PC state (a model is
-            wrapped in one); its ``after_step()`` (the power-iteration refresh of ``u``, ``v``) runs at the end
-            of every ``step()``. None (default): nothing is refreshed here.
+        pc_state (pcopt.PCState or nn.Module, optional): deprecated; the same as
+            ``pcopt.PCState(model).attach(optimizer)`` (a step post-hook), which works on any optimizer.
 
     DTensors (FSDP2, HSDP, TP, FSDP x TP: any mix of ``Shard(0)``, ``Shard(1)``, ``_StridedShard`` and
     ``Replicate`` on a 1-D or 2-D mesh) are orthogonalized on the full matrix, once in the world: each matrix
