@@ -145,7 +145,9 @@ def test_exception_clears_cache_and_skips_pc_backward():
         _loss(ref, b).backward()
     for k, v in _grads(ref).items():
         # fp32, degree 9: the bound of test_gradients_equal_per_micro_batch_backward, 64 u * max|g|
-        torch.testing.assert_close(_grads(net)[k], v, rtol=0.0, atol=64 * _U[torch.float32] * v.abs().max().item())
+        torch.testing.assert_close(
+            _grads(net)[k], v, rtol=0.0, atol=64 * _U[torch.float32] * v.abs().max().item()
+        )
 
 
 def test_unused_weight_gets_no_gradient():
