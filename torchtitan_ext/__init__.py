@@ -7,6 +7,32 @@ installed before torchtitan reads its device type.
 """
 
 import importlib.util
+import re
+
+REQUIRED_TORCH = (2, 13)
+"""torchtitan 0.3.0 imports ``torch.distributed.fsdp.DataParallelMeshDims``, which torch 2.11 lacks."""
+
+
+def check_torch_version(version: str) -> None:
+    """Raise ImportError unless ``version`` (a ``torch.__version__`` string) is at least :data:`REQUIRED_TORCH`."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m is None or (int(m.group(1)), int(m.group(2))) < REQUIRED_TORCH:
+        need = ".".join(map(str, REQUIRED_TORCH))
+        raise ImportError(
+            f"torchtitan_ext needs torch>={need} (torchtitan 0.3.0 does not import on older torch), "
+            f"but torch {version} is installed. Install a newer torch, e.g. `pip install torch==2.13.0` "
+            f"(CPU: add `--index-url https://download.pytorch.org/whl/cpu`), then `pip install -e .[torchtitan]`. "
+            "pcopt itself (PC layer, Muon, AdamW) works on torch>=2.11 without torchtitan_ext."
+        )
+
+
+def _installed_torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+check_torch_version(_installed_torch_version())
 
 if importlib.util.find_spec("torchtitan") is None:  # pragma: no cover - depends on the environment
     raise ImportError(
