@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import token_efficiency as te
+from benchmarks.corpora import how_to_get, looks_like_a_path
 
 SQRT2 = math.sqrt(2.0)
 
@@ -106,7 +107,7 @@ GRIDS: dict[str, Grid] = {
             "kjv-muon",
             "Muon vs Muon + PC (degree 5), best lr vs best lr, KJV, 3.3M model",
             (Arm("muon", MUON_LRS), Arm("muon_pc", MUON_PC_LRS)),
-            data="../shared/corpora/kjv.jsonl",
+            data="outputs/corpora/kjv.jsonl",
         ),
         Grid(
             "kjv-muon-candidates",
@@ -118,32 +119,32 @@ GRIDS: dict[str, Grid] = {
                 Arm("muon_pc:merge0", lr_from="muon"),
                 Arm("muon_pc:merge10", lr_from="muon"),
             ),
-            data="../shared/corpora/kjv.jsonl",
+            data="outputs/corpora/kjv.jsonl",
         ),
         Grid(
             "kjv-muon-merge10",
             "Muon + PC for the first 10% of the steps (where PC leads), then merged and trained as plain Muon "
             "at the Muon baseline's best lr (KJV)",
             (Arm("muon", MUON_LRS), Arm("muon_pc", MUON_PC_LRS), Arm("muon_pc:merge10", lr_from="muon")),
-            data="../shared/corpora/kjv.jsonl",
+            data="outputs/corpora/kjv.jsonl",
         ),
         Grid(
             "kjv-muon-deg3",
             "Muon + PC degree 3 (KJV), lr swept",
             (Arm("muon", MUON_LRS), Arm("muon_pc:deg3", MUON_PC_LRS)),
-            data="../shared/corpora/kjv.jsonl",
+            data="outputs/corpora/kjv.jsonl",
         ),
         Grid(
             "python-docs-muon",
             "Muon vs Muon + PC (degree 5), best lr vs best lr, python-docs, 3.3M model",
             (Arm("muon", MUON_LRS), Arm("muon_pc", MUON_PC_LRS)),
-            data="../shared/corpora/python-docs.jsonl",
+            data="outputs/corpora/python-docs.jsonl",
         ),
         Grid(
             "python-docs-muon-pilot",
             "Muon vs Muon + PC on python-docs at the KJV best lrs (1.2e-2, 2.4e-2), seed 0 only: no sweep",
             (Arm("muon", (1.2e-2,)), Arm("muon_pc", (2.4e-2,))),
-            data="../shared/corpora/python-docs.jsonl",
+            data="outputs/corpora/python-docs.jsonl",
             seeds=(0,),
             max_extend=0,
         ),
@@ -152,13 +153,13 @@ GRIDS: dict[str, Grid] = {
             "PC as an initialisation only: merged before the first step, then plain Muon at the Muon "
             "baseline's best lr (the first-order equivalent of a W_eff-space Muon, docs/study.md), KJV",
             (Arm("muon", MUON_LRS), Arm("muon_pc", MUON_PC_LRS), Arm("muon_pc:merge0", lr_from="muon")),
-            data="../shared/corpora/kjv.jsonl",
+            data="outputs/corpora/kjv.jsonl",
         ),
         Grid(
             "kjv-adamw",
             "AdamW vs AdamW + PC (degree 9), best lr vs best lr, KJV, 3.3M model",
             (Arm("adamw", ADAMW_LRS), Arm("adamw_pc", ADAMW_LRS)),
-            data="../shared/corpora/kjv.jsonl",
+            data="outputs/corpora/kjv.jsonl",
         ),
         Grid(
             "smoke",
@@ -635,7 +636,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.study", description=__doc__.split("\n\n")[0])
     p.add_argument("--grid", help=f"one of: {', '.join(GRIDS)}")
     p.add_argument("--list", action="store_true", help="list the grids and exit")
-    p.add_argument("--data", default=None, help="JSON-lines corpus (default: the grid's)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="corpus: a .jsonl/.txt file or a Hugging Face dataset name (default: the grid's, built by "
+        "python -m benchmarks.corpora)",
+    )
     p.add_argument(
         "--out", default="outputs/study", help="run cache in OUT/<corpus>/, summaries in OUT/<grid>/"
     )
@@ -669,10 +675,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.data = args.data or grid.data
     if not args.data:
         p.error(f"grid {grid.name!r} names no corpus: pass --data PATH.jsonl")
-    if not Path(args.data).is_file():
-        p.error(
-            f"--data: no file at {args.data!r}; pass a JSON-lines corpus (see ../shared/corpora/README.md)"
-        )
+    if not Path(args.data).is_file() and looks_like_a_path(args.data):
+        p.error(f"--data: no file at {args.data!r}; {how_to_get(args.data)}")
     if args.max_runs is not None and args.max_runs < 0:
         p.error(f"--max-runs must be >= 0, got {args.max_runs}")
     args.grid_spec, args.steps = grid, grid.steps

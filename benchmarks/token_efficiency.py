@@ -1,6 +1,6 @@
 """Token efficiency of the PC layer: the same Llama trained with and without PC, AdamW and Muon.
 
-    python -m benchmarks.token_efficiency --data PATH.jsonl [--arms adamw,adamw_pc,muon,muon_pc]
+    python -m benchmarks.token_efficiency --data PATH.jsonl|PATH.txt|HF_DATASET [--arms adamw,adamw_pc,muon,muon_pc]
         [--steps N] [--out DIR] [--seed S] [--sweep-adamw 1e-3,2e-3,4e-3] [--sweep-muon ...]
 
 Every arm trains torchtitan's Llama3 model (Llama-2 style, a few million parameters, see
@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -35,6 +34,7 @@ from torch import nn
 
 import pcopt
 from benchmarks import _common as C
+from benchmarks.corpora import data_id, load_texts
 
 # SPECTRA arms (docs/spectra.md): the arm without the suffix, its updates post-clipped by pcopt.optim.Spectra.
 SPECTRA_ARMS = ("adamw_spectra", "adamw_pc_spectra", "muon_spectra")
@@ -55,7 +55,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.token_efficiency", description=__doc__.split("\n\n")[0]
     )
-    p.add_argument("--data", required=True, help="JSON-lines file with a 'text' field per document")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="corpus: a .jsonl file (a 'text' field per document), a .txt file (documents separated by blank "
+        "lines) or a Hugging Face dataset name (NAME or NAME:CONFIG, split train); "
+        "python -m benchmarks.corpora builds the KJV and python-docs corpora",
+    )
     p.add_argument("--arms", default=",".join(C.ARMS), help=f"comma-separated subset of {','.join(ALL_ARMS)}")
     p.add_argument(
         "--spectra-c",
@@ -123,7 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Data
 # ----------------------------------------------------------------------------------------------------
 def prepare_data(args, out: Path) -> dict:
-    texts = C.read_jsonl_texts(args.data, args.text_field)
+    texts = load_texts(args.data, args.text_field)
     train_docs, val_docs = C.split_documents(texts, args.val_every_doc)
     if args.tokenizer:
         tok = C.load_tokenizer(args.tokenizer)
@@ -197,7 +203,7 @@ def run_config(args, arm: str, lr: float, data: dict) -> dict:
         "model": asdict(model_size(args)),
         "dtype": args.dtype,
         "eval_every": eval_every(args),
-        "data": os.path.abspath(args.data),
+        "data": data_id(args.data),
         "data_stats": data["stats"],
         "tokenizer": data["tokenizer_source"],
         "vocab_size": data["vocab_size"],
@@ -531,7 +537,7 @@ def main(argv=None) -> dict:
             runs[arm] = get_run(args, arm, lrs[split_arm(arm)[0]], data, out)
 
     summary = {
-        "data": {"path": os.path.abspath(args.data), **data["stats"], "tokenizer": data["tokenizer_source"]},
+        "data": {"path": data_id(args.data), **data["stats"], "tokenizer": data["tokenizer_source"]},
         "model": {
             "definition": "torchtitan.models.llama3.Llama3Model (Llama-2 style: MHA, untied, RoPE 10000), causal SDPA",
             **asdict(model_size(args)),
