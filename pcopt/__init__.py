@@ -4,8 +4,10 @@ Where things live:
 
 * declaring PC: :func:`precondition`, :func:`precondition_model` (:mod:`pcopt.registration`), settings as
   :class:`PCOptions`; the map itself is :class:`pcopt.layer.PolynomialPC`;
-* keeping its state current during training: :class:`PCState` (:mod:`pcopt.state`: who refreshes ``u``,
-  ``v``, and when);
+* how it executes: :func:`set_strategy` (:mod:`pcopt.strategy`: per forward, the reference, or once per
+  optimizer step, also on FSDP2 shards);
+* keeping its state current during training: :class:`PCState` (:mod:`pcopt.state`: who changes the PC
+  state, and when, in each strategy);
 * after training: :func:`merge`, :func:`merged_state_dict`; dense starts: :func:`load_dense_state_dict`
   (:mod:`pcopt.conversion`);
 * names, keys and the paper's recipe: :mod:`pcopt.names`, :mod:`pcopt.recipes`;
@@ -25,9 +27,16 @@ from pcopt.layer import PolynomialPC
 from pcopt.names import PC_TARGETS
 from pcopt.options import PCOptions
 from pcopt.polynomials import PC_COEFFICIENTS, apply_polynomial, polynomial
-from pcopt.registration import is_preconditioned, precondition, precondition_model, preconditioners
+from pcopt.registration import (
+    is_preconditioned,
+    precondition,
+    precondition_model,
+    preconditioner,
+    preconditioners,
+)
 from pcopt.spectral_clip import spectral_clip
 from pcopt.state import PCState, refresh, reset_preconditioners
+from pcopt.strategy import STRATEGIES, effective_parameters, set_strategy, shard_placement_fn, strategy_of
 
 __version__ = "0.2.0"
 
@@ -36,10 +45,12 @@ __all__ = [
     "PCState",
     "PC_COEFFICIENTS",
     "PC_TARGETS",
+    "STRATEGIES",
     "PolynomialPC",
     "accumulation",
     "apply_polynomial",
     "condition_numbers",
+    "effective_parameters",
     "effective_weight",
     "gmcn",
     "is_preconditioned",
@@ -52,8 +63,12 @@ __all__ = [
     "polynomial",
     "precondition",
     "precondition_model",
+    "preconditioner",
     "preconditioners",
     "refresh",
     "reset_preconditioners",
+    "set_strategy",
+    "shard_placement_fn",
     "spectral_clip",
+    "strategy_of",
 ]

@@ -14,12 +14,12 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from pcopt._tensor import is_dtensor
 from pcopt.names import pc_keys, pc_module_of_key
-from pcopt.registration import _pcs_of, preconditioners
-from pcopt.state import refresh_modules
+from pcopt.layer import PCSlot, refresh_
+from pcopt.registration import _pcs_of, preconditioner, preconditioners, unregister
+from pcopt.strategy import write_
 
 __all__ = ["effective_weight", "merge", "merged_state_dict", "load_dense_state_dict", "load_state_dict"]
 
@@ -29,7 +29,7 @@ def effective_weight(module: nn.Module, name: str = "weight", *, include_gamma: 
 
     With FSDP2-sharded weights this all-gathers: every rank must call it.
     """
-    return module.parametrizations[name][0].effective_weight(include_gamma=include_gamma)
+    return preconditioner(module, name).effective_weight(include_gamma=include_gamma)
 
 
 def merge(model: nn.Module) -> list[str]:
@@ -37,7 +37,8 @@ def merge(model: nn.Module) -> list[str]:
 
     The result runs with zero PC overhead and gives the same outputs as the preconditioned model (the
     current ``u``, ``v`` are used; no refresh happens). The raw parameter object is kept, its data replaced.
-    Works on unsharded models; for FSDP2-sharded ones use :func:`merged_state_dict`. Returns merged FQNs.
+    Works on unsharded models in either strategy; for FSDP2-sharded ones use :func:`merged_state_dict`.
+    Returns the merged FQNs.
     """
     merged = []
     for fqn, mod in list(model.named_modules()):
@@ -48,7 +49,10 @@ def merge(model: nn.Module) -> list[str]:
                     "Use pcopt.merged_state_dict(model) on every rank to get a dense state_dict instead."
                 )
             eff = pc.effective_weight()
-            parametrize.remove_parametrizations(mod, name, leave_parametrized=False)
+            if isinstance(pc._plist, PCSlot):  # once per step: module.<name> already is a plain parameter
+                del mod._modules["parametrizations"]
+            else:
+                unregister(mod, name)
             with torch.no_grad():
                 getattr(mod, name).copy_(eff)
             merged.append(f"{fqn}.{name}" if fqn else name)
@@ -114,14 +118,35 @@ def load_dense_state_dict(
     for fqn, pc in pcs:
         mod_fqn, _, name = fqn.rpartition(".")
         mod = model.get_submodule(mod_fqn)
-        if preserve_function:
+        if preserve_function and isinstance(pc._plist, PCSlot):
+            _preserve_once_per_step(fqn, pc)
+        elif preserve_function:
             setattr(mod, name, pc.raw_weight.detach().clone())  # right_inverse: raw <- p^-1, u, v <- exact
             pc.mark_fresh()
         else:
             pc.reset_state()
     if not preserve_function:
-        refresh_modules([pc for _, pc in pcs])
+        refresh_([pc for _, pc in pcs])
+    write_([pc._plist for _, pc in pcs if isinstance(pc._plist, PCSlot)])
     return result
+
+
+@torch.no_grad()
+def _preserve_once_per_step(fqn: str, pc) -> None:
+    """Once per step: the loaded dense weight sits in the raw weight; make it ``W_eff`` instead (SVD inverse)."""
+    from pcopt.inverse import dense_to_raw
+
+    if is_dtensor(pc.raw_weight):
+        raise RuntimeError(
+            f"load_dense_state_dict(preserve_function=True) got a sharded weight at {fqn}; it works on unsharded "
+            "models. Load the dense weights before pcopt.set_strategy(..., shard=...)."
+        )
+    dense = pc.raw_weight.detach()
+    raw, u, v = dense_to_raw(dense, pc.coefficients, pc.gamma.detach(), pc.eps)
+    pc.raw_weight.copy_(raw.to(dense.dtype))
+    pc.u.copy_(u)
+    pc.v.copy_(v)
+    pc.mark_fresh()
 
 
 def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], *, strict: bool = True):

@@ -1,9 +1,17 @@
-"""The PC map ``W -> gamma * sg(sigma) * p(W / sigma)`` as a ``torch.nn.utils.parametrize`` module.
+"""The per-weight PC state and the map ``W -> gamma * sg(sigma) * p(W / sigma)``: :class:`PolynomialPC`.
 
-:class:`PolynomialPC` is what :func:`pcopt.precondition` registers on a weight. It holds the PC state of that
-weight: the learnable ``gamma`` (one per matrix), the power-iteration buffers ``u``, ``v`` and the settings
-(:class:`pcopt.PCOptions`, also stored in the ``pc_meta`` buffer so that a checkpoint remembers them). Who
-updates ``u``, ``v`` and when is described in :mod:`pcopt.state`.
+:class:`PolynomialPC` is what :func:`pcopt.precondition` registers on a weight, whatever the execution
+strategy. It holds the PC state of that weight: the learnable ``gamma`` (one per matrix), the power-iteration
+buffers ``u``, ``v`` and the settings (:class:`pcopt.PCOptions`, also stored in the ``pc_meta`` buffer so that
+a checkpoint remembers them). The raw weight ``W`` sits next to it, at ``<module>.parametrizations.<name>
+.original``, in both strategies (:mod:`pcopt.strategy`):
+
+* **per-forward**: the ``torch.nn.utils.parametrize`` registration; ``ParametrizationList`` holds ``W`` and
+  this module, and every forward maps ``W``;
+* **once-per-step**: a :class:`PCSlot` holds ``W`` and this module under a :class:`PCHolder` that takes the
+  place of ``module.parametrizations``; ``module.<name>`` is an ordinary parameter holding ``W_eff``.
+
+So the checkpoint keys are the same in both. Who updates ``u``, ``v`` and when: :mod:`pcopt.state`.
 """
 
 from __future__ import annotations
@@ -16,9 +24,9 @@ from torch import Tensor, nn
 from pcopt._tensor import full_tensor, is_dtensor
 from pcopt.options import PCOptions
 from pcopt.polynomials import apply_polynomial
-from pcopt.spectral import init_singular_vectors, sigma_estimate
+from pcopt.spectral import init_singular_vectors, power_iteration_, sigma_estimate
 
-__all__ = ["PolynomialPC"]
+__all__ = ["PCHolder", "PCSlot", "PolynomialPC", "refresh_"]
 
 
 def _meta_values(options: PCOptions) -> list[float]:
@@ -82,6 +90,11 @@ class PolynomialPC(nn.Module):
 
     # -- read API ------------------------------------------------------------------------------------------
     @property
+    def strategy(self) -> str:
+        """``"once_per_step"`` when held by a :class:`PCSlot`, else ``"per_forward"`` (parametrize)."""
+        return "once_per_step" if isinstance(self._plist, PCSlot) else "per_forward"
+
+    @property
     def raw_weight(self) -> Tensor:
         """The current raw parameter (a sharded DTensor outside forward under FSDP2)."""
         if self._plist is None:
@@ -90,8 +103,9 @@ class PolynomialPC(nn.Module):
             )
         return self._plist.original
 
-    def attach(self, plist: nn.Module) -> None:
-        """Remember the ``ParametrizationList`` that holds the raw weight (set by ``pcopt.precondition``).
+    def bind(self, plist: nn.Module) -> None:
+        """Remember the container that holds the raw weight as ``.original`` (``ParametrizationList`` or
+        :class:`PCSlot`; set by :func:`pcopt.precondition` and :func:`pcopt.set_strategy`).
 
         Stored outside ``_modules`` (it is this module's parent, not a child); deepcopy and pickling keep it.
         """
@@ -227,6 +241,12 @@ class PolynomialPC(nn.Module):
             bad |= ~torch.isfinite(vec).all(dim=-1) | ~(norms > 0.5)
         return bad
 
+    def heal_if_invalid(self, reason: str) -> None:
+        """Re-initialise ``u``, ``v`` of the matrices whose state is not finite or has zero norm."""
+        bad = self.invalid()
+        if bad.any():
+            self.heal(bad, reason)
+
     def heal(self, bad: Tensor, reason: str) -> None:
         """Re-initialise ``u``, ``v`` of the matrices flagged in ``bad`` (the others keep their state)."""
         if not self._warned_reinit:
@@ -241,3 +261,88 @@ class PolynomialPC(nn.Module):
         mask = bad.unsqueeze(-1)
         self.u.copy_(torch.where(mask, u.to(self.u), self.u))
         self.v.copy_(torch.where(mask, v.to(self.v), self.v))
+
+
+class PCSlot(nn.Module):
+    """Once-per-step strategy: holds a PC weight's raw ``W`` (``original``) and its :class:`PolynomialPC` (``0``).
+
+    The same names as torch's ``ParametrizationList``, so the state_dict keys are those of the per-forward
+    strategy. The ``W_eff`` parameter (``module.<name>``) and how this rank's shard sits in the full matrix
+    are plain attributes set by :mod:`pcopt.strategy`; it is state, not a layer (no forward).
+    """
+
+    def __init__(self, original: nn.Parameter, pc: PolynomialPC) -> None:
+        super().__init__()
+        self.original = original
+        self.add_module("0", pc)
+        pc.bind(self)
+        self.__dict__["owner"] = None  # the module whose parameter holds W_eff (set by pcopt.strategy)
+        self.name = "weight"
+        self.dim = 0  # tensor dim along which the oriented matrix's rows run (the sharded / larger one)
+        self.mesh = None
+        self.mesh_dims: tuple[int, ...] = ()  # mesh dims that shard `dim`
+        self.index: Tensor | None = None  # this rank's indices along `dim` (None: all), on the state's device
+        self.compute_dtype = torch.float32
+        self.placements: tuple | None = None  # of W_eff and raw when bound (None: plain tensors)
+        self.stamp: tuple[int, ...] | None = None  # versions of raw, gamma, u, v when W_eff was written
+
+    def __getitem__(self, i: int) -> PolynomialPC:
+        if i != 0:
+            raise IndexError(f"PCSlot holds one PolynomialPC at index 0, got index {i}.")
+        return self._modules["0"]
+
+    def __len__(self) -> int:
+        return 1
+
+    @property
+    def effective(self) -> nn.Parameter:
+        """The ``W_eff`` parameter the module's forward uses (FSDP2 manages it like any weight)."""
+        return self.owner._parameters[self.name]
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(
+            "PCSlot holds the PC state of a weight (raw weight, gamma, u, v); it has no forward. The module's "
+            "forward uses <module>.weight, the effective weight the model's pcopt.PCState writes after each step."
+        )
+
+
+class PCHolder(nn.Module):
+    """Once-per-step strategy: ``module.parametrizations``, mapping a tensor name to its :class:`PCSlot`.
+
+    Not a ``ModuleDict``, so ``torch.nn.utils.parametrize.is_parametrized`` is False: ``module.<name>`` is a
+    plain parameter. ``holder[name]`` and ``holder.items()`` read like the per-forward ``ModuleDict``.
+    """
+
+    def __getitem__(self, name: str) -> PCSlot:
+        return self._modules[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._modules
+
+    def items(self):
+        return self._modules.items()
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("PCHolder holds PC state; it has no forward.")
+
+
+@torch.no_grad()
+def refresh_(pcs: list[PolynomialPC], num_iterations: int | None = None) -> None:
+    """Warm-started power iteration on the given PC modules, both strategies, plain or sharded raw weights.
+
+    Batched: one all-reduce per half-iteration per mesh (:func:`pcopt.spectral.power_iteration_`). ``u``,
+    ``v`` that are not finite or have zero norm are re-initialised before and after (see :meth:`heal`).
+    """
+    pcs = [pc for pc in pcs if pc.raw_weight.device.type != "meta"]
+    by_iters: dict[int, list[PolynomialPC]] = {}
+    for pc in pcs:
+        by_iters.setdefault(num_iterations or pc.num_power_iterations, []).append(pc)
+    for iters, group in by_iters.items():
+        for pc in group:
+            pc.heal_if_invalid("was not finite or had zero norm before refresh")
+        power_iteration_(
+            [pc.raw_weight for pc in group], [pc.u for pc in group], [pc.v for pc in group], iters
+        )
+        for pc in group:
+            pc.heal_if_invalid("became non-finite or zero during refresh (non-finite or zero weight?)")
+            pc.mark_fresh()

@@ -30,6 +30,7 @@ __all__ = [
     "RAW_SUFFIX",
     "STATE_SUFFIXES",
     "pc_keys",
+    "rename_legacy_keys",
     "pc_module_of_key",
     "param_pattern",
 ]
@@ -51,12 +52,11 @@ HEAD_MODULES = r"(^|\.)(output|lm_head)$"
 """The LM head (AdamW in the paper's Muon recipe)."""
 
 
-GAMMA_PARAMS = r"(^|\.)(parametrizations\.[^.]+\.0|pc)\.gamma$"
-"""Parameter-FQN regex of every PC ``gamma`` (parametrize registration, or the sharded mode's ``<module>.pc``)."""
+GAMMA_PARAMS = r"(^|\.)parametrizations\.[^.]+\.0\.gamma$"
+"""Parameter-FQN regex of every PC ``gamma`` (both execution strategies)."""
 
-WEIGHT_PARAMS = r"(^|\.)(weight|parametrizations\.weight\.original|pc\.raw)$"
-"""Parameter-FQN regex of every ``weight``, plain or the raw weight of a preconditioned one (``pc.raw`` in the
-sharded mode of :mod:`pcopt.sharded`)."""
+WEIGHT_PARAMS = r"(^|\.)(weight|parametrizations\.weight\.original)$"
+"""Parameter-FQN regex of every ``weight``, plain or the raw weight of a preconditioned one."""
 
 
 def param_pattern(module_pattern: str, name: str = "weight") -> str:
@@ -70,7 +70,7 @@ def param_pattern(module_pattern: str, name: str = "weight") -> str:
             f"param_pattern expects a module pattern anchored at the end ('...$'), got {module_pattern!r}."
         )
     n = re.escape(name)
-    return f"{module_pattern[:-1]}\\.({n}|parametrizations\\.{n}\\.original|pc\\.raw)$"
+    return f"{module_pattern[:-1]}\\.({n}|parametrizations\\.{n}\\.original)$"
 
 
 class PCKeys(NamedTuple):
@@ -110,3 +110,17 @@ RAW_SUFFIX = _ANY.raw[1:]
 """Key suffix of a PC raw weight: ``.parametrizations.weight.original`` (``<module> + RAW_SUFFIX``)."""
 STATE_SUFFIXES = tuple(k[1:] for k in (*_ANY.state, _ANY.meta))
 """Key suffixes of the rest of a PC weight's state: gamma, u, v, pc_meta."""
+
+
+LEGACY_SHARDED_FIELDS = {"raw": "raw", "gamma": "gamma", "u": "u", "v": "v", "pc_meta": "meta"}
+"""pcopt 0.2's sharded mode stored a weight's PC state as ``<module>.pc.<field>``; the loaders rename those keys
+to :func:`pc_keys` (field -> ``PCKeys`` attribute)."""
+
+
+def rename_legacy_keys(state_dict: dict, module_fqn: str, name: str = "weight") -> None:
+    """Rename pcopt 0.2 sharded-mode keys ``<module>.pc.raw`` ... of one weight in place (see above)."""
+    prefix = f"{module_fqn}.pc." if module_fqn else "pc."
+    keys = pc_keys(module_fqn, name)
+    for field, attr in LEGACY_SHARDED_FIELDS.items():
+        if prefix + field in state_dict:
+            state_dict[getattr(keys, attr)] = state_dict.pop(prefix + field)

@@ -16,7 +16,7 @@ import torch
 from einops import pack, unpack
 from torch import Tensor
 
-__all__ = ["PC_COEFFICIENTS", "polynomial", "apply_polynomial", "validate_coefficients", "evaluate_scalar"]
+__all__ = ["PC_COEFFICIENTS", "polynomial", "apply_polynomial", "gram_polynomial", "validate_coefficients", "evaluate_scalar"]
 
 # Coefficients (a_0, a_1, ...) of x, x^3, x^5, ... for the PC layer polynomials, by degree of p.
 # Source: Wang et al., "PC Layer: Polynomial Weight Preconditioning" (2026), released training configs
@@ -101,10 +101,22 @@ def apply_polynomial(X: Tensor, coefficients: Sequence[float]) -> Tensor:
         return X * coefficients[0]
     tall = X.shape[-2] >= X.shape[-1]
     gram = X.mT @ X if tall else X @ X.mT
-    # Horner with fused multiply-adds: Q = a_k G + a_{k-1} I, then Q = G Q + a_j I down to a_0. Everything is
-    # out of place, so activation checkpointing (which forbids mutating saved tensors) works unchanged.
+    q = gram_polynomial(gram, coefficients)
+    return X @ q if tall else q @ X
+
+
+def gram_polynomial(gram: Tensor, coefficients: Sequence[float]) -> Tensor:
+    """``q(G) = a_0 I + a_1 G + ... + a_k G^k`` for a Gram matrix ``G`` ``(..., k, k)``: ``p(X) = X q(X^T X)``.
+
+    Horner's rule with one fused multiply-add (``addmm`` / ``baddbmm``) per coefficient after the second.
+    Everything is out of place, so activation checkpointing (which forbids mutating saved tensors) and
+    autograd work unchanged. Both execution strategies of the PC layer evaluate the polynomial here.
+    """
+    coefficients = tuple(coefficients)
     k = gram.shape[-1]
     eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
+    if len(coefficients) == 1:
+        return (eye * coefficients[0]).expand_as(gram)
     q = torch.add(eye * coefficients[-2], gram, alpha=coefficients[-1])
     if gram.ndim > 2:  # any batch shape, flattened into the one batch dim baddbmm takes
         g3, batch_shape = pack([gram], "* k l")
@@ -113,7 +125,7 @@ def apply_polynomial(X: Tensor, coefficients: Sequence[float]) -> Tensor:
         for a in reversed(coefficients[:-2]):
             q3 = torch.baddbmm(eye3, g3, q3, beta=a)
         (q,) = unpack(q3, batch_shape, "* k l")
-    else:
-        for a in reversed(coefficients[:-2]):
-            q = torch.addmm(eye, gram, q, beta=a)
-    return X @ q if tall else q @ X
+        return q
+    for a in reversed(coefficients[:-2]):
+        q = torch.addmm(eye, gram, q, beta=a)
+    return q

@@ -16,19 +16,22 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from pcopt._tensor import is_dtensor, is_fsdp_module
-from pcopt.layer import PolynomialPC
-from pcopt.names import PC_TARGETS, pc_keys
+from pcopt.layer import PCHolder, PolynomialPC, refresh_
+from pcopt.names import PC_TARGETS, pc_keys, rename_legacy_keys
 from pcopt.options import PCOptions
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["precondition", "precondition_model", "is_preconditioned", "preconditioners"]
+__all__ = ["precondition", "precondition_model", "is_preconditioned", "preconditioner", "preconditioners"]
 
 Targets = str | re.Pattern | Callable[[str, nn.Module], bool]
 
 
 def _pcs_of(module: nn.Module) -> list[tuple[str, PolynomialPC]]:
-    """(tensor name, PC module) pairs registered on ``module`` itself."""
+    """(tensor name, PC module) pairs registered on ``module`` itself, in either execution strategy."""
+    holder = module._modules.get("parametrizations")
+    if isinstance(holder, PCHolder):  # once-per-step (pcopt.strategy)
+        return [(n, slot[0]) for n, slot in holder.items()]
     if not parametrize.is_parametrized(module):
         return []
     return [
@@ -41,8 +44,18 @@ def is_preconditioned(module: nn.Module, name: str = "weight") -> bool:
     return any(n == name for n, _ in _pcs_of(module))
 
 
+def preconditioner(module: nn.Module, name: str = "weight") -> PolynomialPC:
+    """The :class:`PolynomialPC` of ``module.<name>`` (either strategy); ``ValueError`` if there is none."""
+    for n, pc in _pcs_of(module):
+        if n == name:
+            return pc
+    raise ValueError(
+        f"{type(module).__name__}.{name} is not preconditioned. Call pcopt.precondition(module, {name!r}) first."
+    )
+
+
 def preconditioners(model: nn.Module) -> list[tuple[str, PolynomialPC]]:
-    """All PC parametrizations in ``model`` as ``(fqn of the effective tensor, PC module)`` pairs.
+    """All PC weights in ``model`` as ``(fqn of the effective tensor, PC module)`` pairs, both strategies.
 
     The order is ``model.named_modules()`` order, the same on every rank.
     """
@@ -103,6 +116,12 @@ def precondition(
             eps=eps,
         ),
     )
+    if isinstance(module._modules.get("parametrizations"), PCHolder):
+        raise ValueError(
+            f"{type(module).__name__} already runs PC once per step (pcopt.set_strategy), so {name!r} cannot be "
+            "preconditioned per forward: one model, one strategy. Precondition every weight first, then call "
+            "pcopt.set_strategy(model, 'once_per_step')."
+        )
     if is_preconditioned(module, name):
         raise ValueError(
             f"{type(module).__name__}.{name} is already preconditioned. Call precondition once per weight "
@@ -137,14 +156,29 @@ def precondition(
     pc.label = f"{type(module).__name__}.{name} of shape {tuple(param.shape)}"
     parametrize.register_parametrization(module, name, pc)
     pc._identity_inverse = False
-    pc.attach(module.parametrizations[name])
+    pc.bind(module.parametrizations[name])
     module.register_load_state_dict_pre_hook(_LoadGuard(name))
     module.register_load_state_dict_post_hook(_MarkFresh(name))
     if param.device.type != "meta":
-        from pcopt.state import refresh_modules
-
-        refresh_modules([pc])
+        refresh_([pc])
     return module
+
+
+def unregister(module: nn.Module, name: str = "weight") -> nn.Parameter:
+    """Remove the per-forward registration of ``module.<name>``; the raw parameter object becomes ``module.<name>``.
+
+    Unlike ``parametrize.remove_parametrizations`` this leaves the generated ``Parametrized...`` class alone
+    when nothing else is parametrized (the module goes back to its own class): ``copy.deepcopy`` shares that
+    class between a model and its copies, and deleting its property would break the other copies.
+    """
+    raw = module.parametrizations[name].original
+    if len(module.parametrizations) > 1:  # other tensors stay parametrized: torch's removal, class kept
+        parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+        return raw
+    module.__class__ = module.__class__.__bases__[0]
+    del module._modules["parametrizations"]
+    module.register_parameter(name, raw)
+    return raw
 
 
 class _LoadGuard:
@@ -163,6 +197,9 @@ class _LoadGuard:
         if not is_preconditioned(module, self.name):
             return
         keys = pc_keys(prefix.rstrip("."), self.name)
+        rename_legacy_keys(state_dict, prefix.rstrip("."), self.name)  # pcopt 0.2 sharded-mode checkpoints
+        if keys.raw in state_dict and _is_once_per_step(module):
+            state_dict.pop(prefix + self.name, None)  # a legacy W_eff entry: recomputed after the load
         dense = prefix + self.name
         if dense in state_dict and keys.raw not in state_dict:
             raise RuntimeError(
@@ -171,7 +208,11 @@ class _LoadGuard:
                 "or export a preconditioned model with pcopt.merged_state_dict(model) for a plain one."
             )
         if keys.meta in state_dict:
-            module.parametrizations[self.name][0].check_meta(state_dict[keys.meta], keys.meta)
+            preconditioner(module, self.name).check_meta(state_dict[keys.meta], keys.meta)
+
+
+def _is_once_per_step(module: nn.Module) -> bool:
+    return isinstance(module._modules.get("parametrizations"), PCHolder)
 
 
 class _MarkFresh:
@@ -182,7 +223,7 @@ class _MarkFresh:
 
     def __call__(self, module, incompatible_keys) -> None:
         if is_preconditioned(module, self.name):
-            module.parametrizations[self.name][0].mark_fresh()
+            preconditioner(module, self.name).mark_fresh()
 
 
 def _matcher(targets: Targets) -> Callable[[str, nn.Module], bool]:

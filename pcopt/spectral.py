@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["normalize", "power_iteration_", "sigma_estimate", "init_singular_vectors"]
+__all__ = ["all_reduce_", "normalize", "power_iteration_", "sigma_estimate", "init_singular_vectors"]
 
 _NORM_EPS = 1e-7
 
@@ -74,7 +74,11 @@ def _local_view(weight: Tensor) -> tuple[Tensor, tuple, tuple, tuple[int, ...]]:
     return weight.to_local().detach(), index, sharded_dims, tuple(weight.shape)
 
 
-def _all_reduce(flat: Tensor, mesh, mesh_dims: tuple[int, ...]) -> None:
+def all_reduce_(flat: Tensor, mesh, mesh_dims: tuple[int, ...]) -> None:
+    """Sum ``flat`` in place over the given dims of ``mesh`` (nothing when ``mesh_dims`` is empty).
+
+    gloo cannot reduce accelerator tensors, so there the sum goes through a host copy.
+    """
     for d in mesh_dims:
         group = mesh.get_group(d)
         if flat.device.type == "cpu" or dist.get_backend(group) != "gloo":
@@ -104,7 +108,7 @@ def _half_step(items: list[_Item], mesh, mesh_dims, transpose: bool) -> list[Ten
         outs.append(full)
     if mesh_dims:
         flat = torch.cat([o.reshape(-1) for o in outs])
-        _all_reduce(flat, mesh, mesh_dims)
+        all_reduce_(flat, mesh, mesh_dims)
         outs = [chunk.view_as(o) for chunk, o in zip(torch.split(flat, [o.numel() for o in outs]), outs)]
     return [normalize(o) for o in outs]
 

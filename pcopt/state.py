@@ -1,35 +1,38 @@
-"""Who keeps the PC state in step with the raw weights, and when: :class:`PCState`.
+"""The owner of the PC state: :class:`PCState`. Who changes it, and when, in each execution strategy.
 
-A preconditioned weight carries state besides its raw weight ``W``: the power-iteration vectors ``u``, ``v``
-(``sigma = u^T W v + eps`` estimates the top singular value), the learnable ``gamma`` and, while gradients
-are accumulated once per step, a held ``W_eff``. The optimizer changes ``W``; ``u``, ``v`` must then follow.
-One object owns this for a model, :class:`PCState`, with one entry point per moment of a training step::
+A preconditioned weight has one state (:class:`pcopt.PolynomialPC` beside its raw weight ``W``): ``gamma``,
+the power-iteration vectors ``u``, ``v`` (``sigma = u^T W v + eps`` estimates the top singular value) and
+its settings. The optimizer changes ``W`` and ``gamma``; **nothing but** :class:`PCState` **changes the rest**,
+and only at these moments of a training step::
 
-    state = pcopt.PCState(model)          # build_optimizer(model) makes one and calls it for you
+    state = pcopt.PCState(model)          # build_optimizer(model) makes one and attaches it
+    state.attach(optimizer)               # a step post-hook: after_step() after every optimizer.step()
     for step in ...:
-        with state.accumulate():          # optional: W_eff once per step for all micro-batches
-            for micro_batch in ...:
-                loss(model(micro_batch)).backward()
+        for micro_batch in ...:
+            loss(model(micro_batch)).backward()
         state.after_backward()            # gradients of W and gamma are complete from here on
         clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        state.after_step()                # refresh u, v (warm-started power iteration)
+        optimizer.step()                  # -> state.after_step(): refresh u, v (and write W_eff)
         optimizer.zero_grad()
 
-In the sharded once-per-step mode (:func:`pcopt.sharded.distribute`, ``PCState(model, sharded=...)``) the
-same two calls do more: ``after_backward`` pulls the reduce-scattered ``dL/dW_eff`` shards back to ``dL/dW``
-and ``dL/dgamma``, and ``after_step`` also writes the new ``W_eff`` into FSDP2's parameter.
+=================  =====================================================  =========================================
+moment             per-forward (parametrize, the reference)               once-per-step (:func:`pcopt.set_strategy`)
+=================  =====================================================  =========================================
+forward            maps ``W`` in every forward; autograd keeps the graph  a plain Linear on the ``W_eff`` parameter
+after_backward     nothing to do (autograd already produced dL/dW)       pulls ``dL/dW_eff`` back to ``dL/dW``,
+                                                                          ``dL/dgamma``; clears ``W_eff.grad``
+after_step         refreshes ``u``, ``v`` (warm-started power iteration)  refreshes ``u``, ``v``, writes ``W_eff``
+initialize         gamma = 1, fresh ``u``, ``v``, refresh                 raw ``W`` <- ``W_eff`` as initialised,
+                                                                          then the same, and writes ``W_eff``
+load_state_dict    ``u``, ``v`` are the loaded ones                       the same, and ``W_eff`` is rewritten
+=================  =====================================================  =========================================
 
-``after_step`` runs automatically when the optimizer was given the state: ``pcopt.optim.build_optimizer``
-(always), ``pcopt.optim.Muon(..., pc_state=state)``, ``pcopt.optim.AdamW(..., pc_state=state)``, or any
-``torch.optim.Optimizer`` after ``state.attach(optimizer)``. torchtitan_ext's optimizers container calls it
-after every step. ``after_backward`` has nothing to do for the parametrize registration (autograd already
-maps ``dL/dW_eff`` back to ``W`` and ``gamma``); it is the moment where an execution strategy that keeps
-``W_eff`` outside autograd pulls gradients back, and calling it keeps a loop ready for one.
-
-Under FSDP2 the refresh works on the sharded raw weights without gathering them (one vector all-reduce of
-all PC weights per half-iteration per mesh), so every rank must reach ``after_step``. A forward that finds
-its raw weight changed since the last refresh warns once: nothing refreshed ``u``, ``v`` after a step.
+``after_step`` runs by itself once the state is attached to the optimizer that is stepped (``state.attach``,
+one post-hook; ``build_optimizer`` attaches it; with SPECTRA, attach it to the ``Spectra`` wrapper so the
+refresh follows the clip). The attached pre-hook refuses a step whose once-per-step gradients were not pulled
+back. Under FSDP2 every moment is collective (vector and Gram all-reduces on the shards; no weight is
+gathered): every rank must reach it. A per-forward weight whose raw weight changed since the last refresh
+warns once at its next forward: nothing refreshed ``u``, ``v`` after a step.
 """
 
 from __future__ import annotations
@@ -43,34 +46,14 @@ import torch
 from torch import Tensor, nn
 
 from pcopt._tensor import is_dtensor
-from pcopt.layer import PolynomialPC
+from pcopt.layer import PolynomialPC, refresh_
 from pcopt.options import check_positive_int
 from pcopt.registration import preconditioners
-from pcopt.spectral import power_iteration_
+from pcopt.strategy import initialize_, pull_back_, slots, strategy_of, write_
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PCState", "refresh", "reset_preconditioners"]
-
-
-def refresh_modules(pcs: Sequence[PolynomialPC], num_iterations: int | None = None) -> None:
-    """Power iteration on the given PC modules (batched; one all-reduce per half-step per mesh)."""
-    by_iters: dict[int, list[PolynomialPC]] = {}
-    for pc in pcs:
-        by_iters.setdefault(num_iterations or pc.num_power_iterations, []).append(pc)
-    for iters, group in by_iters.items():
-        for pc in group:
-            bad = pc.invalid()
-            if bad.any():
-                pc.heal(bad, "was not finite or had zero norm before refresh")
-        power_iteration_(
-            [pc.raw_weight for pc in group], [pc.u for pc in group], [pc.v for pc in group], iters
-        )
-        for pc in group:
-            bad = pc.invalid()
-            if bad.any():
-                pc.heal(bad, "became non-finite or zero during refresh (non-finite or zero weight?)")
-            pc.mark_fresh()
 
 
 def _modules(model: nn.Module | Sequence[nn.Module], what: str) -> list[nn.Module]:
@@ -94,9 +77,10 @@ def refresh(model: nn.Module | Sequence[nn.Module], num_iterations: int | None =
     """
     if num_iterations is not None:
         check_positive_int(num_iterations, "num_iterations")
-    pcs = [pc for m in _modules(model, "pcopt.refresh") for _, pc in preconditioners(m)]
-    if pcs:
-        refresh_modules(pcs, num_iterations)
+    parts = _modules(model, "pcopt.refresh")
+    pcs = [pc for m in parts for _, pc in preconditioners(m)]
+    refresh_(pcs, num_iterations)
+    write_([s for m in parts for s in slots(m)])
     return len(pcs)
 
 
@@ -105,10 +89,12 @@ def reset_preconditioners(model: nn.Module | Sequence[nn.Module]) -> int:
 
     Use it after materialising a meta-device model (``to_empty``), where these hold garbage.
     """
-    pcs = [pc for m in _modules(model, "pcopt.reset_preconditioners") for _, pc in preconditioners(m)]
+    parts = _modules(model, "pcopt.reset_preconditioners")
+    pcs = [pc for m in parts for _, pc in preconditioners(m)]
     for pc in pcs:
         pc.reset_state()
-    refresh_modules(pcs)
+    refresh_(pcs)
+    write_([s for m in parts for s in slots(m)])
     return len(pcs)
 
 
@@ -121,40 +107,22 @@ class PCState:
             setting (``PCOptions.num_power_iterations``, 10 by default).
 
     The PC weights are looked up in the model at every call (``model.named_modules()`` order, the same on
-    every rank), so a state made before ``fully_shard`` or ``merge`` stays valid. See the module docstring
-    for the step sequence.
+    every rank), so a state made before :func:`pcopt.set_strategy`, ``fully_shard`` or ``merge`` stays valid.
+    See the module docstring for who changes what, and when.
     """
 
     def __init__(
-        self,
-        model: nn.Module | Sequence[nn.Module],
-        *,
-        num_power_iterations: int | None = None,
-        sharded=None,
+        self, model: nn.Module | Sequence[nn.Module], *, num_power_iterations: int | None = None
     ) -> None:
         self.modules = _modules(model, "PCState")
         if num_power_iterations is not None:
             check_positive_int(num_power_iterations, "num_power_iterations")
         self.num_power_iterations = num_power_iterations
-        from pcopt.sharded import ShardedPC
-
-        if sharded is not None and not isinstance(sharded, ShardedPC):
-            raise TypeError(
-                f"PCState: sharded must be the pcopt.sharded.ShardedPC that distribute() returned, got "
-                f"{type(sharded).__name__}."
-            )
-        self.sharded = sharded
-        if sharded is not None and num_power_iterations is not None:
+        self.strategy  # noqa: B018  (raises on a model that mixes strategies)
+        if not self.preconditioners():
             warnings.warn(
-                "PCState: num_power_iterations has no effect on the sharded weights (each keeps its "
-                "PCOptions.num_power_iterations); it applies to parametrized ones only.",
-                UserWarning,
-                stacklevel=2,
-            )
-        if not self.preconditioners() and sharded is None:
-            warnings.warn(
-                "pcopt.PCState: the model has no preconditioned weights, so after_step/accumulate do nothing. "
-                "Call pcopt.precondition_model(model) first for them to have an effect.",
+                "pcopt.PCState: the model has no preconditioned weights, so its moments do nothing. Call "
+                "pcopt.precondition_model(model) first for them to have an effect.",
                 UserWarning,
                 stacklevel=2,
             )
@@ -163,20 +131,40 @@ class PCState:
         """``(fqn, PolynomialPC)`` of every PC weight owned, in a rank-independent order."""
         return [item for m in self.modules for item in preconditioners(m)]
 
+    @property
+    def strategy(self) -> str | None:
+        """``"per_forward"``, ``"once_per_step"`` or None (no PC weights); see :func:`pcopt.set_strategy`."""
+        kinds = {strategy_of(m) for m in self.modules} - {None}
+        if len(kinds) > 1:
+            raise RuntimeError(
+                f"The model parts mix PC strategies ({sorted(kinds)}). Call pcopt.set_strategy on every part."
+            )
+        return kinds.pop() if kinds else None
+
+    def _slots(self):
+        return [s for m in self.modules for s in slots(m)]
+
     def __len__(self) -> int:
         return len(self.preconditioners())
 
     def __repr__(self) -> str:
         return (
-            f"PCState({len(self)} preconditioned weights, num_power_iterations={self.num_power_iterations})"
+            f"PCState({len(self)} preconditioned weights, strategy={self.strategy}, "
+            f"num_power_iterations={self.num_power_iterations})"
         )
 
     # -- the moments of a step ------------------------------------------------------------------------------
     def after_backward(self) -> None:
         """After the last micro-batch's backward, before gradient clipping and ``optimizer.step()``.
 
-        Under the parametrize registration autograd has already produced the raw-weight and gamma
-        gradients, so this checks only that no :meth:`accumulate` block is still open.
+        Once per step: pulls each accumulated (FSDP2: reduce-scattered) ``dL/dW_eff`` back through the map
+        into the raw weight's and ``gamma``'s gradients (accumulated if they exist) and clears ``W_eff.grad``;
+        one all-reduce of ``2 n^2 + 1`` floats per sharded weight. Per forward: autograd already did this, so
+        it only checks that no :meth:`accumulate` block is still open.
+
+        Raises:
+            RuntimeError: inside an :meth:`accumulate` block, or when a raw weight changed since ``W_eff`` was
+                written (an optimizer step without :meth:`after_step`).
         """
         busy = [fqn for fqn, pc in self.preconditioners() if pc.holding]
         if busy:
@@ -184,31 +172,60 @@ class PCState:
                 f"PCState.after_backward was called inside an accumulate() block (still open for {busy[:3]}). "
                 "Call it after the with block has exited."
             )
-        if self.sharded is not None:
-            self.sharded.after_backward()  # dL/dW_eff shards -> dL/dW, dL/dgamma (pcopt.sharded)
+        pull_back_(self._slots())
+
+    def check_pulled_back(self) -> None:
+        """``RuntimeError`` if a once-per-step ``W_eff`` still carries a gradient (no :meth:`after_backward`)."""
+        pending = [s[0].label for s in self._slots() if s.effective.grad is not None]
+        if pending:
+            raise RuntimeError(
+                f"The effective weights {pending[:3]} still carry gradients that were not pulled back to their raw "
+                "weights, so the optimizer would step without them. Call PCState.after_backward() after the last "
+                "micro-batch's backward, before gradient clipping and optimizer.step()."
+            )
 
     @torch.no_grad()
     def after_step(self) -> int:
-        """After ``optimizer.step()``: refresh ``u``, ``v`` of every PC weight; returns how many.
+        """After ``optimizer.step()``: refresh ``u``, ``v`` of every PC weight (and write each once-per-step
+        ``W_eff``); returns how many. Collective under FSDP2: every rank must call it.
 
-        Collective under FSDP2 (small vector all-reduces): every rank must call it.
+        Raises:
+            RuntimeError: a once-per-step ``W_eff`` still carries a gradient (see :meth:`check_pulled_back`).
         """
+        self.check_pulled_back()
         pcs = [pc for _, pc in self.preconditioners()]
-        if pcs:
-            refresh_modules(pcs, self.num_power_iterations)
-        n = len(pcs)
-        if self.sharded is not None:
-            n += self.sharded.after_step()  # refresh u, v and write W_eff on the shards
-        logger.debug("PCState.after_step: refreshed %d preconditioned weights", n)
-        return n
+        refresh_(pcs, self.num_power_iterations)
+        write_(self._slots())
+        logger.debug("PCState.after_step: refreshed %d preconditioned weights", len(pcs))
+        return len(pcs)
+
+    @torch.no_grad()
+    def initialize(self) -> int:
+        """Start the PC state of a model built on the meta device, after ``to_empty`` and its own init.
+
+        Once per step, the init wrote ``<module>.weight``: the raw weights take those values. Then, in both
+        strategies, ``gamma = 1``, ``u``, ``v`` are re-initialised and refreshed (and ``W_eff`` is written).
+        Returns how many weights.
+        """
+        initialize_(self._slots())
+        return reset_preconditioners(self.modules)
 
     def attach(self, optimizer: torch.optim.Optimizer):
-        """Call :meth:`after_step` after every ``optimizer.step()`` (a step post-hook); returns its handle."""
+        """Run :meth:`after_step` after every ``optimizer.step()``; returns a handle (``.remove()`` detaches).
+
+        A step post-hook, plus a pre-hook that refuses to step while once-per-step gradients wait for
+        :meth:`after_backward`. Attach to the optimizer whose ``step()`` the loop calls (a ``Spectra`` wrapper,
+        not its base: the refresh must follow the clip).
+        """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
-                f"PCState.attach expects a torch.optim.Optimizer, got {type(optimizer).__name__}."
+                f"PCState.attach expects a torch.optim.Optimizer, got {type(optimizer).__name__}. Pass the "
+                "optimizer whose step() the training loop calls."
             )
-        return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.after_step())
+        pre = optimizer.register_step_pre_hook(_BeforeStep(self))
+        post = optimizer.register_step_post_hook(_AfterStep(self))
+        return _Handles(pre, post)
+
 
     @contextlib.contextmanager
     def accumulate(self) -> Iterator[None]:
@@ -225,7 +242,7 @@ class PCState:
                 stale).
         """
         pcs = self.preconditioners()
-        if not pcs:
+        if not pcs or self.strategy == "once_per_step":  # once per step already: nothing to hold
             yield
             return
         _check_not_fsdp2(self.modules, pcs)
@@ -289,3 +306,44 @@ def _check_not_fsdp2(modules: Sequence[nn.Module], pcs) -> None:
             "and give wrong gradients. Run the micro-batches without once_per_step under FSDP2 (W_eff is then "
             "recomputed in every micro-batch forward), or use it on unsharded / DDP models."
         )
+
+
+class _BeforeStep:
+    """Step pre-hook of :meth:`PCState.attach`: refuse a step with gradients not yet pulled back."""
+
+    def __init__(self, state: PCState) -> None:
+        self.state = state
+
+    def __call__(self, optimizer, args, kwargs) -> None:
+        self.state.check_pulled_back()
+
+
+class _AfterStep(_BeforeStep):
+    """Step post-hook of :meth:`PCState.attach`: the refresh (and ``W_eff`` write) after every step."""
+
+    def __call__(self, optimizer, args, kwargs) -> None:
+        self.state.after_step()
+
+
+def take_attached(optimizer: torch.optim.Optimizer) -> list[PCState]:
+    """Remove the :meth:`PCState.attach` hooks from ``optimizer``; return their states (for a wrapper that
+    steps ``optimizer`` and must run ``after_step`` after its own work, such as ``Spectra``'s clip)."""
+    states: list[PCState] = []
+    for hooks in (optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks):
+        for key, fn in list(hooks.items()):
+            if isinstance(fn, _BeforeStep):
+                del hooks[key]
+                if isinstance(fn, _AfterStep):
+                    states.append(fn.state)
+    return states
+
+
+class _Handles:
+    """The two hook handles of :meth:`PCState.attach`; ``remove()`` removes both."""
+
+    def __init__(self, *handles) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()

@@ -47,7 +47,7 @@ from torchtitan_ext.compat import install_set_timeout_shim
 from torchtitan_ext.data import TOKENIZER_DIR, register_datasets
 from torchtitan_ext.metrics import PCMetricsProcessor
 from torchtitan_ext.optimizer import adamw_config, muon_config
-from torchtitan_ext.pc import PCConverter, parallelize_llama_pc
+from torchtitan_ext.pc import PCConverter, attach_pc_state, parallelize_llama_pc
 from torchtitan_ext.trainer import PCTrainer
 
 __all__ = [
@@ -125,7 +125,7 @@ def llama2_model(flavor: str, *, pc: PCConverter.Config | None = None) -> ModelS
         model=model,
         parallelize_fn=parallelize_llama_pc,
         pipelining_fn=pipeline_llm,
-        post_optimizer_build_fn=None,
+        post_optimizer_build_fn=attach_pc_state,
         state_dict_adapter=_state_dict_adapter(),
     )
 
@@ -227,12 +227,12 @@ def debug_muon_pc() -> Trainer.Config:
 
 
 def debug_muon_pc_sharded() -> Trainer.Config:
-    """``debug_muon_pc`` with W_eff computed once per step on the FSDP2 shards (:mod:`pcopt.sharded`)."""
+    """``debug_muon_pc`` with W_eff computed once per step on the FSDP2 shards (:mod:`pcopt.strategy`)."""
     return _config("debug", "muon", pc=True, pc_mode="sharded")
 
 
 def debug_adamw_pc_sharded() -> Trainer.Config:
-    """``debug_adamw_pc`` with W_eff computed once per step on the FSDP2 shards (:mod:`pcopt.sharded`)."""
+    """``debug_adamw_pc`` with W_eff computed once per step on the FSDP2 shards (:mod:`pcopt.strategy`)."""
     return _config("debug", "adamw", pc=True, pc_mode="sharded")
 
 

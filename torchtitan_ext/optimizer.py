@@ -1,13 +1,13 @@
-"""torchtitan optimizers container that knows pcopt's Muon by name and owns the model's PC state.
+"""torchtitan optimizers container that knows pcopt's Muon by name (and SPECTRA as an option).
 
 Param groups are torchtitan's own ``ParamGroupConfig`` regexes on canonical parameter FQNs (first
 match wins), e.g. ``--optimizer.param_groups`` in a config function. The name ``"Muon"`` is added to
 torchtitan's ``Adam`` / ``AdamW`` / ``DistMuon``: :class:`pcopt.optim.Muon` (``torch.optim.Muon`` keyword
 names; each FSDP2 matrix is orthogonalized once in the world, exactly).
 
-The container holds the model parts' :class:`pcopt.PCState` and calls its ``after_step()`` after every
-``step()``: the refresh of ``u``, ``v`` of every PC weight, batched into one vector all-reduce per
-half-iteration. The optimizers themselves are given no PC state, so nothing refreshes twice.
+The container holds no PC state: the model spec's ``post_optimizer_build_fn``
+(:func:`torchtitan_ext.pc.attach_pc_state`) attaches the model's :class:`pcopt.PCState` to it, so its
+``after_step()`` (refresh of ``u``, ``v``; once per step also ``W_eff``) follows every ``step()``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _training_device() -> str:
 
 
 class PCOptimizersContainer(OptimizersContainer):
-    """``OptimizersContainer`` + the ``Muon`` name + the model's :class:`pcopt.PCState` after each step."""
+    """``OptimizersContainer`` + the ``Muon`` name + SPECTRA; skips once-per-step ``W_eff`` parameters."""
 
     @dataclass(kw_only=True, slots=True)
     class Config(OptimizersContainer.Config):
@@ -73,11 +73,8 @@ class PCOptimizersContainer(OptimizersContainer):
     @staticmethod
     def _build_param_groups(model, param_group_configs, impl_kwargs):
         groups, patterns = OptimizersContainer._build_param_groups(model, param_group_configs, impl_kwargs)
-        from torchtitan_ext.pc import sharded_pc
-
-        sharded = sharded_pc(model)
-        if sharded is not None:  # W_eff belongs to FSDP2 and is written by the PC state, never stepped
-            skip = {id(w) for w in sharded.effective_weights()}
+        skip = {id(w) for w in pcopt.effective_parameters(model)}
+        if skip:  # once per step, W_eff belongs to FSDP2 and is written by the PC state, never stepped
             for group in (g for gs in groups.values() for g in gs):
                 keep = [i for i, p in enumerate(group["params"]) if id(p) not in skip]
                 group["params"] = [group["params"][i] for i in keep]
@@ -98,11 +95,9 @@ class PCOptimizersContainer(OptimizersContainer):
         return groups, patterns
 
     def _validate_params(self, all_params) -> None:
-        # The sharded PC mode's W_eff parameters are trainable (FSDP2 reduce-scatters their gradients) but are
+        # Once per step, the W_eff parameters are trainable (FSDP2 reduce-scatters their gradients) but are
         # written by the PC state, not stepped: count them as assigned.
-        from torchtitan_ext.pc import sharded_pc
-
-        effective = [w for m in self.model_parts if (s := sharded_pc(m)) is not None for w in s.effective_weights()]
+        effective = [w for m in self.model_parts for w in pcopt.effective_parameters(m)]
         super()._validate_params([*all_params, *effective])
 
     def __init__(self, config: Config, *, model_parts: list[torch.nn.Module]) -> None:
@@ -112,26 +107,13 @@ class PCOptimizersContainer(OptimizersContainer):
             raise ValueError(
                 f"optimizer.pc_refresh_iterations must be >= 1 or None, got {config.pc_refresh_iterations}."
             )
-        from torchtitan_ext.pc import sharded_pc
-
-        sharded = [s for s in map(sharded_pc, model_parts) if s is not None]
-        if len(sharded) > 1:
-            raise ValueError("The sharded PC mode supports one model part (no pipeline parallelism).")
-        if sharded:
-            # The model has just been initialised (to_empty + init_weights wrote <module>.weight): start the
-            # PC state from those values, as registration does, and write the first W_eff.
-            sharded[0].initialize()
+        once = [m for m in model_parts if pcopt.strategy_of(m) == "once_per_step"]
+        if once and len(model_parts) > 1:
+            raise ValueError("PC once per step supports one model part (no pipeline parallelism).")
         super().__init__(config, model_parts=model_parts)
-        has_pc = any(pcopt.preconditioners(m) for m in model_parts)
-        self.pc_state = (
-            pcopt.PCState(
-                model_parts,
-                num_power_iterations=config.pc_refresh_iterations,
-                sharded=sharded[0] if sharded else None,
-            )
-            if has_pc or sharded
-            else None
-        )
+        # Read by torchtitan_ext.pc.attach_pc_state (the model spec's post_optimizer_build_fn), which attaches
+        # the model's pcopt.PCState to this container; the container itself holds no PC state.
+        self.pc_refresh_iterations = config.pc_refresh_iterations
         if config.spectral_clip is not None:
             self.optimizers = [self._with_spectra(o, config, model_parts) for o in self.optimizers]
 
@@ -151,12 +133,6 @@ class PCOptimizersContainer(OptimizersContainer):
                     warmup_steps=config.spectral_clip_warmup_steps,
                 )
         return optimizer
-
-    def step(self, closure=None):
-        super().step(closure)
-        if self.pc_state is not None:
-            self.pc_state.after_step()
-        return None
 
 
 def adamw_config(lr: float, *, name: str = "AdamW", **kwargs: Any) -> PCOptimizersContainer.Config:

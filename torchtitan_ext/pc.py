@@ -32,14 +32,13 @@ from torchtitan.protocols.model import ModelConfigConverter
 from torchtitan.protocols.module import Module
 
 import pcopt
-import pcopt.sharded
 from pcopt import PCOptions
 from pcopt.names import PC_TARGETS
 from torchtitan_ext.compat import check_spmd_backend, force_sum_reduction_on_gloo
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PC_MODES", "PCConverter", "PCLinear", "parallelize_llama_pc", "sharded_pc"]
+__all__ = ["PC_MODES", "PCConverter", "PCLinear", "attach_pc_state", "parallelize_llama_pc"]
 
 PC_MODES = ("parametrize", "sharded")
 
@@ -70,7 +69,7 @@ class PCLinear(Linear):
 
         pc_mode: str = "parametrize"
         """How PC executes: ``"parametrize"`` (the map in every forward) or ``"sharded"`` (``W_eff`` once
-        per optimizer step on the FSDP2 shards, :mod:`pcopt.sharded`)."""
+        per optimizer step on the FSDP2 shards: pcopt's once-per-step strategy, :mod:`pcopt.strategy`)."""
 
     def __init__(self, config: Config):
         super().__init__(config)
@@ -114,7 +113,7 @@ class PCConverter(ModelConfigConverter):
         mode: str = "parametrize"
         """``"parametrize"``: the PC map runs in every micro-batch forward (the reference semantics).
         ``"sharded"``: ``W_eff`` is computed once per optimizer step on the FSDP2 shards and the model's
-        forward sees a plain Linear (:mod:`pcopt.sharded`; FSDP2 / HSDP only)."""
+        forward sees a plain Linear (pcopt's once-per-step strategy, :mod:`pcopt.strategy`; FSDP2 / HSDP only)."""
 
     def __init__(self, config: Config, **kwargs):
         try:
@@ -175,12 +174,19 @@ class PCConverter(ModelConfigConverter):
         return model_config
 
 
-_SHARDED_ATTR = "_pcopt_sharded_pc"
+def attach_pc_state(optimizers, model_parts, parallel_dims) -> None:
+    """torchtitan's ``post_optimizer_build_fn``: the model's :class:`pcopt.PCState` joins the optimizers.
 
-
-def sharded_pc(model) -> pcopt.sharded.ShardedPC | None:
-    """The :class:`pcopt.sharded.ShardedPC` of a model parallelized in the sharded PC mode, else None."""
-    return model.__dict__.get(_SHARDED_ATTR)
+    Runs once the model is initialised (``to_empty`` + ``init_weights``: :class:`PCLinear` initialises its raw
+    weight, resets the PC state and, once per step, writes ``W_eff``) and the optimizers are built. The state
+    is attached to the optimizers container: ``after_step`` (refresh; ``W_eff``) follows every step of all its
+    optimizers, after SPECTRA's clip. :class:`torchtitan_ext.trainer.PCTrainer` calls ``after_backward``.
+    """
+    if not any(pcopt.preconditioners(m) for m in model_parts):
+        return
+    state = pcopt.PCState(model_parts, num_power_iterations=getattr(optimizers, "pc_refresh_iterations", None))
+    state.attach(optimizers)
+    logger.info("PC state attached to the optimizers: %s", state)
 
 
 @contextlib.contextmanager
@@ -264,9 +270,8 @@ def parallelize_llama_pc(
             with _shard_larger_dim(placement_fn):
                 parallelize_llama(m, **kwargs)
 
-        pc = pcopt.sharded.distribute(model, shard)
-        model.__dict__[_SHARDED_ATTR] = pc  # found by sharded_pc(model): the optimizers container calls it
-        logger.info("PC layer in the sharded once-per-step mode: %s", pc)
+        pcopt.set_strategy(model, "once_per_step", shard=shard)
+        logger.info("PC layer once per step on the FSDP2 shards: %d weights", len(pcopt.preconditioners(model)))
     else:
         model = parallelize_llama(model, **kwargs)
     n = force_sum_reduction_on_gloo(model)

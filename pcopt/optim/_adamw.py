@@ -1,10 +1,8 @@
-"""``torch.optim.AdamW`` that calls the model's :class:`pcopt.PCState` after every step.
+"""``torch.optim.AdamW`` with a log line per param group and the deprecated ``pc_state=`` option.
 
 The update is ``torch.optim.AdamW``'s, unchanged (same arguments, defaults, state keys, foreach/fused
-kernels). The one addition the reparameterization needs: with ``pc_state=``, every ``step()`` ends with
-``pc_state.after_step()``, the warm-started power-iteration refresh of ``u``, ``v`` (without it they would
-describe the weight of the previous step). ``pcopt.PCState(model).attach(torch.optim.AdamW(...))`` does the
-same for the stock class.
+kernels). The PC layer needs nothing from the optimizer: ``pcopt.PCState(model).attach(optimizer)`` works
+on the stock class (``pc_state=`` does the same and warns).
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ from typing import Any
 
 import torch
 
-from pcopt.optim._pc_state import resolve_pc_state
+from pcopt.optim._pc_state import attach_pc_state
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +20,7 @@ __all__ = ["AdamW"]
 
 
 class AdamW(torch.optim.AdamW):
-    r"""``torch.optim.AdamW`` whose ``step()`` ends with ``pc_state.after_step()``.
+    r"""``torch.optim.AdamW``; ``pc_state=`` (deprecated) attaches the model's PC state to it.
 
     .. math::
        \begin{aligned}
@@ -48,24 +46,10 @@ class AdamW(torch.optim.AdamW):
 
     def __init__(self, params: Any, *args: Any, pc_state=None, **kwargs: Any) -> None:
         super().__init__(params, *args, **kwargs)
-        self.pc_state = resolve_pc_state(pc_state, "AdamW")
-        self.register_step_post_hook(
-            _after_step
-        )  # a hook, so torch's step wrapper and hooks stay as they are
+        attach_pc_state(self, pc_state, "AdamW")
         for i, group in enumerate(self.param_groups):
             logger.info(
                 "AdamW param group %d: %d tensors, %d elements, lr=%s, betas=%s, eps=%s, weight_decay=%s",
                 i, len(group["params"]), sum(p.numel() for p in group["params"]), group["lr"], group["betas"],
                 group["eps"], group["weight_decay"],
             )  # fmt: skip
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("pc_state", None)  # not pickled: it belongs to the model, not the optimizer
-        if _after_step not in self._optimizer_step_post_hooks.values():  # hooks are not pickled either
-            self.register_step_post_hook(_after_step)
-
-
-def _after_step(optimizer: AdamW, args, kwargs) -> None:
-    if optimizer.pc_state is not None:
-        optimizer.pc_state.after_step()

@@ -51,8 +51,9 @@ def build_optimizer(
     weight decay 0.1 on every parameter including gamma and the raw PC weights. Parameters are split by
     :func:`param_groups`. The result is one :class:`CombinedOptimizer`: use it with any
     ``torch.optim.lr_scheduler``, ``state_dict``/``load_state_dict``, ``zero_grad`` and closures. If the model
-    is preconditioned, the optimizer owns its :class:`pcopt.PCState` (``opt.pc_state``) and calls
-    ``after_step()`` (the refresh of ``u``, ``v``) once after every step.
+    is preconditioned, the model's :class:`pcopt.PCState` is attached to it (``state.attach``), so its
+    ``after_step()`` (refresh of ``u``, ``v``; ``W_eff`` once per step) runs after every step. In the
+    once-per-step strategy, call ``pcopt.PCState(model).after_backward()`` before clipping and ``step()``.
 
     Args:
         lr: peak learning rate of both groups (AdamW's can differ via ``adamw_lr``).
@@ -117,4 +118,7 @@ def build_optimizer(
             UserWarning,
             stacklevel=2,
         )
-    return CombinedOptimizer(children, pc_state=pc_state)
+    optimizer = CombinedOptimizer(children)
+    if pc_state is not None:
+        pc_state.attach(optimizer)
+    return optimizer

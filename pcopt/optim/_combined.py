@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from pcopt.optim._pc_state import resolve_pc_state
+from pcopt.optim._pc_state import attach_pc_state
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,6 @@ class CombinedOptimizer(Optimizer):
                     seen[id(p)] = name
                 group.setdefault(ROUTING_KEY, name)
         self.optimizers: dict[str, Optimizer] = dict(optimizers)
-        self.pc_state = resolve_pc_state(pc_state, "CombinedOptimizer")
         self._num_groups = {name: len(opt.param_groups) for name, opt in self.optimizers.items()}
         self._building = True
         super().__init__([g for opt in self.optimizers.values() for g in opt.param_groups], {})
@@ -69,6 +68,7 @@ class CombinedOptimizer(Optimizer):
         for opt in self.optimizers.values():
             self.state.update(opt.state)
         self._share_with_children()
+        attach_pc_state(self, pc_state, "CombinedOptimizer")
 
     def _share_with_children(self) -> None:
         """Point every child at its slice of ``self.param_groups`` and at the shared ``self.state``."""
@@ -105,8 +105,6 @@ class CombinedOptimizer(Optimizer):
                 loss = closure()
         for opt in self.optimizers.values():
             opt.step()
-        if self.pc_state is not None:
-            self.pc_state.after_step()
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -127,7 +125,6 @@ class CombinedOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_building", False)
-        self.__dict__.setdefault("pc_state", None)
         if "optimizers" in state:
             self._share_with_children()
 

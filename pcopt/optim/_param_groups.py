@@ -5,7 +5,7 @@ Routing (first rule that applies wins; ``name`` is the parameter's FQN from ``mo
 ==========================================================  ==========  ==============================
 parameter                                                   optimizer   group
 ==========================================================  ==========  ==============================
-frozen (``requires_grad=False``)                            none        not returned
+frozen (``requires_grad=False``), or a once-per-step ``W_eff``  none        not returned
 matches ``adamw_pattern`` (default: token embeddings         AdamW       ``"adamw"``
 ``tok_embeddings``/``embed_tokens``/``wte``/``wpe``/
 ``word_embeddings`` and LM head ``output``/``lm_head``,
@@ -113,8 +113,11 @@ def param_groups(
     routes: dict[str, list[tuple[str, torch.nn.Parameter]]] = {"muon": [], "adamw": [], "gamma": []}
     unrouted: list[str] = []
     matched = {"muon_pattern": False, "adamw_pattern": False}
+    from pcopt.strategy import effective_parameters
+
+    written = {id(p) for p in effective_parameters(model)}  # W_eff: FSDP2's and the PC state's, never stepped
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) in written:
             continue
         if adamw_re.search(name) or id(p) in embedding_params:
             matched["adamw_pattern"] = matched["adamw_pattern"] or bool(adamw_re.search(name))

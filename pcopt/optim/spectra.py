@@ -32,7 +32,7 @@ from pcopt.hardware import preferred_dtype
 from pcopt.optim._combined import ROUTING_KEY, CombinedOptimizer
 from pcopt.optim._distributed import map_full_matrices
 from pcopt.optim._muon import Muon
-from pcopt.optim._pc_state import resolve_pc_state
+from pcopt.optim._pc_state import attach_pc_state
 from pcopt.spectral_clip import (
     DEFAULT_CLIP_STEPS,
     check_steps,
@@ -258,12 +258,12 @@ class Spectra(Optimizer):
                 "known, another pattern, or apply_to='2d' / 'all'."
             )
         # the base's PC refresh would run before the clip: take it over
-        taken = None
+        from pcopt.state import take_attached
+
         for opt in [optimizer, *_leaf_optimizers(optimizer)]:
-            if getattr(opt, "pc_state", None) is not None:
-                taken = taken or opt.pc_state
-                opt.pc_state = None
-        self.pc_state = resolve_pc_state(pc_state, "Spectra") or taken
+            for state in take_attached(opt):
+                state.attach(self)
+        attach_pc_state(self, pc_state, "Spectra")
         self._grads_clipped = False
         logger.info(
             "Spectra over %s: %d parameters clipped (apply_to=%s), c=%s, pre_clip=%s, steps=%d, dtype=%s",
@@ -387,7 +387,6 @@ class Spectra(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["pc_state"] = None  # belongs to the model
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -515,6 +514,4 @@ class Spectra(Optimizer):
             for group in self.param_groups:
                 group[_STEP_KEY] += 1
         self._grads_clipped = False
-        if self.pc_state is not None:
-            self.pc_state.after_step()
         return loss

@@ -1,4 +1,4 @@
-"""The sharded once-per-step PC mode (pcopt.sharded) on 2 gloo ranks, against the unsharded parametrize path."""
+"""The once-per-step PC strategy on FSDP2 shards (2 gloo ranks), against the unsharded per-forward strategy."""
 
 import pytest
 import torch
@@ -8,7 +8,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import pcopt
-import pcopt.sharded as ps
 from tests._distributed import run_distributed
 from tests.conftest import FeedForward
 
@@ -68,9 +67,24 @@ def _shard_fn(**kwargs):
     return shard
 
 
+def _once(model, shard=None):
+    pcopt.set_strategy(model, "once_per_step", shard=shard)
+    return pcopt.PCState(model)
+
+
 def _sharded(seed=0, degree=5, **kwargs):
     model = _model(seed, degree)
-    return model, ps.distribute(model, _shard_fn(**kwargs))
+    return model, _once(model, _shard_fn(**kwargs))
+
+
+def _trainable(model):
+    """What the optimizer updates: every parameter but the W_eff ones."""
+    skip = {id(p) for p in pcopt.effective_parameters(model)}
+    return [(n, p) for n, p in model.named_parameters() if id(p) not in skip]
+
+
+def _names(model):
+    return [f for f, _ in pcopt.preconditioners(model)]
 
 
 def _parametrize_fsdp(seed=0, degree=5):
@@ -80,9 +94,7 @@ def _parametrize_fsdp(seed=0, degree=5):
 
 
 def _ref_name(name):
-    return name.replace(".pc.raw", ".parametrizations.weight.original").replace(
-        ".pc.gamma", ".parametrizations.weight.0.gamma"
-    )
+    return name  # one key layout in both strategies
 
 
 def _full(t):
@@ -96,12 +108,12 @@ def _rel(a, b):
 def _optimizers(model, named, kind):
     named = list(named)
     if kind == "adamw":
-        return [pcopt.optim.AdamW([p for _, p in named], lr=1e-2, weight_decay=0.1)]
-    mats = [p for n, p in named if n.endswith((".pc.raw", "parametrizations.weight.original"))]
-    rest = [p for n, p in named if not n.endswith((".pc.raw", "parametrizations.weight.original"))]
+        return [torch.optim.AdamW([p for _, p in named], lr=1e-2, weight_decay=0.1)]
+    mats = [p for n, p in named if n.endswith("parametrizations.weight.original")]
+    rest = [p for n, p in named if not n.endswith("parametrizations.weight.original")]
     return [
         pcopt.optim.Muon(mats, lr=2e-2, ns_dtype=torch.float32, adjust_lr_fn="match_rms_adamw"),
-        pcopt.optim.AdamW(rest, lr=1e-2, weight_decay=0.1),
+        torch.optim.AdamW(rest, lr=1e-2, weight_decay=0.1),
     ]
 
 
@@ -115,10 +127,10 @@ def _equality(rank, world):
             model, pc = _sharded()
             w2 = model.layers[0].feed_forward.w2
             assert isinstance(w2.weight, DTensor) and w2.weight.placements[0].is_shard(1)
-            assert w2.pc.raw.placements == w2.weight.placements
-            assert model.layers[0].feed_forward.w1.pc.raw.placements[0].is_shard(0)
+            assert w2.parametrizations.weight.original.placements == w2.weight.placements
+            assert model.layers[0].feed_forward.w1.parametrizations.weight.original.placements[0].is_shard(0)
             ref_opts = _optimizers(ref, ref.named_parameters(), kind)
-            opts = _optimizers(model, pc.optimizer_parameters(model), kind)
+            opts = _optimizers(model, _trainable(model), kind)
             ref_params = dict(ref.named_parameters())
             torch.manual_seed(10 + accum)
             for step in range(2):
@@ -127,8 +139,8 @@ def _equality(rank, world):
                     ref(x).pow(2).mean().div(accum).backward()
                     model(x[rank * 2 : (rank + 1) * 2]).pow(2).mean().div(accum).backward()
                 pc.after_backward()
-                assert all(w.grad is None for w in pc.effective_weights())
-                for name, p in pc.optimizer_parameters(model):
+                assert all(w.grad is None for w in pcopt.effective_parameters(model))
+                for name, p in _trainable(model):
                     r = ref_params[_ref_name(name)]
                     assert _rel(_full(p.grad), r.grad) <= 1e-5, (accum, kind, step, name, "grad")
                 for o in ref_opts + opts:
@@ -137,9 +149,9 @@ def _equality(rank, world):
                 pc.after_step()
                 for o in ref_opts + opts:
                     o.zero_grad()
-                for name, p in pc.optimizer_parameters(model):
+                for name, p in _trainable(model):
                     assert _rel(_full(p), ref_params[_ref_name(name)]) <= 1e-5, (accum, kind, step, name)
-                for fqn, state in pc.states():
+                for fqn, state in pcopt.preconditioners(model):
                     mod = ref.get_submodule(fqn[: -len(".weight")])
                     pcr = mod.parametrizations.weight[0]
                     assert _rel(state.u, pcr.u) <= 1e-4 and _rel(state.v, pcr.v) <= 1e-4, fqn
@@ -172,7 +184,7 @@ class _Comms(TorchDispatchMode):
 
 def _collectives(rank, world):
     model, pc = _sharded()
-    shapes = [tuple(model.get_parameter(f).shape) for f in pc.names]
+    shapes = [tuple(model.get_parameter(f).shape) for f in _names(model)]
     n_sq = [min(s) ** 2 for s in shapes]
     vec_max = sum(max(s) for s in shapes)
 
@@ -207,7 +219,7 @@ def _collectives(rank, world):
     vectors = [s for n, s in step.calls if s[0] <= vec_max]
     assert all(n == "c10d::allreduce_" for n, _ in step.calls), step.calls
     assert grams == [[nn_ + 1] for nn_ in n_sq], grams  # one n x n (+ sigma) all-reduce per matrix
-    iters = pc._entries[0].num_power_iterations
+    iters = pcopt.preconditioners(model)[0][1].num_power_iterations
     assert len(vectors) == 2 * iters, len(vectors)  # power iteration: all matrices in one vector all-reduce
     # no all-gather / reduce-scatter of a weight: every collective above is an all-reduce of the sizes checked
     # the byte counts a benchmark reports: 4 bytes per fp32 element
@@ -250,7 +262,7 @@ def _memory(rank, world):
         bytes_ = [sum(b for *_, b in s) for s in (s_plain, s_sharded, s_param)]
         assert bytes_[1] == bytes_[0], bytes_  # the PC'd model saves what the plain model saves
         assert bytes_[2] > 2 * bytes_[0], bytes_  # the parametrize path saves the map's intermediates
-        shapes = {tuple(model.get_parameter(f).shape) for f in pc.names}
+        shapes = {tuple(model.get_parameter(f).shape) for f in _names(model)}
         shapes |= {s[::-1] for s in shapes} | {(min(s), min(s)) for s in shapes}
         if mp is not None:
             fp32_full = [s for d, s, _ in s_sharded if d == torch.float32 and s in shapes]
@@ -287,7 +299,7 @@ def _dcp(rank, world, root):
     torch.manual_seed(3)
     x = torch.randn(2, 6, DIM)
     a, pa = _sharded(seed=1)
-    oa = pcopt.optim.AdamW([p for _, p in pa.optimizer_parameters(a)], lr=1e-2)
+    oa = torch.optim.AdamW([p for _, p in _trainable(a)], lr=1e-2)
     _train_step(a, pa, oa, x)
     dcp.save(
         {"model": get_model_state_dict(a), "optim": get_optimizer_state_dict(a, oa)},
@@ -296,7 +308,7 @@ def _dcp(rank, world, root):
 
     # sharded -> sharded, exact resume
     b, pb = _sharded(seed=2)
-    ob = pcopt.optim.AdamW([p for _, p in pb.optimizer_parameters(b)], lr=1e-2)
+    ob = torch.optim.AdamW([p for _, p in _trainable(b)], lr=1e-2)
     _train_step(b, pb, ob, x)  # creates the optimizer state to load into
     sd = {"model": get_model_state_dict(b), "optim": get_optimizer_state_dict(b, ob)}
     assert not any(k.endswith(tuple(f"{f}.weight" for f in ("w1", "w2", "w3", "wo"))) for k in sd["model"])
@@ -305,26 +317,26 @@ def _dcp(rank, world, root):
     set_optimizer_state_dict(b, ob, sd["optim"])
     for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(_full(p), _full(q)), name
-    for wa, wb in zip(pa.effective_weights(), pb.effective_weights()):
+    for wa, wb in zip(pcopt.effective_parameters(a), pcopt.effective_parameters(b)):
         assert torch.equal(_full(wa), _full(wb))
     _train_step(a, pa, oa, x)
     _train_step(b, pb, ob, x)
     assert torch.equal(a(x), b(x))
 
-    # parametrize (FSDP2) checkpoint -> sharded mode
+    # per-forward (FSDP2) checkpoint -> once per step: the same keys, loaded as they are
     p = _parametrize_fsdp(seed=4)
     op = torch.optim.AdamW(p.parameters(), lr=1e-2)
     _train_step(p, None, op, x)
     dcp.save({"model": get_model_state_dict(p)}, checkpoint_id=f"{root}/p")
     c, pcc = _sharded(seed=5)
     sd = get_model_state_dict(c)
-    dcp.load({"model": ps.to_parametrize_keys(sd)}, checkpoint_id=f"{root}/p")
+    dcp.load({"model": sd}, checkpoint_id=f"{root}/p")
     set_model_state_dict(c, sd)
     assert _rel(c(x), p(x)) <= 1e-5
-    # and back: the sharded checkpoint loads into the parametrize path
+    # and back: the once-per-step checkpoint loads into the per-forward strategy
     d = _parametrize_fsdp(seed=6)
     sd = get_model_state_dict(d)
-    dcp.load({"model": ps.from_parametrize_keys(sd)}, checkpoint_id=f"{root}/s")
+    dcp.load({"model": sd}, checkpoint_id=f"{root}/s")
     set_model_state_dict(d, sd)
     e, pe = _sharded(seed=7)
     sd = get_model_state_dict(e)
@@ -348,13 +360,13 @@ def _misuse(rank, world):
     with pytest.raises(
         ValueError, match=r"already sharded \(fully_shard was applied.*apply fully_shard inside"
     ):
-        ps.distribute(late, _shard_fn())
+        pcopt.set_strategy(late, "once_per_step", shard=_shard_fn())
 
     after = _model()
-    pc = ps.distribute(after)  # no shard: unsharded ...
+    pc = _once(after)  # no shard: unsharded ...
     for layer in after.layers:
         fully_shard(layer)  # ... then sharded by hand: FSDP2 now manages the raw weights too
-    with pytest.raises(RuntimeError, match=r"fully_shard was applied after pcopt.sharded.distribute"):
+    with pytest.raises(RuntimeError, match=r"fully_shard was applied after pcopt.set_strategy"):
         pc.after_step()
 
     # sharding a wide matrix on its smaller dim: a warning, and still exact
@@ -365,13 +377,13 @@ def _misuse(rank, world):
 
     model = _model()
     with pytest.warns(UserWarning, match=r"sharded on their smaller dim.*shard_placement_fn"):
-        pc = ps.distribute(model, default_placement)
+        pc = _once(model, default_placement)
     x = torch.randn(2 * world, 6, DIM)
     ref(x).pow(2).mean().backward()
     model(x[rank * 2 : (rank + 1) * 2]).pow(2).mean().backward()
     pc.after_backward()
     refp = dict(ref.named_parameters())
-    for name, p in pc.optimizer_parameters(model):
+    for name, p in _trainable(model):
         assert _rel(_full(p.grad), refp[_ref_name(name)].grad) <= 1e-5, name
     dist.barrier()
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import pcopt
+from pcopt.state import take_attached
 from pcopt.optim import AdamW
 
 
@@ -117,7 +118,8 @@ def test_deepcopy_pickle_and_state_dict_keep_behaviour():
     opt = AdamW(model.parameters(), lr=0.01, pc_state=model)
     _train(model, opt, 1)
     for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
-        assert clone.pc_state is None  # the PC state belongs to the model; give the clone its own
+        # the PC state belongs to the model: a clone carries no attach hooks (attach the model's state to it)
+        assert take_attached(clone) == []
         assert clone.param_groups[0]["lr"] == 0.01
     fresh = AdamW(model.parameters(), lr=0.01)
     fresh.load_state_dict(opt.state_dict())

@@ -244,7 +244,7 @@ WARNINGS = [
         "PCState of a model without PC",
         lambda: pcopt.PCState(nn.Linear(4, 4)),
         UserWarning,
-        r"PCState: the model has no preconditioned weights, so after_step/accumulate do nothing",
+        r"PCState: the model has no preconditioned weights, so its moments do nothing",
     ),
     (
         "build_optimizer num_power_iterations without PC",

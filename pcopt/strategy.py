@@ -1,0 +1,502 @@
+"""How the PC layer executes: per forward (the reference) or once per optimizer step (the fast one).
+
+One declaration, :func:`pcopt.precondition_model`, gives every selected weight one :class:`pcopt.PolynomialPC`
+(``gamma``, ``u``, ``v``, settings) next to its raw weight ``W``. :func:`set_strategy` chooses how
+``W_eff = gamma * sg(sigma) * p(W / sigma)`` is computed from that state:
+
+``"per_forward"`` (what :func:`pcopt.precondition_model` registers)
+    the ``torch.nn.utils.parametrize`` registration: every forward maps ``W`` and autograd differentiates the
+    map in every micro-batch. The reference semantics; needed for batched (3-D) weights and for pipeline or
+    tensor parallelism, where a module never holds its full matrix.
+
+``"once_per_step"``
+    ``module.weight`` is an ordinary parameter that holds ``W_eff`` (FSDP2 all-gathers, reshards,
+    reduce-scatters and casts it like any ``Linear`` weight; ``torch.compile`` sees a plain ``Linear``). The
+    model's :class:`pcopt.PCState` writes it after each optimizer step and, after the last micro-batch's
+    backward, pulls the accumulated ``dL/dW_eff`` back to ``dL/dW`` and ``dL/dgamma``. The map then costs once
+    per step, not once per micro-batch, and on FSDP2 shards it runs on each rank's shard: every PC matrix is
+    sharded on its larger dim (:func:`shard_placement_fn`), so its small-side Gram is a sum of local Grams
+    (one all-reduce) and ``p(X) = X q(X^T X)`` is applied locally. Gradients and steps equal the per-forward
+    strategy's up to rounding.
+
+Both keep the raw weight at ``<module>.parametrizations.weight.original`` and the rest of the state at
+``<module>.parametrizations.weight.0.{gamma,u,v,pc_meta}``, so checkpoints move between them unchanged
+(``W_eff`` is not saved; it is recomputed on load). The cost model and measurements are in ``docs/scale.md``;
+the design and a step's data flow in ``docs/engine.md``.
+
+Usage (every rank)::
+
+    pcopt.precondition_model(model)                                    # the declaration
+    pcopt.set_strategy(model, "once_per_step", shard=shard)            # shard(model, placement_fn): fully_shard
+    state = pcopt.PCState(model)                                       # the owner of the step moments
+    optimizer = pcopt.optim.build_optimizer(model)                     # attaches state.after_step
+    for step in ...:
+        for micro_batch in ...:
+            loss(model(micro_batch)).backward()
+        state.after_backward()                                         # dL/dW_eff -> dL/dW, dL/dgamma
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()                                               # + state.after_step(): refresh, W_eff
+        optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from pcopt._tensor import is_dtensor, is_fsdp_module, local_tensor
+from pcopt.layer import PCHolder, PCSlot, PolynomialPC
+from pcopt.polynomials import gram_polynomial
+from pcopt.registration import preconditioners, unregister
+from pcopt.spectral import all_reduce_
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "STRATEGIES",
+    "effective_parameters",
+    "set_strategy",
+    "shard_placement_fn",
+    "strategy_of",
+]
+
+Strategy = Literal["per_forward", "once_per_step"]
+STRATEGIES: tuple[str, ...] = ("per_forward", "once_per_step")
+_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+# -- introspection ----------------------------------------------------------------------------------------------
+def strategy_of(model: nn.Module) -> str | None:
+    """``"per_forward"``, ``"once_per_step"``, or None when ``model`` has no PC weights.
+
+    Raises:
+        RuntimeError: the model mixes both (weights preconditioned after :func:`set_strategy`).
+    """
+    kinds = {pc.strategy for _, pc in preconditioners(model)}
+    if len(kinds) > 1:
+        per = [f for f, pc in preconditioners(model) if pc.strategy == "per_forward"]
+        raise RuntimeError(
+            f"The model mixes PC strategies: {per[:3]} run per forward, the others once per step. One model, "
+            "one strategy: precondition every weight first, then call pcopt.set_strategy(model, ...) once."
+        )
+    return kinds.pop() if kinds else None
+
+
+def slots(model: nn.Module) -> list[PCSlot]:
+    """The :class:`PCSlot` of every once-per-step PC weight, in ``named_modules()`` order (rank-independent)."""
+    return [pc._plist for _, pc in preconditioners(model) if isinstance(pc._plist, PCSlot)]
+
+
+def effective_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The ``W_eff`` parameters of the once-per-step strategy: FSDP2's and the PC state's, never an optimizer's.
+
+    An optimizer that holds them anyway leaves them alone: ``PCState.after_backward`` sets their ``.grad`` to
+    None and ``after_step`` overwrites them. Empty for the per-forward strategy.
+    """
+    return [s.effective for s in slots(model)]
+
+
+# -- placement --------------------------------------------------------------------------------------------------
+def _larger_dim(shape: tuple[int, ...]) -> int:
+    return 0 if shape[0] >= shape[1] else 1
+
+
+def shard_placement_fn(model: nn.Module) -> Callable[[nn.Parameter], Any]:
+    """A ``shard_placement_fn`` for ``fully_shard`` that shards every PC matrix of ``model`` on its larger dim.
+
+    Other parameters get FSDP2's default (``Shard(0)``). FSDP2 requires dims other than 0 to divide evenly by
+    the shard count. :func:`set_strategy` passes it to ``shard``.
+    """
+    from torch.distributed.tensor import Shard
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"shard_placement_fn expects an nn.Module, got {type(model).__name__}.")
+    table: dict[int, Shard] = {}
+    for fqn, pc in preconditioners(model):
+        slot = pc._plist
+        param = slot.effective if isinstance(slot, PCSlot) else pc.raw_weight
+        if param.ndim == 2:
+            table[id(param)] = Shard(_larger_dim(tuple(param.shape)))
+
+    def placement(param: nn.Parameter):
+        return table.get(id(param))
+
+    return placement
+
+
+# -- the switch -------------------------------------------------------------------------------------------------
+def set_strategy(
+    model: nn.Module,
+    strategy: Strategy = "once_per_step",
+    *,
+    shard: Callable[[nn.Module, Callable[[nn.Parameter], Any]], Any] | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> list[str]:
+    """Choose how the PC weights of ``model`` execute; returns the FQNs of the weights switched.
+
+    ``"once_per_step"``: every per-forward registration is replaced by a plain ``<module>.weight`` parameter
+    holding ``W_eff``, the raw weight and :class:`PolynomialPC` move to a :class:`PCSlot` at the same keys, and
+    then ``shard(model, placement_fn)`` runs: apply ``fully_shard`` there with
+    ``shard_placement_fn=placement_fn``. FSDP2 manages only the parameters present when ``fully_shard`` runs,
+    so the raw weights are bound after it, placed like their ``W_eff`` (FSDP2 never gathers them).
+    ``shard=None`` keeps the model unsharded (one device, gradient accumulation, or DDP).
+
+    ``"per_forward"``: back to the parametrize registration (unsharded models only).
+
+    Args:
+        model: a preconditioned model (:func:`pcopt.precondition_model`), not yet sharded; on the meta device,
+            call ``pcopt.PCState(model).initialize()`` after materialising and initialising it.
+        strategy: ``"once_per_step"`` or ``"per_forward"``.
+        shard: ``(model, placement_fn) -> Any`` that applies ``fully_shard`` (once-per-step only).
+        compute_dtype: dtype of the once-per-step map's matmuls: None (default: fp32, fp64 for fp64 weights),
+            ``torch.float32``, ``torch.bfloat16`` or ``torch.float64``; reductions, ``sigma`` and ``gamma``
+            stay in at least fp32.
+
+    Raises:
+        ValueError: an unknown strategy or ``compute_dtype``, no PC weights, a weight that is not a 2-D
+            ``weight``, a model already sharded, or a ``shard`` that placed a weight in a way PC cannot use.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"set_strategy expects an nn.Module, got {type(model).__name__}.")
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"Unknown PC strategy {strategy!r}; expected one of {list(STRATEGIES)}. 'once_per_step' computes "
+            "W_eff once per optimizer step (the fast one), 'per_forward' in every forward (the reference)."
+        )
+    if shard is not None and not callable(shard):
+        raise TypeError(
+            f"set_strategy: shard must be a callable (model, placement_fn) that applies fully_shard, got "
+            f"{type(shard).__name__}."
+        )
+    if compute_dtype is not None and (
+        not isinstance(compute_dtype, torch.dtype) or compute_dtype not in _COMPUTE_DTYPES
+    ):
+        raise ValueError(
+            f"compute_dtype must be one of {[str(d) for d in _COMPUTE_DTYPES]}, got {compute_dtype}. Use "
+            "torch.float32 (default) or torch.bfloat16."
+        )
+    pcs = preconditioners(model)
+    if not pcs:
+        raise ValueError(
+            "set_strategy: the model has no preconditioned weights. Call pcopt.precondition_model(model) first."
+        )
+    if strategy == "per_forward":
+        if shard is not None:
+            raise ValueError("set_strategy: shard applies to 'once_per_step' only; shard a per-forward model yourself.")
+        return _to_per_forward(model)
+    wrapped = [n or "<root>" for n, m in model.named_modules() if is_fsdp_module(m)]
+    if wrapped or any(is_dtensor(pc.raw_weight) for _, pc in pcs):
+        raise ValueError(
+            f"set_strategy: the model is already sharded (fully_shard was applied to {wrapped[:3]}). Call "
+            "pcopt.set_strategy(model, 'once_per_step', shard=shard) on the unsharded preconditioned model and "
+            "apply fully_shard inside shard."
+        )
+    todo = [(fqn, pc) for fqn, pc in pcs if pc.strategy == "per_forward"]
+    if not todo:
+        raise ValueError("set_strategy: the model already runs PC once per step; call set_strategy once per model.")
+    for fqn, pc in todo:
+        if pc.batch_shape or pc.raw_weight.ndim != 2 or not fqn.endswith(".weight"):
+            raise ValueError(
+                f"The once-per-step strategy runs PC matrices named 'weight'; {fqn} has shape "
+                f"{tuple(pc.raw_weight.shape)}. Keep batched (3-D) or other PC weights per forward (do not call "
+                "set_strategy on this model)."
+            )
+    placement_fn = shard_placement_fn(model)
+    pending = []
+    for fqn, pc in todo:
+        module = model.get_submodule(fqn[: -len(".weight")])
+        # module.weight becomes the raw Parameter object itself (values and identity kept): FSDP2 shards it as
+        # W_eff, and its local shard is copied into the raw weight below before W_eff is written.
+        unregister(module, "weight")
+        pending.append((fqn, module, pc))
+    if shard is not None:
+        shard(model, placement_fn)
+    out = []
+    for fqn, module, pc in pending:
+        slot = _bind(fqn, module, pc, compute_dtype)
+        _write(slot)
+        out.append(fqn)
+    _warn_small_dim(slots(model))
+    logger.info(
+        "PC once per step: %d weights, compute dtype %s, %d sharded",
+        len(out),
+        compute_dtype,
+        sum(bool(s.mesh_dims) for s in slots(model)),
+    )
+    return out
+
+
+def _bind(fqn: str, module: nn.Module, pc: PolynomialPC, compute_dtype: torch.dtype) -> PCSlot:
+    """Register ``module.parametrizations.weight`` = :class:`PCSlot` with the raw weight placed like W_eff."""
+    w = module._parameters["weight"]
+    local = local_tensor(w).detach().clone()
+    if is_dtensor(w):
+        from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
+
+        mesh, placements = w.device_mesh, tuple(w.placements)
+        shard_dims = {p.dim for p in placements if p.is_shard()}
+        if (
+            any(isinstance(p, Partial) for p in placements)
+            or len(shard_dims) > 1
+            or any(p.is_shard() and type(p).__name__ != "Shard" for p in placements)
+        ):
+            raise ValueError(
+                f"set_strategy: {fqn} is placed as {placements}; the once-per-step strategy needs every sharded "
+                "mesh dim to shard the same tensor dim with plain Shard placements (FSDP2 or HSDP). Pass "
+                "shard_placement_fn=placement_fn (the second argument of shard) to fully_shard."
+            )
+        raw = nn.Parameter(
+            DTensor.from_local(local, mesh, placements, shape=w.shape, stride=w.stride()), requires_grad=True
+        )
+        gamma = DTensor.from_local(local_tensor(pc.gamma.detach()).to(local.device), mesh, [Replicate()] * mesh.ndim)
+        pc.gamma = nn.Parameter(gamma, requires_grad=pc.gamma.requires_grad)
+        mesh_dims = tuple(i for i, p in enumerate(placements) if p.is_shard())
+        dim = shard_dims.pop() if shard_dims else _larger_dim(tuple(w.shape))
+    else:
+        raw = nn.Parameter(local, requires_grad=True)
+        mesh, mesh_dims, dim = None, (), _larger_dim(tuple(w.shape))
+    pc.to(local.device)
+    slot = PCSlot(raw, pc)
+    slot.__dict__["owner"] = module
+    if compute_dtype is None:
+        compute_dtype = torch.promote_types(local.dtype, torch.float32)
+    slot.dim, slot.mesh, slot.mesh_dims, slot.compute_dtype = dim, mesh, mesh_dims, compute_dtype
+    slot.placements = tuple(w.placements) if is_dtensor(w) else None
+    if mesh_dims:
+        size = w.shape[dim]
+        ar = torch.arange(size).view((size, 1) if dim == 0 else (1, size))
+        slot.index = distribute_tensor(ar, mesh, placements, src_data_rank=None).to_local().reshape(-1).cpu()
+    holder = PCHolder()
+    holder.add_module("weight", slot)
+    module.add_module("parametrizations", holder)
+    if not getattr(module, "_pcopt_once_per_step_hooks", False):
+        module._pcopt_once_per_step_hooks = True
+        module.register_state_dict_post_hook(_drop_effective)
+        module.register_load_state_dict_pre_hook(_keep_effective)
+        module.register_load_state_dict_post_hook(_rewrite_after_load)
+    return slot
+
+
+def _to_per_forward(model: nn.Module) -> list[str]:
+    out = []
+    for fqn, pc in preconditioners(model):
+        if pc.strategy != "once_per_step":
+            continue
+        slot = pc._plist
+        if is_dtensor(slot.original):
+            raise ValueError(
+                f"set_strategy: {fqn} is sharded; the per-forward strategy is chosen before fully_shard. Build the "
+                "model again, or save a checkpoint (its keys are the same in both strategies) and load it there."
+            )
+        module = slot.owner
+        del module._modules["parametrizations"]
+        module._parameters["weight"] = slot.original  # the raw weight becomes the parametrized original
+        pc._identity_inverse = True
+        parametrize.register_parametrization(module, "weight", pc)
+        pc._identity_inverse = False
+        pc.bind(module.parametrizations["weight"])
+        pc.mark_fresh()
+        out.append(fqn)
+    return out
+
+
+def _warn_small_dim(all_slots: list[PCSlot]) -> None:
+    bad = [
+        f"{tuple(s.original.shape)} on dim {s.dim}"
+        for s in all_slots
+        if s.mesh_dims and s.original.shape[s.dim] < s.original.shape[1 - s.dim]
+    ]
+    if bad:
+        warnings.warn(
+            f"pcopt: PC matrices {bad[:3]} are sharded on their smaller dim, so their Gram matrix (and its "
+            "all-reduce) is the larger side. Results are exact but slow; pass shard_placement_fn=placement_fn "
+            "(the second argument of shard) to fully_shard.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+# -- checkpoint hooks of a once-per-step module -----------------------------------------------------------------
+def _slot_of(module: nn.Module) -> PCSlot | None:
+    holder = module._modules.get("parametrizations")
+    return holder["weight"] if isinstance(holder, PCHolder) and "weight" in holder else None
+
+
+def _drop_effective(module, state_dict, prefix, local_metadata) -> None:
+    """state_dict: ``<module>.weight`` (W_eff) is left out; the PC state defines it."""
+    if _slot_of(module) is not None:
+        state_dict.pop(prefix + "weight", None)
+
+
+def _keep_effective(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+    """load_state_dict: ``<module>.weight`` is not expected; it is recomputed from the loaded state."""
+    if _slot_of(module) is not None and prefix + "weight" not in state_dict:
+        state_dict[prefix + "weight"] = module._parameters["weight"].detach()  # loads onto itself: a no-op
+
+
+def _rewrite_after_load(module, incompatible_keys) -> None:
+    slot = _slot_of(module)
+    if slot is not None:
+        _write(slot)  # collective when sharded: every rank loads
+
+
+# -- the map and its pull-back on (shards of) one matrix --------------------------------------------------------
+def _oriented(t: Tensor, dim: int) -> Tensor:
+    """View of a matrix whose rows run along tensor dim ``dim`` (the sharded / larger one)."""
+    return t if dim == 0 else t.mT
+
+
+def _vectors(slot: PCSlot, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(u_local, v_other)``: the vector along the sharded dim restricted to this rank, and the other one."""
+    pc = slot[0]
+    along, other = (pc.u, pc.v) if slot.dim == 0 else (pc.v, pc.u)
+    if slot.index is not None:
+        if slot.index.device != along.device:  # once: the index then lives where the state does
+            slot.index = slot.index.to(along.device)
+        along = along[slot.index]
+    return along.to(dtype), other.to(dtype)
+
+
+def stamp(slot: PCSlot) -> tuple[int, ...]:
+    pc = slot[0]
+    return (local_tensor(slot.original)._version, local_tensor(pc.gamma)._version, pc.u._version, pc.v._version)
+
+
+@torch.no_grad()
+def effective_local(slot: PCSlot) -> Tensor:
+    """This rank's block of ``W_eff = gamma * A q(A^T A / sigma^2)`` (one all-reduce of ``n*n + 1`` floats)."""
+    pc = slot[0]
+    raw = local_tensor(slot.original)
+    cd = slot.compute_dtype
+    rd = torch.promote_types(cd, torch.float32)  # reductions, sigma and gamma: at least fp32
+    with torch.autocast(device_type=raw.device.type, enabled=False):
+        A = _oriented(raw, slot.dim).to(cd)
+        u_loc, v_o = _vectors(slot, cd)
+        buf = torch.cat([(A.mT @ A).reshape(-1).to(rd), (u_loc @ A @ v_o).to(rd).reshape(1)])
+        all_reduce_(buf, slot.mesh, slot.mesh_dims)
+        n = A.shape[1]
+        sigma = buf[-1] + pc.eps
+        G = (buf[:-1].view(n, n) / sigma**2).to(cd)
+        eff = (A @ gram_polynomial(G, pc.coefficients)) * local_tensor(pc.gamma).to(rd).to(cd)
+    return _oriented(eff, slot.dim)
+
+
+@torch.no_grad()
+def _write(slot: PCSlot) -> None:
+    w = slot.effective
+    if w.device.type == "meta":
+        return
+    local_tensor(w).copy_(effective_local(slot).to(w.dtype))
+    slot.stamp = stamp(slot)
+
+
+def write_(all_slots: list[PCSlot]) -> None:
+    """``W_eff = PC(W)`` on the shards, written into each ``<module>.weight`` in place (no refresh)."""
+    check_layout(all_slots)
+    for s in all_slots:
+        _write(s)
+
+
+def check_layout(all_slots: list[PCSlot]) -> None:
+    for s in all_slots:
+        w, raw = s.effective, s.original
+        placed = [tuple(t.placements) if is_dtensor(t) else None for t in (w, raw)]
+        if placed != [s.placements, s.placements]:
+            raise RuntimeError(
+                f"The effective weight of a PC matrix is placed as {getattr(w, 'placements', 'a plain tensor')}, "
+                f"its raw weight as {getattr(raw, 'placements', 'a plain tensor')}: fully_shard was applied after "
+                "pcopt.set_strategy. Apply it inside: set_strategy(model, 'once_per_step', shard=lambda m, fn: "
+                "<your fully_shard calls with shard_placement_fn=fn>)."
+            )
+
+
+def pull_back_(all_slots: list[PCSlot]) -> None:
+    """Turn each accumulated ``dL/dW_eff`` (shard) into ``dL/dW`` and ``dL/dgamma``; clear ``W_eff.grad``."""
+    check_layout(all_slots)
+    stale = [s for s in all_slots if s.stamp is not None and s.stamp != stamp(s)]
+    if stale:
+        raise RuntimeError(
+            f"The raw weights of {[s[0].label for s in stale[:3]]} changed since their effective weights were "
+            "written, so the gradients on W_eff belong to an older weight. Call PCState.after_step() after every "
+            "optimizer.step() (pcopt.PCState(model).attach(optimizer) does it)."
+        )
+    for s in all_slots:
+        w = s.effective
+        grad = w.grad
+        if grad is None:
+            continue
+        if is_dtensor(grad) and tuple(grad.placements) != tuple(w.placements):
+            raise RuntimeError(
+                f"The gradient of {s[0].label} is placed as {grad.placements}, its weight as {w.placements}. "
+                "Enable FSDP2 gradient sync for the last micro-batch (model.set_requires_gradient_sync(True)) "
+                "before PCState.after_backward()."
+            )
+        _pull_back(s, local_tensor(grad))
+        w.grad = None
+
+
+def _pull_back(slot: PCSlot, y_local: Tensor) -> None:
+    pc = slot[0]
+    raw = local_tensor(slot.original)
+    cd = slot.compute_dtype
+    rd = torch.promote_types(cd, torch.float32)
+    learn_gamma = pc.gamma.requires_grad
+    with torch.autocast(device_type=raw.device.type, enabled=False):
+        # 1. Local partial sums of this rank's block A of the raw weight and Y of dL/dW_eff.
+        A = _oriented(raw.detach(), slot.dim).to(cd)
+        Y = _oriented(y_local.detach(), slot.dim).to(cd)
+        u_loc, v_o = _vectors(slot, cd)
+        n = A.shape[1]
+        buf = torch.cat([p.to(rd).reshape(-1) for p in (A.mT @ A, A.mT @ Y, u_loc @ A @ v_o)])
+        all_reduce_(buf, slot.mesh, slot.mesh_dims)  # [G = sum A_r^T A_r, C = sum A_r^T Y_r, u^T W v]
+        # 2. The loss as a function of the reduced quantities: L = gamma sg(sigma)/sigma <C, q(G/sigma^2)>,
+        #    equal to sum_r <Y_r, W_eff_r>. Its gradients are the totals over all ranks.
+        G = buf[: n * n].view(n, n).to(cd).requires_grad_(True)
+        C = buf[n * n : 2 * n * n].view(n, n).to(cd).requires_grad_(True)
+        sig = buf[-1:].clone().requires_grad_(True)
+        gamma = local_tensor(pc.gamma).detach().to(rd).clone().requires_grad_(learn_gamma)
+        with torch.enable_grad():
+            sigma = sig + pc.eps
+            Q = gram_polynomial(G / (sigma**2).to(cd), pc.coefficients)
+            L = (gamma * (sigma.detach() / sigma) * (C.to(rd) * Q.to(rd)).sum()).sum()
+            grads = torch.autograd.grad(L, [G, C, sig] + ([gamma] if learn_gamma else []))
+        # 3. Chain rule through this rank's partial sums A^T A, A^T Y, u^T A v (their Jacobians are linear):
+        #    dL/dA_r = A_r (dG + dG^T) + Y_r dC^T + dsigma u_r v^T.
+        dG, dC, dsig = grads[0], grads[1], grads[2].to(cd)
+        dA = torch.addmm(Y @ dC.mT, A, dG + dG.mT)
+        dA.add_(torch.outer(u_loc, v_o) * dsig)  # no .item(): dsig stays on the device
+    # Laid out like the parameter (contiguous, its dtype), as fused/foreach optimizers require.
+    _accumulate(slot.original, _oriented(dA, slot.dim).to(raw.dtype).contiguous())
+    if learn_gamma:
+        _accumulate(pc.gamma, grads[3].to(local_tensor(pc.gamma).dtype))
+
+
+def _accumulate(param: nn.Parameter, local_grad: Tensor) -> None:
+    if param.grad is not None:
+        local_tensor(param.grad).add_(local_grad)
+        return
+    if is_dtensor(param):
+        from torch.distributed.tensor import DTensor
+
+        param.grad = DTensor.from_local(
+            local_grad, param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
+        )
+    else:
+        param.grad = local_grad
+
+
+@torch.no_grad()
+def initialize_(all_slots: list[PCSlot]) -> None:
+    """Start each PC state from the current ``W_eff`` parameter values (after a meta-device build and init)."""
+    check_layout(all_slots)
+    for s in all_slots:
+        local_tensor(s.original).copy_(local_tensor(s.effective))
+        pc = s[0]
+        pc.reset_state()  # gamma <- 1, fresh u, v and settings; PCState refreshes and writes W_eff next
+
