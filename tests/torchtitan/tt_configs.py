@@ -33,3 +33,23 @@ def debug_adamw_pc_paper_ac():
     config = debug_adamw_pc()
     config.activation_checkpoint = llama2_271m_adamw_pc().activation_checkpoint
     return config
+
+
+# Real changes that the golden-loss comparison (test_train_runs.py) must reject: the PC degree, and the peak lr.
+def debug_muon_pc_degree3():
+    """``debug_muon_pc`` with the degree-3 PC polynomial instead of degree 5."""
+    from torchtitan_ext.config_registry import debug_muon_pc
+
+    config = debug_muon_pc()
+    config.model_spec = llama2_model("debug", pc=PCConverter.Config(degree=3))
+    return config
+
+
+def debug_muon_pc_lr_x1_1():
+    """``debug_muon_pc`` with its peak lr raised by 10% (the same for the Muon and the AdamW group)."""
+    from torchtitan_ext.config_registry import debug_muon_pc
+
+    config = debug_muon_pc()
+    for group in config.optimizer.param_groups:
+        group.optimizer_kwargs = {**group.optimizer_kwargs, "lr": group.optimizer_kwargs["lr"] * 1.1}
+    return config
