@@ -5,8 +5,10 @@ test_sharded_pc.py``). Here torchtitan's own loop is checked: the pull-back runs
 accumulation 1 and 4, a DCP checkpoint of the sharded PC state resumes bit for bit, and the loss curve stays
 close to the parametrize run's golden curve. That comparison cannot be exact: on gloo/CPU torchtitan draws
 each rank's initial shard from its own generator, and the sharded mode shards w2/wo on dim 1 instead of 0, so
-the two runs start from different draws of the same distribution. Over 8 steps that moves the loss by at
-most 0.1 (seen: 0.008 at step 1, 0.10 at step 6), so the bound is 0.2.
+the two runs start from different draws of the same distribution. The bound is therefore the seed-to-seed
+spread of the parametrize run's loss: ``debug_muon_pc`` at seeds 43 and 44 against the seed-42 golden differ by
+0.044 rms over the 16 step pairs (largest 0.091, step 4); 0.2 is 4.5 times that rms. Seen for the sharded run:
+at most 0.023 (step 6). The golden is the one of this machine's Newton-Schulz dtype, as in test_train_runs.py.
 """
 
 from __future__ import annotations
@@ -16,13 +18,21 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
+from pcopt.hardware import preferred_dtype
 from tests.torchtitan._harness import torchrun
 
 pytestmark = [pytest.mark.torchtitan, pytest.mark.slow]
 
 STEPS = 8
-GOLDEN = Path(__file__).parent / "golden"
+# The golden of the dtype the configs run Newton-Schulz in here (pcopt.hardware.preferred_dtype).
+GOLDEN = (
+    Path(__file__).parent
+    / "golden"
+    / f"debug_muon_pc_losses_{ {torch.bfloat16: 'bf16', torch.float32: 'fp32'}[preferred_dtype('cpu')] }.json"
+)
+SEED_SPREAD_BOUND = 0.2  # 4.5 x the rms seed-to-seed loss gap (module docstring)
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +58,13 @@ def test_sharded_mode_trains_and_tracks_the_parametrize_curve(sharded):
     losses = sharded.losses
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert losses[STEPS] < losses[1] - 0.5, losses
-    golden = json.loads(next(iter(sorted(GOLDEN.glob("debug_muon_pc_losses_*.json")))).read_text())
+    golden = json.loads(GOLDEN.read_text())
     for step in range(1, STEPS + 1):
-        assert abs(losses[step] - golden[str(step)][0]) < 0.2, (step, losses[step], golden[str(step)][0])
+        assert abs(losses[step] - golden[str(step)][0]) < SEED_SPREAD_BOUND, (
+            step,
+            losses[step],
+            golden[str(step)][0],
+        )
 
 
 def test_sharded_mode_with_gradient_accumulation(workdir):
