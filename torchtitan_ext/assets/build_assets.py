@@ -7,7 +7,8 @@ script reproduces the committed files byte for byte.
 
 Usage (from the repo root)::
 
-    python torchtitan_ext/assets/build_assets.py /path/to/kjv.jsonl
+    python -m benchmarks.corpora kjv outputs/corpora/kjv.jsonl   # from the Debian package bible-kjv-text
+    python torchtitan_ext/assets/build_assets.py outputs/corpora/kjv.jsonl
 
 The input is JSON lines with a ``text`` field, one chapter per line (the project's KJV corpus).
 """
