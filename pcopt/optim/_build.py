@@ -12,7 +12,7 @@ from torch import nn
 from pcopt.hardware import preferred_dtype
 from pcopt.optim._adamw import AdamW
 from pcopt.optim._combined import ROUTING_KEY, CombinedOptimizer
-from pcopt.optim._muon import AdjustLrT, Muon
+from pcopt.optim._muon import AdjustLrT, Muon, NsAlgorithmT
 from pcopt.optim._newton_schulz import KELLER_COEFFICIENTS, CoeffSetT
 from pcopt.optim._param_groups import param_groups
 from pcopt.recipes import ADAMW, MUON
@@ -34,6 +34,7 @@ def build_optimizer(
     ns_steps: int = MUON["ns_steps"],
     ns_coefficient_set: CoeffSetT | Sequence[tuple[float, float, float]] | None = None,
     ns_dtype: torch.dtype | str | None = None,
+    ns_algorithm: NsAlgorithmT = "gram",
     adamw_lr: float | None = None,
     betas: tuple[float, float] = ADAMW["betas"],
     adamw_eps: float = ADAMW["eps"],
@@ -62,6 +63,8 @@ def build_optimizer(
         momentum, nesterov, adjust_lr_fn, ns_coefficients, ns_steps, ns_coefficient_set: Muon's.
         ns_dtype: Newton-Schulz dtype; None (default) picks it for the parameters' device with
             :func:`pcopt.hardware.preferred_dtype` (bf16 on CUDA and on CPUs with native bf16, else fp32).
+        ns_algorithm: ``"gram"`` (default: Gram Newton-Schulz on rectangular matrices, fewer FLOPs, see
+            docs/muon.md) or ``"standard"`` (torch.optim.Muon's iteration).
         betas, adamw_eps: AdamW's betas and eps. ``adamw_kwargs``: more ``torch.optim.AdamW`` kwargs
             (``foreach``, ``fused``, ...).
         muon_pattern, adamw_pattern: see :func:`param_groups`.
@@ -101,6 +104,7 @@ def build_optimizer(
             adjust_lr_fn=adjust_lr_fn,
             ns_coefficient_set=ns_coefficient_set,
             ns_dtype=ns_dtype,
+            ns_algorithm=ns_algorithm,
         )
     if adamw_groups:
         children["adamw"] = AdamW(

@@ -29,6 +29,7 @@ from pcopt.optim._newton_schulz import (
     CoeffSetT,
     newton_schulz,
     newton_schulz_flops,
+    resolve_algorithm,
     resolve_coefficients,
     resolve_dtype,
 )
@@ -36,11 +37,12 @@ from pcopt.optim._pc_state import attach_pc_state
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Muon", "muon", "AdjustLrT"]
+__all__ = ["Muon", "muon", "AdjustLrT", "NsAlgorithmT"]
 
 EPS = 1e-7
 DEFAULT_NS_STEPS = 5
 AdjustLrT = Literal["original", "match_rms_adamw"]
+NsAlgorithmT = Literal["standard", "gram"]
 _ADJUST_LR_FNS = ("original", "match_rms_adamw")
 # Same-shaped matrices are orthogonalized together in batches of at most this many elements (bounds the
 # extra memory of the stacked copy and its Gram matrices).
@@ -48,8 +50,11 @@ _MAX_BATCH_ELEMENTS = 1 << 27
 
 
 def _adjust_lr(lr: float, adjust_lr_fn: str | None, shape: Sequence[int]) -> float:
-    """Learning rate for a ``(A, B)`` matrix: Keller's ``sqrt(max(1, A/B))`` or Moonshot's ``0.2 sqrt(max(A, B))``."""
-    rows, cols = shape[0], shape[1]
+    """Learning rate for a ``(A, B)`` matrix: Keller's ``sqrt(max(1, A/B))`` or Moonshot's ``0.2 sqrt(max(A, B))``.
+
+    A batched weight ``(..., A, B)`` uses its matrices' shape ``(A, B)``.
+    """
+    rows, cols = shape[-2], shape[-1]
     if adjust_lr_fn is None or adjust_lr_fn == "original":
         return lr * math.sqrt(max(1.0, rows / cols))
     return lr * 0.2 * math.sqrt(max(rows, cols))
@@ -90,6 +95,17 @@ def _validate_options(options: MutableMapping[str, Any], *, warn: bool = True) -
             stacklevel=4,
         )
     resolve_dtype(options["ns_dtype"])
+    resolve_algorithm(options["ns_algorithm"])
+    if not isinstance(options["batched_weights"], bool):
+        raise ValueError(
+            f"Invalid batched_weights: {options['batched_weights']!r}. Expected True (orthogonalize each 2-D "
+            "slice of a (..., m, n) weight) or False (only 2-D parameters, as torch.optim.Muon)."
+        )
+    if options["foreach"] is not None and not isinstance(options["foreach"], bool):
+        raise ValueError(
+            f"Invalid foreach: {options['foreach']!r}. Expected None (stack same-shaped matrices except on "
+            "CPUs), True (always stack) or False (one matrix at a time)."
+        )
 
 
 class Muon(Optimizer):
@@ -108,6 +124,8 @@ class Muon(Optimizer):
         ns_coefficient_set: CoeffSetT | Sequence[tuple[float, float, float]] | None = None,
         ns_dtype: torch.dtype | str = torch.bfloat16,
         foreach: bool | None = None,
+        ns_algorithm: NsAlgorithmT = "standard",
+        batched_weights: bool = False,
         pc_state=None,
     ) -> None:
         defaults = {
@@ -122,6 +140,8 @@ class Muon(Optimizer):
             "ns_coefficient_set": ns_coefficient_set,
             "ns_dtype": ns_dtype,
             "foreach": foreach,
+            "ns_algorithm": ns_algorithm,
+            "batched_weights": batched_weights,
         }
         _validate_options(defaults, warn=False)
         attach_pc_state(self, pc_state, "Muon")  # deprecated: pcopt.PCState(model).attach(optimizer)
@@ -129,10 +149,10 @@ class Muon(Optimizer):
         for i, group in enumerate(self.param_groups):
             logger.info(
                 "Muon param group %d: %d matrices, %d elements, lr=%s, weight_decay=%s, momentum=%s, "
-                "nesterov=%s, adjust_lr_fn=%s, ns_steps=%d, ns_coefficient_set=%s, ns_dtype=%s",
+                "nesterov=%s, adjust_lr_fn=%s, ns_steps=%d, ns_coefficient_set=%s, ns_dtype=%s, ns_algorithm=%s",
                 i, len(group["params"]), sum(p.numel() for p in group["params"]), group["lr"],
                 group["weight_decay"], group["momentum"], group["nesterov"], group["adjust_lr_fn"],
-                group["ns_steps"], group["ns_coefficient_set"], group["ns_dtype"],
+                group["ns_steps"], group["ns_coefficient_set"], group["ns_dtype"], group["ns_algorithm"],
             )  # fmt: skip
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -141,11 +161,20 @@ class Muon(Optimizer):
         try:
             _validate_options(group)
             for p in group["params"]:
+                if group["batched_weights"] and p.ndim > 2:
+                    if _is_dtensor(p):
+                        raise ValueError(
+                            f"Muon(batched_weights=True) orthogonalizes the 2-D slices of plain tensors; got a "
+                            f"DTensor of shape {tuple(p.shape)} with placements {p.placements}. Keep such "
+                            "weights unsharded, or split them into 2-D parameters."
+                        )
+                    continue
                 if p.ndim != 2:
                     raise ValueError(
                         f"Muon only supports 2D parameters whereas we found a parameter with size: {p.size()}. "
                         "Route embeddings, the LM head, norms, biases and gamma to AdamW "
-                        "(pcopt.optim.param_groups / build_optimizer do this by name)."
+                        "(pcopt.optim.param_groups / build_optimizer do this by name). For (..., m, n) "
+                        "weights such as MoE experts pass batched_weights=True."
                     )
         except ValueError:
             self.param_groups.pop()
@@ -157,6 +186,8 @@ class Muon(Optimizer):
             group.setdefault("ns_coefficient_set", None)
             group.setdefault("ns_dtype", torch.bfloat16)
             group.setdefault("foreach", None)
+            group.setdefault("ns_algorithm", "standard")
+            group.setdefault("batched_weights", False)
 
     def _init_group(
         self,
@@ -179,10 +210,10 @@ class Muon(Optimizer):
                     f"Muon does not support sparse gradients (parameter of shape {tuple(p.shape)}). Use "
                     "dense gradients (e.g. nn.Embedding(sparse=False)) or optimize it with another optimizer."
                 )
-            if p.grad.ndim != 2:
+            if p.grad.shape != p.shape:
                 raise RuntimeError(
-                    f"Muon expects 2D gradients, got shape {tuple(p.grad.shape)} for a parameter of shape "
-                    f"{tuple(p.shape)}."
+                    f"Muon expects a gradient of its parameter's shape, got shape {tuple(p.grad.shape)} for a "
+                    f"parameter of shape {tuple(p.shape)}. Assign p.grad a tensor of p's shape."
                 )
             params.append(p)
             grads.append(p.grad)
@@ -225,6 +256,7 @@ class Muon(Optimizer):
                 adjust_lr_fn=group["adjust_lr_fn"],
                 ns_coefficient_set=group["ns_coefficient_set"],
                 ns_dtype=group["ns_dtype"],
+                ns_algorithm=group["ns_algorithm"],
             )
         return loss
 
@@ -278,8 +310,16 @@ Muon.__doc__ = r"""Implements Muon (MomentUm Orthogonalized by Newton-Schulz), c
             triples are unused). None (default) uses ``ns_coefficients`` at every step, as torch.
         ns_dtype (torch.dtype or str, optional): dtype of the iteration: bf16 (default, as torch), fp16, fp32
             or fp64 (also as strings ``"bf16"``, ``"fp32"``...).
-        foreach (bool, optional): None/True batch same-shaped matrices into one batched matmul (default);
-            False runs the per-matrix reference loop. Both give the same bits.
+        foreach (bool, optional): True stacks same-shaped matrices into one batched matmul chain per shape
+            (chunked to bound memory); None (default) does so except on CPUs, where a loop of matmuls is
+            faster (see docs/muon.md); False runs the per-matrix reference loop. All give the same bits.
+        ns_algorithm (str, optional): ``"standard"`` (default, as torch) or ``"gram"``: Gram Newton-Schulz on
+            rectangular matrices (iterates on the small ``min(m, n)`` square Gram matrix, restarting once in
+            bf16; the same polynomial of the update, fewer FLOPs; square matrices keep the standard
+            iteration). The default of :func:`pcopt.optim.build_optimizer`.
+        batched_weights (bool, optional): False (default, as torch) refuses parameters that are not 2-D;
+            True treats a ``(..., m, n)`` parameter (MoE experts ``(E, m, n)``) as a batch of matrices and
+            orthogonalizes each 2-D slice on its own (lr adjusted by ``(m, n)``). Plain tensors only.
         pc_state (pcopt.PCState or nn.Module, optional): deprecated; the same as
             ``pcopt.PCState(model).attach(optimizer)`` (a step post-hook), which works on any optimizer.
 
@@ -325,44 +365,56 @@ def _apply_updates(
         local.add_(update, alpha=-adjusted_lr)
 
 
+def _stacks(foreach: bool | None, device: torch.device) -> bool:
+    """Whether same-shaped matrices go through Newton-Schulz as one stacked batch.
+
+    ``foreach=None`` stacks everywhere but on CPUs: there a batched matmul is no faster than a loop of
+    matmuls (both are compute-bound at these sizes), and the stacked temporaries (tens of MB per shape group)
+    are fresh allocations whose page faults and cache misses made the batched step up to 2.1x slower than
+    the loop (docs/muon.md). Stacked or not, every matrix gets the same bits.
+    """
+    return bool(foreach) if foreach is not None else device.type != "cpu"
+
+
 def _orthogonalize(
     params: Sequence[Tensor],
     updates: Sequence[Tensor],
-    ns: Callable[[Tensor], Tensor],
+    ns: Callable[..., Tensor],
     dtype: torch.dtype,
-    ns_steps: int,
-    batch: bool,
+    cost: Callable[[tuple[int, int]], int],
+    foreach: bool | None,
 ) -> list[Tensor]:
     """Newton-Schulz of every update; local updates of DTensor params come back as local blocks.
 
     DTensors (any placements of any mesh: FSDP2, HSDP, TP, FSDP x TP) go through ``map_full_matrices``: each
-    matrix is assembled on one owner rank of its mesh, orthogonalized there once in the world (batched with
-    the owner's other same-shaped matrices unless ``batch`` is False), and its blocks sent back.
+    matrix is assembled on one owner rank of its mesh, orthogonalized there once in the world (with the
+    owner's other same-shaped matrices, one collective pair for all unless ``foreach`` is False), and its
+    blocks sent back. Plain tensors are stacked per shape where :func:`_stacks` says so.
     """
     out: list[Tensor | None] = [None] * len(params)
     plain = [i for i, p in enumerate(params) if not _is_dtensor(p)]
     sharded = [i for i, p in enumerate(params) if _is_dtensor(p)]
 
-    if batch:
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i in plain:
-            by_shape.setdefault(tuple(updates[i].shape), []).append(i)
-        for shape, idx in by_shape.items():
-            per_batch = max(1, _MAX_BATCH_ELEMENTS // max(1, math.prod(shape)))
-            for start in range(0, len(idx), per_batch):
-                chunk = idx[start : start + per_batch]
-                result = ns(torch.stack([updates[i] for i in chunk]))
-                for j, i in enumerate(chunk):
-                    out[i] = result[j]
-    else:
-        for i in plain:
-            out[i] = ns(updates[i])
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i in plain:
+        by_shape.setdefault(tuple(updates[i].shape), []).append(i)
+    for shape, idx in by_shape.items():
+        if not _stacks(foreach, updates[idx[0]].device) or len(idx) == 1:
+            for i in idx:
+                out[i] = ns(updates[i], stack=False)
+            continue
+        per_batch = max(1, _MAX_BATCH_ELEMENTS // max(1, math.prod(shape)))
+        for start in range(0, len(idx), per_batch):
+            chunk = idx[start : start + per_batch]
+            result = ns(torch.stack([updates[i] for i in chunk]), stack=True)
+            for j, i in enumerate(chunk):
+                out[i] = result[j]
 
-    cost = partial(newton_schulz_flops, ns_steps=ns_steps)
-    for chunk in [sharded] if batch else [[i] for i in sharded]:
-        if chunk:
+    if sharded:
+        fn = partial(ns, stack=_stacks(foreach, params[sharded[0]].device))
+        for chunk in [sharded] if foreach is not False else [[i] for i in sharded]:
             blocks = [updates[i].to(dtype) for i in chunk]
-            for i, r in zip(chunk, map_full_matrices([params[i] for i in chunk], blocks, ns, cost)):
+            for i, r in zip(chunk, map_full_matrices([params[i] for i in chunk], blocks, fn, cost)):
                 out[i] = r
     return out  # type: ignore[return-value]
 
@@ -372,7 +424,7 @@ def _muon_impl(
     grads: list[Tensor],
     momentum_buffers: list[Tensor],
     *,
-    batch: bool,
+    foreach: bool | None,
     lr: float | Tensor,
     weight_decay: float,
     momentum: float,
@@ -383,26 +435,31 @@ def _muon_impl(
     adjust_lr_fn: str | None,
     ns_coefficient_set: CoeffSetT | Sequence[tuple[float, float, float]] | None,
     ns_dtype: torch.dtype | str,
+    ns_algorithm: str,
 ) -> None:
     if not params:
         return
     lr = lr.item() if isinstance(lr, Tensor) else lr
     coefficients, norm_factor = resolve_coefficients(ns_coefficients, ns_coefficient_set, ns_steps)
     dtype = resolve_dtype(ns_dtype)
-    ns = partial(newton_schulz, coefficients=coefficients, eps=eps, dtype=dtype, norm_factor=norm_factor)
+    algorithm = resolve_algorithm(ns_algorithm)
+    ns = partial(
+        newton_schulz, coefficients=coefficients, eps=eps, dtype=dtype, norm_factor=norm_factor, algorithm=algorithm
+    )
+    cost = partial(newton_schulz_flops, ns_steps=ns_steps, algorithm=algorithm)
     if any(_is_dtensor(p) != _is_dtensor(g) for p, g in zip(params, grads)):
         raise RuntimeError(
             "Muon got a DTensor parameter with a plain-tensor gradient (or the reverse); "
             "parameters and gradients must both be DTensors with the same placements."
         )
-    if batch:
+    if foreach is not False:
         updates = _momentum(grads, momentum_buffers, momentum, nesterov)
-        updates = _orthogonalize(params, updates, ns, dtype, ns_steps, batch=True)
+        updates = _orthogonalize(params, updates, ns, dtype, cost, foreach)
         _apply_updates(params, updates, lr, weight_decay, adjust_lr_fn)
     else:  # the readable reference: one matrix at a time
         for p, g, buf in zip(params, grads, momentum_buffers):
             (update,) = _momentum([g], [buf], momentum, nesterov)
-            (update,) = _orthogonalize([p], [update], ns, dtype, ns_steps, batch=False)
+            (update,) = _orthogonalize([p], [update], ns, dtype, cost, foreach=False)
             _apply_updates([p], [update], lr, weight_decay, adjust_lr_fn)
 
 
@@ -422,17 +479,20 @@ def muon(
     adjust_lr_fn: str | None,
     ns_coefficient_set: CoeffSetT | Sequence[tuple[float, float, float]] | None = None,
     ns_dtype: torch.dtype | str = torch.bfloat16,
+    ns_algorithm: NsAlgorithmT = "standard",
 ) -> None:
     r"""Functional Muon step (see :class:`Muon`). Updates ``params`` and ``momentum_buffers`` in place.
 
-    ``foreach=False`` runs the per-matrix loop; None or True batch same-shaped matrices. DTensor parameters
-    (any placements) are gathered to one owner rank per matrix in both modes (every rank must call this).
+    ``foreach=False`` runs the per-matrix loop; True stacks same-shaped matrices; None (default) stacks them
+    except on CPUs (same bits either way). DTensor parameters (any placements) are gathered to one owner rank
+    per matrix in every mode (every rank must call this). Parameters of shape ``(..., m, n)`` are batches of
+    matrices, each orthogonalized on its own.
     """
     _muon_impl(
         params,
         grads,
         momentum_buffers,
-        batch=foreach is None or bool(foreach),
+        foreach=foreach,
         lr=lr,
         weight_decay=weight_decay,
         momentum=momentum,
@@ -443,4 +503,5 @@ def muon(
         adjust_lr_fn=adjust_lr_fn,
         ns_coefficient_set=ns_coefficient_set,
         ns_dtype=ns_dtype,
+        ns_algorithm=ns_algorithm,
     )

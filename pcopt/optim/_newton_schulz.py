@@ -9,7 +9,25 @@ The kernel works on a batch ``(..., m, n)`` of same-shaped matrices with batched
 (``m > n``) are transposed so the Gram matrix is the smaller ``min(m, n)`` square. For every slice it does
 the same operations in the same order as ``torch.optim.Muon`` (cast, transpose, divide by the clamped
 Frobenius norm, then ``addmm``-style updates), so with a single repeated triple in bf16 the results are
-bitwise identical to the stock optimizer's.
+bitwise identical to the stock optimizer's. ``stack=False`` runs the same kernels one matrix at a time (the
+CPU default of :class:`pcopt.optim.Muon`: same bits, no large temporaries).
+
+Gram Newton-Schulz (``algorithm="gram"``) for a wide ``n x m`` matrix (``n < m``). Every step multiplies
+``X`` on the left by a polynomial of ``X X^T``, so ``X_k = Q_k X_0`` with ``Q_k`` an ``n x n`` polynomial of
+``R_0 = X_0 X_0^T``, and all of these commute. With ``R_k = X_k X_k^T``:
+
+    Z_k = a_k I + b_k R_k + c_k R_k^2        (the step's polynomial, n x n)
+    Q_{k+1} = Z_k Q_k                         (Q_1 = Z_0: no product)
+    R_{k+1} = X_{k+1} X_{k+1}^T = Z_k R_k Z_k  (Z_k is symmetric and commutes with R_k)
+    X_K = Q_K X_0                             (the only other n x m product)
+
+So ``K`` steps cost ``2 (2 n^2 m)`` (the first Gram and the final product) plus ``4K - 3`` products of
+``n x n`` matrices (K squares, K - 1 updates of Q, 2 (K - 1) for R), against ``K (4 n^2 m + 2 n^3)`` for
+the standard iteration. It is the same polynomial in ``X_0`` as the standard iteration (equal in exact
+arithmetic). In low precision ``R_k`` is never recomputed from ``X``, so its rounding errors accumulate
+instead of being washed out each step; ``gram_restart`` lists the steps before which ``X`` is formed
+(``X_k = Q_k X_0``) and ``R`` recomputed from it, which resets that drift at the price of ``2 (2 n^2 m)``
+FLOPs per restart.
 """
 
 from __future__ import annotations
@@ -27,6 +45,8 @@ __all__ = [
     "KELLER_COEFFICIENTS",
     "newton_schulz",
     "newton_schulz_flops",
+    "NS_ALGORITHMS",
+    "GRAM_RESTART",
     "resolve_coefficients",
     "resolve_dtype",
 ]
@@ -63,6 +83,16 @@ NS_COEFFICIENT_SETS: dict[str, tuple[tuple[tuple[float, float, float], ...], flo
     "keller": ((KELLER_COEFFICIENTS,), 1.0),
     "polar_express": (_POLAR_EXPRESS, _POLAR_EXPRESS_SAFETY),
 }
+
+NS_ALGORITHMS = ("standard", "gram")
+# Steps (0-based) before which Gram Newton-Schulz forms X and recomputes its Gram matrix in bf16/fp16 (see
+# the module docstring): R_0 = X X^T rounded to bf16 has absolute eigenvalue errors ~2^-9 ||R||, i.e. errors
+# ~sqrt(2^-9) in the small singular values it encodes, and without a restart they are amplified along
+# with them (measured: sigma_max 3.2 with Keller, 108 with Polar Express, for singular values 1e-3..1).
+# After 3 steps the small ones have grown ~40x and a fresh Gram matrix resolves them; the result is then
+# as close to the float64 polynomial as the standard bf16 iteration (tests/unit/test_newton_schulz.py).
+# fp32/fp64 iterate without restarts.
+GRAM_RESTART: tuple[int, ...] = (3,)
 
 _DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
@@ -137,6 +167,47 @@ def resolve_coefficients(
     return per_step, norm_factor
 
 
+def resolve_algorithm(ns_algorithm: str) -> str:
+    """Validate ``ns_algorithm``: ``"standard"`` or ``"gram"``; raises ``ValueError`` otherwise."""
+    if ns_algorithm not in NS_ALGORITHMS:
+        raise ValueError(
+            f"Invalid ns_algorithm: {ns_algorithm!r}. Expected 'standard' (X X^T every step, as torch) or "
+            "'gram' (iterate on the small Gram matrix of rectangular matrices; fewer FLOPs)."
+        )
+    return ns_algorithm
+
+
+def _use_gram(shape: Sequence[int], ns_steps: int, restart: Sequence[int]) -> bool:
+    """Gram NS only where it needs fewer FLOPs than the standard iteration (rectangular enough)."""
+    return newton_schulz_flops(shape, ns_steps, "gram", restart) < newton_schulz_flops(shape, ns_steps)
+
+
+def _standard(X: Tensor, coefficients: Sequence[tuple[float, float, float]]) -> Tensor:
+    for a, b, c in coefficients:
+        A = torch.bmm(X, X.mT)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a)
+    return X
+
+
+def _gram(X: Tensor, coefficients: Sequence[tuple[float, float, float]], restart: Sequence[int]) -> Tensor:
+    """Gram Newton-Schulz on a wide ``(b, n, m)`` batch (see the module docstring)."""
+    R = torch.bmm(X, X.mT)
+    Q: Tensor | None = None
+    last = len(coefficients) - 1
+    for k, (a, b, c) in enumerate(coefficients):
+        if k > 0 and k in restart:
+            X = torch.bmm(Q, X)
+            R = torch.bmm(X, X.mT)
+            Q = None
+        Z = torch.baddbmm(R, R, R, beta=b, alpha=c)
+        Z.diagonal(dim1=-2, dim2=-1).add_(a)
+        Q = Z if Q is None else torch.bmm(Z, Q)
+        if k < last and k + 1 not in restart:
+            R = torch.bmm(Z, torch.bmm(R, Z))
+    return torch.bmm(Q, X)
+
+
 def newton_schulz(
     G: Tensor,
     coefficients: Sequence[tuple[float, float, float]],
@@ -144,16 +215,30 @@ def newton_schulz(
     eps: float = 1e-7,
     dtype: torch.dtype = torch.bfloat16,
     norm_factor: float = 1.0,
+    algorithm: str = "standard",
+    gram_restart: Sequence[int] | None = None,
+    stack: bool = True,
 ) -> Tensor:
     """Orthogonalize every matrix of ``G`` (shape ``(..., m, n)``) by Newton-Schulz; returns ``dtype``.
 
     ``coefficients`` holds one ``(a, b, c)`` per step. Each matrix is first divided by
-    ``max(norm_factor * ||X||_F, eps)``. The result has the shape of ``G``.
+    ``max(norm_factor * ||X||_F, eps)``. The result has the shape of ``G``. ``algorithm="gram"`` iterates on
+    the Gram matrix where that needs fewer FLOPs (rectangular matrices; square ones use the standard
+    iteration), restarting before the steps in ``gram_restart`` (None: ``GRAM_RESTART`` for 16-bit dtypes,
+    no restart for fp32/fp64). ``stack=False`` loops over the matrices of
+    the batch (same bits per matrix; the faster choice on CPUs, see docs/muon.md).
     """
     if G.ndim < 2:
         raise ValueError(
             f"newton_schulz expects a matrix or a batch of matrices, got shape {tuple(G.shape)}."
         )
+    resolve_algorithm(algorithm)
+    if gram_restart is None:
+        gram_restart = GRAM_RESTART if dtype.itemsize <= 2 else ()
+    if not stack and G.ndim > 2 and math.prod(G.shape[:-2]) > 1:
+        flat = G.reshape(-1, *G.shape[-2:])
+        kw = dict(eps=eps, dtype=dtype, norm_factor=norm_factor, algorithm=algorithm, gram_restart=gram_restart)
+        return torch.stack([newton_schulz(g, coefficients, **kw) for g in flat]).reshape(G.shape)  # type: ignore[arg-type]
     tall = G.size(-2) > G.size(-1)
     X = G.to(dtype)
     if tall:
@@ -165,18 +250,31 @@ def newton_schulz(
     if norm_factor != 1.0:
         norm = norm * norm_factor
     X = X / norm.clamp(min=eps)
-    for a, b, c in coefficients:
-        A = torch.bmm(X, X.mT)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        X = torch.baddbmm(X, B, X, beta=a)
+    if algorithm == "gram" and _use_gram(G.shape, len(coefficients), gram_restart):
+        X = _gram(X, coefficients, gram_restart)
+    else:
+        X = _standard(X, coefficients)
     X = X.reshape(*G.shape[:-2], *X.shape[-2:])
     return X.mT if tall else X
 
 
-def newton_schulz_flops(shape: Sequence[int], ns_steps: int) -> int:
+def newton_schulz_flops(
+    shape: Sequence[int], ns_steps: int, algorithm: str = "standard", gram_restart: Sequence[int] = GRAM_RESTART
+) -> int:
     """Matmul FLOPs of ``ns_steps`` Newton-Schulz steps on one ``(m, n)`` matrix (multiply-add = 2 FLOPs).
 
-    Per step with ``s = min(m, n)``, ``l = max(m, n)``: Gram ``2 s^2 l``, ``A^2`` ``2 s^3``, apply ``2 s^2 l``.
+    Standard, per step with ``s = min(m, n)``, ``l = max(m, n)``: Gram ``2 s^2 l``, ``A^2`` ``2 s^3``, apply
+    ``2 s^2 l``. Gram (``algorithm="gram"``, as run: only where it is cheaper): ``2 s^2 l`` for each Gram
+    matrix and each product ``Q X`` (one of each, plus one of each per restart), ``2 s^3`` for each of the
+    ``s x s`` products (a square per step, ``Z Q`` after a phase's first step, ``Z (R Z)`` before a step
+    that is not a restart).
     """
     s, l_ = sorted(int(d) for d in shape[-2:])
-    return ns_steps * (4 * s * s * l_ + 2 * s**3)
+    standard = ns_steps * (4 * s * s * l_ + 2 * s**3)
+    if algorithm != "gram":
+        return standard
+    restarts = sorted({k for k in gram_restart if 0 < k < ns_steps})
+    phases = len(restarts) + 1
+    small = ns_steps + (ns_steps - phases) + 2 * (ns_steps - phases)
+    gram = phases * 2 * (2 * s * s * l_) + small * 2 * s**3
+    return min(gram, standard)

@@ -189,6 +189,24 @@ ERRORS = [
         r"Adjust learning rate function moonlight is not supported\. Expected None, 'original'",
     ),
     (
+        "Muon unknown ns_algorithm",
+        lambda: Muon([nn.Parameter(torch.zeros(3, 3))], ns_algorithm="svd"),
+        ValueError,
+        r"Invalid ns_algorithm: 'svd'\. Expected 'standard' .* or 'gram'",
+    ),
+    (
+        "Muon batched_weights not a bool",
+        lambda: Muon([nn.Parameter(torch.zeros(3, 3))], batched_weights="yes"),
+        ValueError,
+        r"Invalid batched_weights: 'yes'\. Expected True .* or False",
+    ),
+    (
+        "Muon foreach not a bool",
+        lambda: Muon([nn.Parameter(torch.zeros(3, 3))], foreach="cuda"),
+        ValueError,
+        r"Invalid foreach: 'cuda'\. Expected None .* True .* or False",
+    ),
+    (
         "Muon complex gradient",
         lambda: _step_with_grad(torch.zeros(3, 3, dtype=torch.complex64)),
         RuntimeError,

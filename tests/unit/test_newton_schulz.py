@@ -1,0 +1,217 @@
+"""Newton-Schulz variants against float64 references: Gram == standard, singular-value quality, FLOPs.
+
+References are independent of the code under test: a float64 SVD (polar factor and the odd polynomials
+applied to its singular values in closed form), torch.optim.Muon, and FLOPs counted by
+torch.utils.flop_counter.FlopCounterMode on the ops actually run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from pcopt.optim import Muon, newton_schulz, newton_schulz_flops
+from pcopt.optim._newton_schulz import GRAM_RESTART, KELLER_COEFFICIENTS, resolve_coefficients
+
+KELLER = resolve_coefficients(KELLER_COEFFICIENTS, None, 5)
+POLAR_EXPRESS = resolve_coefficients(KELLER_COEFFICIENTS, "polar_express", 5)
+SETS = {"keller": KELLER, "polar_express": POLAR_EXPRESS}
+
+
+def _spectrum_matrix(m: int, n: int, sigmas: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """``U diag(sigmas) V^T`` with random orthonormal ``U`` (m x k), ``V`` (n x k), in float64."""
+    gen = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    U, _ = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
+    return U @ torch.diag(sigmas.double()) @ V.T
+
+
+def _polynomial_image(G: torch.Tensor, triples, norm_factor: float) -> torch.Tensor:
+    """The composed odd quintics on the normalized singular values of G, in float64 (closed form)."""
+    s = torch.linalg.svdvals(G.double())
+    s = s / (norm_factor * s.norm())
+    for a, b, c in triples:
+        s = a * s + b * s**3 + c * s**5
+    return s
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gram Newton-Schulz is the standard iteration's polynomial
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(48, 132), (132, 48), (40, 41)])
+@pytest.mark.parametrize("name", ["keller", "polar_express"])
+@pytest.mark.parametrize("restart", [(), (3,), (1, 2, 4)])
+def test_gram_equals_standard_in_float64(shape, name, restart):
+    triples, f = SETS[name]
+    G = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    std = newton_schulz(G, triples, dtype=torch.float64, norm_factor=f)
+    gram = newton_schulz(G, triples, dtype=torch.float64, norm_factor=f, algorithm="gram", gram_restart=restart)
+    # Same polynomial in X: they differ by float64 rounding only. Every product's entries are dot products of
+    # length <= 132 of vectors of norm <= sigma_max (<= 1.3 after the first step), so each rounds by at most
+    # 132 * 2^-53 * 1.3^2 ~ 2.5e-14; 5 steps of |p'| <= 3.5 (Keller; Polar Express's first step: <= 8.3, then
+    # <= 4.2) amplify that by < 8.3 * 4.2^4 ~ 2.6e3, over <= 17 products: < 1.1e-9. 1e-8 leaves margin.
+    torch.testing.assert_close(gram, std, rtol=0, atol=1e-8)
+    if newton_schulz_flops(shape, 5, "gram", restart) >= newton_schulz_flops(shape, 5):
+        assert torch.equal(gram, std)  # (nearly) square: Gram needs more FLOPs, so the standard one runs
+    else:  # and the comparison is not vacuous: the Gram path ran other ops (not bitwise the same)
+        assert not torch.equal(gram, std)
+
+
+def test_gram_runs_only_where_cheaper_and_counts_match_flop_counter():
+    triples, f = KELLER
+    for shape in [(64, 176), (176, 64), (64, 64), (64, 80)]:
+        G = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        for algorithm in ("standard", "gram"):
+            with FlopCounterMode(display=False) as counter:
+                newton_schulz(G, triples, dtype=torch.float32, algorithm=algorithm, gram_restart=GRAM_RESTART)
+            assert counter.get_total_flops() == newton_schulz_flops(shape, 5, algorithm, GRAM_RESTART)
+    # closed form for a wide n x m with n = 64, m = 176, 5 steps and one restart: 2 phases of (first Gram +
+    # final Q X) = 4 products of 2 n^2 m FLOPs; n x n products: 5 squares, 3 Z Q, 2 x 3 for R = Z (R Z)
+    n, m = 64, 176
+    assert newton_schulz_flops((n, m), 5, "gram", (3,)) == 4 * 2 * n * n * m + 14 * 2 * n**3
+    assert newton_schulz_flops((n, m), 5, "gram", ()) == 2 * 2 * n * n * m + 17 * 2 * n**3
+    assert newton_schulz_flops((n, m), 5) == 5 * (4 * n * n * m + 2 * n**3)
+    assert newton_schulz_flops((n, n), 5, "gram") == newton_schulz_flops((n, n), 5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quality guard: singular values of the bf16 update against the float64 SVD
+# ---------------------------------------------------------------------------------------------------
+VARIANTS = [
+    ("keller", "standard"),
+    ("polar_express", "standard"),
+    ("keller", "gram"),
+    ("polar_express", "gram"),
+]
+
+
+@pytest.mark.parametrize("name, algorithm", VARIANTS)
+@pytest.mark.parametrize("spectrum", ["gaussian", "logspace 1..100"])
+def test_bf16_singular_values_stay_in_the_polynomials_band(name, algorithm, spectrum):
+    """The update's singular vectors are the polar factor's, and its singular values lie in the band that
+    the composed polynomial maps the input's normalized singular values to (exact arithmetic), widened by
+    bf16 rounding.
+
+    Allowance: one bf16 rounding of an n x m matrix with sigma_max <= 1.3 moves each singular value by at
+    most ||E||_2 <= ||E||_F <= 2^-8 ||X||_F <= 2^-8 * 1.3 sqrt(n) (Weyl), 0.058 for n = 128; the last step's
+    rounded inputs reach the result through |p'| <= 1.7 on the band (Keller; Polar Express's last triples
+    have |p'| <= 1), so 0.058 * (1 + 1.7) = 0.16 bounds the result's deviation from the band. Measured:
+    <= 0.02 (docs/muon.md).
+    """
+    triples, f = SETS[name]
+    n, m = 128, 352
+    if spectrum == "gaussian":
+        G = torch.randn(n, m, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    else:
+        G = _spectrum_matrix(n, m, torch.logspace(0, 2, n, dtype=torch.float64))
+    O = newton_schulz(G.float(), triples, norm_factor=f, algorithm=algorithm).double()  # bf16, as Muon
+    image = _polynomial_image(G, triples, f)
+    lo, hi = image.min().item(), image.max().item()
+    allowance = 2**-8 * 1.3 * math.sqrt(n) * (1 + 1.7)
+    sv = torch.linalg.svdvals(O)
+    assert sv.min() >= lo - allowance and sv.max() <= hi + allowance, (sv.min(), sv.max(), lo, hi)
+    # singular vectors: in the polar factor's basis, O is nearly diagonal (off-diagonal mass small)
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    D = U.T @ O @ Vh.T
+    off = D - torch.diag(torch.diagonal(D))
+    assert torch.linalg.matrix_norm(off, 2) <= 2 * allowance + (hi - lo)
+
+
+def test_gram_without_restart_drifts_in_bf16_and_the_default_restart_fixes_it():
+    """Why GRAM_RESTART exists: singular values 1e-3..1 (the Gram matrix spans 1e-6..1, below bf16's
+    resolution). Without a restart Keller's result leaves the band by far more than bf16 rounding; with the
+    default restart it stays within the quality guard's allowance."""
+    triples, f = KELLER
+    n, m = 128, 352
+    G = _spectrum_matrix(n, m, torch.logspace(-3, 0, n, dtype=torch.float64)).float()
+    image = _polynomial_image(G, triples, f)
+    allowance = 2**-8 * 1.3 * math.sqrt(n) * (1 + 1.7)
+    drift = torch.linalg.svdvals(newton_schulz(G, triples, algorithm="gram", gram_restart=()).double())
+    fixed = torch.linalg.svdvals(newton_schulz(G, triples, algorithm="gram").double())
+    assert drift.max() > image.max() + 3 * allowance
+    assert fixed.max() <= image.max() + allowance
+
+
+def test_fp32_gram_needs_no_restart():
+    triples, f = POLAR_EXPRESS
+    n, m = 128, 352
+    G = _spectrum_matrix(n, m, torch.logspace(-3, 0, n, dtype=torch.float64))
+    O = newton_schulz(G.float(), triples, dtype=torch.float32, norm_factor=f, algorithm="gram").double()
+    image = _polynomial_image(G, triples, f)
+    # fp32: the Gram matrix's eigenvalue errors are ~2^-24 ||R||, i.e. ~2^-12 on the smallest singular
+    # values, which the 5 steps amplify by at most prod |p'| ~ 8.3 * 4.2^4 ~ 2.6e3 in the worst case
+    # (small values, where p is nearly linear): 0.64 relative on values that end near 1e-3 * 2.6e3.
+    # Over the band's top, |p'| <= 1 and 1e-2 is a loose bound.
+    assert torch.linalg.svdvals(O).max() <= image.max() + 1e-2
+
+
+# ---------------------------------------------------------------------------------------------------
+# The optimizer options
+# ---------------------------------------------------------------------------------------------------
+def test_muon_gram_option_matches_standard_in_float64():
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(24, 64), (64, 24), (32, 32)]
+    a = [nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in shapes]
+    b = [nn.Parameter(p.detach().clone()) for p in a]
+    opts = [Muon(a, lr=0.02, ns_dtype="fp64"), Muon(b, lr=0.02, ns_dtype="fp64", ns_algorithm="gram")]
+    for step in range(3):
+        g = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+        for ps, opt in zip((a, b), opts):
+            for p, gi in zip(ps, g):
+                p.grad = gi.clone()
+            opt.step()
+    for x, y in zip(a, b):
+        # 3 updates of lr * 0.2 * sqrt(64)-scaled unit-norm-ish updates, each within 1e-8 (see above)
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-9 * 3 * 0.02 * 8 * 10)
+
+
+@pytest.mark.parametrize("foreach", [None, True, False])
+def test_batched_weights_equal_torch_muon_on_each_slice(foreach):
+    """A (E, m, n) weight with batched_weights=True is E matrices: torch.optim.Muon on E separate 2-D
+    parameters gives the same bits (lr adjusted by (m, n))."""
+    gen = torch.Generator().manual_seed(0)
+    E, m, n = 3, 12, 20
+    w = nn.Parameter(torch.randn(E, m, n, generator=gen))
+    ref = [nn.Parameter(w.detach()[e].clone()) for e in range(E)]
+    ours = Muon([w], lr=0.05, batched_weights=True, foreach=foreach, adjust_lr_fn="match_rms_adamw")
+    theirs = torch.optim.Muon(ref, lr=0.05, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        g = torch.randn(E, m, n, generator=gen)
+        w.grad = g.clone()
+        for e, p in enumerate(ref):
+            p.grad = g[e].clone()
+        ours.step()
+        theirs.step()
+    for e in range(E):
+        assert torch.equal(w.detach()[e], ref[e].detach())
+    assert not torch.equal(w.detach()[0], torch.randn(E, m, n, generator=torch.Generator().manual_seed(0))[0])
+
+
+def test_batched_weights_off_refuses_3d_like_torch():
+    with pytest.raises(ValueError, match=r"Muon only supports 2D parameters.*batched_weights=True"):
+        Muon([nn.Parameter(torch.zeros(2, 3, 4))])
+    with pytest.raises(ValueError, match=r"Muon only supports 2D parameters"):
+        torch.optim.Muon([nn.Parameter(torch.zeros(2, 3, 4))])
+
+
+def test_foreach_none_loops_on_cpu_and_all_modes_give_the_same_bits():
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(16, 40), (16, 40), (40, 16), (24, 24), (24, 24)]
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(2)]
+    results = {}
+    for mode in (None, True, False):
+        ps = [nn.Parameter(t.clone()) for t in init]
+        opt = Muon(ps, lr=0.02, foreach=mode, ns_algorithm="gram")
+        for g in grads:
+            for p, gi in zip(ps, g):
+                p.grad = gi.clone()
+            opt.step()
+        results[mode] = ps
+    assert all(torch.equal(x, y) for x, y in zip(results[None], results[True]))
+    assert all(torch.equal(x, y) for x, y in zip(results[None], results[False]))
