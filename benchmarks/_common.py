@@ -116,10 +116,9 @@ def build_optimizers(
 
     if optimizer == "adamw":
         params = [p for p in model.parameters() if p.requires_grad]
-        pc_state = pcopt.PCState(model) if pcopt.preconditioners(model) else None
-        opt = pcopt.optim.AdamW(
-            params, lr=lr, **{**recipes.ADAMW, "weight_decay": weight_decay}, pc_state=pc_state
-        )
+        opt = torch.optim.AdamW(params, lr=lr, **{**recipes.ADAMW, "weight_decay": weight_decay})
+        if pcopt.preconditioners(model):
+            pcopt.PCState(model).attach(opt)
         return [opt], True
     if optimizer == "muon":
         return [pcopt.optim.build_optimizer(model, lr=lr, weight_decay=weight_decay)], True

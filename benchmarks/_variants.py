@@ -88,8 +88,9 @@ class Variant:
             groups = [{"params": rest}] + (
                 [{"params": gammas, "weight_decay": self.gamma_weight_decay}] if gammas else []
             )
-            state = pcopt.PCState(model) if pcopt.preconditioners(model) else None
-            opt = pcopt.optim.AdamW(groups, lr=lr, **dict(recipes.ADAMW), pc_state=state)
+            opt = torch.optim.AdamW(groups, lr=lr, **dict(recipes.ADAMW))
+            if pcopt.preconditioners(model):
+                pcopt.PCState(model).attach(opt)
             return [opt], True
         return C.build_optimizers(model, optimizer, lr)
 

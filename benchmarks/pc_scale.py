@@ -11,7 +11,7 @@ step's worth of micro-batches (``--micro-batches`` of ``--tokens`` tokens per ra
 * ``linear``: the plain ``nn.Linear`` (the cost PC adds to);
 * ``per-micro-batch``: ``pcopt.precondition`` (parametrize path): every micro-batch forward/backward runs the
   PC map on the unsharded weight, then the power-iteration refresh;
-* ``sharded``: ``pcopt.sharded.distribute``: the micro-batches run a plain Linear on ``W_eff``, then
+* ``sharded``: ``pcopt.set_strategy(model, "once_per_step", shard=...)``: the micro-batches run a plain Linear on ``W_eff``, then
   ``after_backward`` (pull-back) and ``after_step`` (refresh and ``W_eff`` write) run once on the shards.
 
 Per rank it counts matmul FLOPs (``torch.utils.flop_counter``), bytes sent to collectives (a dispatch mode that
@@ -41,7 +41,6 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 import pcopt
-import pcopt.sharded as ps
 
 SHAPES = {"271m": (2816, 1024), "1b": (5632, 2048), "8b": (14336, 4096)}  # (hidden, dim) of feed_forward.w1
 MODES = ("linear", "per-micro-batch", "sharded")
@@ -90,7 +89,8 @@ def _build(mode: str, shape: tuple[int, int], degree: int, seed: int = 0):
         fully_shard(m.feed_forward.w1, shard_placement_fn=placement_fn)
         fully_shard(m, shard_placement_fn=placement_fn)
 
-    return model, ps.distribute(model, shard)
+    pcopt.set_strategy(model, "once_per_step", shard=shard)
+    return model, pcopt.PCState(model)
 
 
 def _step(mode, model, pc, xs, saved) -> float:
@@ -236,11 +236,13 @@ def bf16_accuracy() -> None:
         model.feed_forward = nn.Module()
         model.feed_forward.w1 = lin
         pcopt.precondition_model(model, degree=degree)
-        pc = ps.distribute(model, compute_dtype=dtype)
+        pcopt.set_strategy(model, compute_dtype=dtype)
+        pc = pcopt.PCState(model)
         eff = lin.weight.detach().clone()
         lin.weight.grad = torch.randn(dense.shape, generator=torch.Generator().manual_seed(1))
         pc.after_backward()
-        return eff, lin.pc.raw.grad.clone(), lin.pc.gamma.grad.clone()
+        slot = lin.parametrizations.weight
+        return eff, slot.original.grad.clone(), slot[0].gamma.grad.clone()
 
     g = torch.Generator().manual_seed(0)
     U, _ = torch.linalg.qr(torch.randn(96, 40, generator=g))

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from pcopt._tensor import is_dtensor
-from pcopt.names import pc_keys, pc_module_of_key
 from pcopt.layer import PCSlot, refresh_
+from pcopt.names import pc_keys, pc_module_of_key
 from pcopt.registration import _pcs_of, preconditioner, preconditioners, unregister
 from pcopt.strategy import write_
 

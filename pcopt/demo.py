@@ -132,8 +132,10 @@ def make_arm_optimizer(
     (bf16 only where the CPU computes it natively).
     """
     if arm.startswith("adamw"):
-        pc_state = pcopt.PCState(model) if pcopt.preconditioners(model) else None
-        return pcopt.optim.AdamW(model.parameters(), lr=lr, **recipes.ADAMW, pc_state=pc_state)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, **recipes.ADAMW)
+        if pcopt.preconditioners(model):
+            pcopt.PCState(model).attach(opt)  # refresh u, v after every step
+        return opt
     return pcopt.optim.build_optimizer(
         model,
         lr=lr,

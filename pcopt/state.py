@@ -226,7 +226,6 @@ class PCState:
         post = optimizer.register_step_post_hook(_AfterStep(self))
         return _Handles(pre, post)
 
-
     @contextlib.contextmanager
     def accumulate(self) -> Iterator[None]:
         """Compute each ``W_eff`` once for all micro-batches run inside the block (see :mod:`pcopt.accumulation`).

@@ -118,7 +118,7 @@ def shard_placement_fn(model: nn.Module) -> Callable[[nn.Parameter], Any]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"shard_placement_fn expects an nn.Module, got {type(model).__name__}.")
     table: dict[int, Shard] = {}
-    for fqn, pc in preconditioners(model):
+    for _, pc in preconditioners(model):
         slot = pc._plist
         param = slot.effective if isinstance(slot, PCSlot) else pc.raw_weight
         if param.ndim == 2:
@@ -188,7 +188,9 @@ def set_strategy(
         )
     if strategy == "per_forward":
         if shard is not None:
-            raise ValueError("set_strategy: shard applies to 'once_per_step' only; shard a per-forward model yourself.")
+            raise ValueError(
+                "set_strategy: shard applies to 'once_per_step' only; shard a per-forward model yourself."
+            )
         return _to_per_forward(model)
     wrapped = [n or "<root>" for n, m in model.named_modules() if is_fsdp_module(m)]
     if wrapped or any(is_dtensor(pc.raw_weight) for _, pc in pcs):
@@ -199,7 +201,9 @@ def set_strategy(
         )
     todo = [(fqn, pc) for fqn, pc in pcs if pc.strategy == "per_forward"]
     if not todo:
-        raise ValueError("set_strategy: the model already runs PC once per step; call set_strategy once per model.")
+        raise ValueError(
+            "set_strategy: the model already runs PC once per step; call set_strategy once per model."
+        )
     for fqn, pc in todo:
         if pc.batch_shape or pc.raw_weight.ndim != 2 or not fqn.endswith(".weight"):
             raise ValueError(
@@ -254,7 +258,9 @@ def _bind(fqn: str, module: nn.Module, pc: PolynomialPC, compute_dtype: torch.dt
         raw = nn.Parameter(
             DTensor.from_local(local, mesh, placements, shape=w.shape, stride=w.stride()), requires_grad=True
         )
-        gamma = DTensor.from_local(local_tensor(pc.gamma.detach()).to(local.device), mesh, [Replicate()] * mesh.ndim)
+        gamma = DTensor.from_local(
+            local_tensor(pc.gamma.detach()).to(local.device), mesh, [Replicate()] * mesh.ndim
+        )
         pc.gamma = nn.Parameter(gamma, requires_grad=pc.gamma.requires_grad)
         mesh_dims = tuple(i for i, p in enumerate(placements) if p.is_shard())
         dim = shard_dims.pop() if shard_dims else _larger_dim(tuple(w.shape))
@@ -365,7 +371,12 @@ def _vectors(slot: PCSlot, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
 
 def stamp(slot: PCSlot) -> tuple[int, ...]:
     pc = slot[0]
-    return (local_tensor(slot.original)._version, local_tensor(pc.gamma)._version, pc.u._version, pc.v._version)
+    return (
+        local_tensor(slot.original)._version,
+        local_tensor(pc.gamma)._version,
+        pc.u._version,
+        pc.v._version,
+    )
 
 
 @torch.no_grad()
@@ -499,4 +510,3 @@ def initialize_(all_slots: list[PCSlot]) -> None:
         local_tensor(s.original).copy_(local_tensor(s.effective))
         pc = s[0]
         pc.reset_state()  # gamma <- 1, fresh u, v and settings; PCState refreshes and writes W_eff next
-

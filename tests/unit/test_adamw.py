@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import pcopt
-from pcopt.state import take_attached
 from pcopt.optim import AdamW
+from pcopt.state import take_attached
 
 
 def _model(seed: int = 0) -> nn.Module:

@@ -282,9 +282,11 @@ def test_pc_model_clips_raw_weights_and_refreshes_after_the_clip():
     model = _Net()
     pcopt.precondition_model(model, targets=r"^(w1|w3)$", degree=5)
     base = build_optimizer(model, lr=1e-2, ns_dtype=torch.float32)
-    state = base.pc_state
+    from pcopt.state import take_attached
+
     opt = Spectra(base, c=0.3, model=model, dtype=torch.float32)
-    assert base.pc_state is None and opt.pc_state is state
+    assert take_attached(base) == []  # Spectra took the base's PC hooks: the refresh follows the clip
+    (state,) = take_attached(opt)
     names = {n for n, p in model.named_parameters() if id(p) in opt._selected}
     assert names == {
         "w1.parametrizations.weight.original",
@@ -297,7 +299,7 @@ def test_pc_model_clips_raw_weights_and_refreshes_after_the_clip():
         def after_step(self):
             seen["w"] = model.w3.parametrizations.weight.original.detach().clone()
 
-    opt.pc_state = _Spy()
+    opt.register_step_post_hook(lambda *args: _Spy().after_step())
     _train(model, opt, 1)
     assert torch.equal(seen["w"], model.w3.parametrizations.weight.original)  # the refresh saw the clipped W
 

@@ -115,7 +115,10 @@ def test_every_public_function_works_in_both_strategies():
     ref, once = _pair(seed=1)
     x = torch.randn(5, 32)
     for m in (ref, once):
-        assert [f for f, _ in pcopt.preconditioners(m)] == ["feed_forward.w1.weight", "feed_forward.w2.weight"]
+        assert [f for f, _ in pcopt.preconditioners(m)] == [
+            "feed_forward.w1.weight",
+            "feed_forward.w2.weight",
+        ]
         assert len(pcopt.PCState(m)) == 2
         assert pcopt.is_preconditioned(m.feed_forward.w1)
     # introspection, effective weights, diagnostics
