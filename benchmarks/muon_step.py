@@ -22,6 +22,11 @@ time is reported, and ratios are computed from numbers measured in this one run.
     python benchmarks/muon_step.py                                  # every part, dims 128 256 512
     python benchmarks/muon_step.py --part fsdp --dims 1024 --steps 3
     python benchmarks/muon_step.py --part mesh --dims 128 256 --steps 3   # 4 ranks: FSDP, HSDP, FSDP x TP
+    OMP_NUM_THREADS=1 python benchmarks/muon_step.py --part single --dims 512 --layers 18   # the 126-matrix set
+
+The single-process part times four arms: torch.optim.Muon, pcopt.optim.Muon with torch's arguments,
+pcopt with stacked (batched) Newton-Schulz forced (``foreach=True``), and build_optimizer's Muon
+(``ns_algorithm="gram"``), with their FLOPs (``FlopCounterMode``).
 """
 
 from __future__ import annotations
@@ -40,6 +45,14 @@ from torch import nn
 
 from pcopt.hardware import describe
 from pcopt.optim import Muon
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        return "?"
 
 
 def matrix_shapes(dim: int, hidden: int, layers: int) -> list[tuple[int, int]]:
@@ -67,16 +80,53 @@ def _interleaved(steppers: dict, steps: int, sync=lambda: None) -> dict[str, flo
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def single_process(shapes, steps: int, kwargs: dict) -> dict[str, float]:
+SINGLE_ARMS = {
+    # name: (optimizer class, extra kwargs)
+    "torch": (torch.optim.Muon, {}),
+    "pcopt": (Muon, {}),  # torch's arguments: per-matrix on CPUs, bitwise equal to torch
+    "pcopt stacked": (Muon, {"foreach": True}),  # one batched matmul chain per shape group
+    "build_optimizer": (Muon, {"ns_algorithm": "gram"}),  # what pcopt.optim.build_optimizer passes
+}
+
+
+def _thread_clock(fn):
+    """Wrap ``fn`` to also record the CPU time of this thread (robust to other processes on shared cores)."""
+    cpu: list[float] = []
+
+    def run():
+        t0 = time.thread_time()
+        fn()
+        cpu.append(time.thread_time() - t0)
+
+    return run, cpu
+
+
+def single_process(shapes, steps: int, kwargs: dict, arms=tuple(SINGLE_ARMS)) -> dict[str, float]:
+    """Median wall time, median thread CPU time and FlopCounterMode FLOPs of one step, per arm (interleaved)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     torch.manual_seed(0)
-    a = Matrices(shapes)
-    b = copy.deepcopy(a)
+    base = Matrices(shapes)
     gen = torch.Generator().manual_seed(1)
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        g = torch.randn(pa.shape, generator=gen)
-        pa.grad, pb.grad = g, g.clone()
-    ours, theirs = Muon(a.parameters(), **kwargs), torch.optim.Muon(b.parameters(), **kwargs)
-    return _interleaved({"pcopt": ours.step, "torch": theirs.step}, steps)
+    grads = [torch.randn(p.shape, generator=gen) for p in base.parameters()]
+    steppers, clocks, flops = {}, {}, {}
+    for name in arms:
+        cls, extra = SINGLE_ARMS[name]
+        model = copy.deepcopy(base)
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.clone()
+        opt = cls(model.parameters(), **kwargs, **extra)
+        with FlopCounterMode(display=False) as counter:
+            opt.step()
+        flops[name] = counter.get_total_flops()
+        steppers[name], clocks[name] = _thread_clock(opt.step)
+    wall = _interleaved(steppers, steps)
+    out = {}
+    for name in arms:
+        out[name] = wall[name]
+        out[name + " cpu"] = statistics.median(clocks[name][1:])  # [0] is the warm-up step
+        out[name + " flops"] = flops[name]
+    return out
 
 
 def _explicit_gather_step(params, bufs, kwargs):
@@ -386,16 +436,17 @@ def main() -> None:
     kwargs = {"lr": 0.02, "weight_decay": 0.1, "adjust_lr_fn": "match_rms_adamw"}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (single process), 1 thread per rank "
           f"(FSDP2); {args.layers} layers x (wq, wk, wv, wo, w1, w2, w3); median of {args.steps} interleaved steps")  # fmt: skip
-    print(f"Newton-Schulz in bf16 for both (torch.optim.Muon's default); pcopt.hardware: {describe('cpu')}")
+    print(f"Newton-Schulz in bf16 for both (torch.optim.Muon's default); pcopt.hardware: {describe('cpu')}; "
+          f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}; CPU {_cpu_model()}")  # fmt: skip
     rows = []
     for dim in args.dims:
         hidden = dim * 11 // 4
         shapes = matrix_shapes(dim, hidden, args.layers)
         n = sum(m * k for m, k in shapes) / 1e6
-        row = {"dim": dim, "hidden": hidden, "params": n}
+        row = {"dim": dim, "hidden": hidden, "params": n, "matrices": len(shapes)}
         if args.part in ("all", "single"):
             t = single_process(shapes, args.steps, kwargs)
-            row.update(single_pcopt=t["pcopt"], single_torch=t["torch"])
+            row.update(single_pcopt=t["pcopt"], single_torch=t["torch"], single=t)
         if args.part in ("all", "fsdp"):
             t = fsdp(shapes, args.steps, kwargs)
             row.update(fsdp_pcopt=t["pcopt"], fsdp_torch=t["torch"], fsdp_gather=t["gather"],
@@ -409,6 +460,8 @@ def main() -> None:
         _print_mesh_table(rows)
     if args.part == "mesh":
         return
+    if args.part in ("all", "single"):
+        _print_single_table(rows)
     print("| dim / FFN | params | single: pcopt | torch | speed-up | FSDP2 2 ranks: pcopt | torch on shards | "
           "speed-up | all-gather baseline | parallel efficiency | max diff pcopt / torch |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -427,6 +480,25 @@ def main() -> None:
         else:
             cells += ["-"] * 6
         print("| " + " | ".join(cells) + " |")
+
+
+def _print_single_table(rows) -> None:
+    print("single process, one thread: ratio = arm / torch.optim.Muon, from the medians of this run (wall; thread "
+          "CPU time, which other processes on shared cores do not inflate); FLOPs by FlopCounterMode, one step")  # fmt: skip
+    print("| dim / FFN | matrices | arm | wall | ratio | CPU time | ratio | GFLOP | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        t = r["single"]
+        for arm in SINGLE_ARMS:
+            if arm not in t:
+                continue
+            print("| " + " | ".join([
+                f"{r['dim']} / {r['hidden']}", str(r["matrices"]), arm,
+                f"{t[arm] * 1e3:.0f} ms", f"{t[arm] / t['torch']:.2f}",
+                f"{t[arm + ' cpu'] * 1e3:.0f} ms", f"{t[arm + ' cpu'] / t['torch cpu']:.2f}",
+                f"{t[arm + ' flops'] / 1e9:.1f}", f"{t[arm + ' flops'] / t['torch flops']:.3f}",
+            ]) + " |")  # fmt: skip
+    print()
 
 
 def _print_mesh_table(rows) -> None:

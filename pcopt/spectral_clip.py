@@ -20,6 +20,13 @@ step while small, so ``T`` steps resolve ``a`` up to about ``2.25^T`` (about 300
 ``sigma_max / c`` up to about 50). Beyond that the small singular values come out too small; the large ones,
 whose ``lam`` is near 1, are still accurate. See docs/spectra.md.
 
+So the default ``steps="auto"`` picks ``T`` from the bound ``a`` itself: every eigenvalue of ``A / a`` is at
+least ``1 / a`` (``A >= I``) and the scalar recursion is monotone in ``x_0``, so running it in float64 from
+``x_0 = 1 / a`` (:func:`auto_clip_steps`) gives the fewest steps after which every singular value's
+relative error ``1 - sqrt(x_T)`` is below the iteration dtype's epsilon. ``T`` grows like
+``log(a) / log(2.25)``, i.e. with ``2 log(sigma_max / c)``; ``a`` is one host sync per call (the largest
+over a batch). ``steps=10`` (``AUTHORS_CLIP_STEPS``) is the SPECTRA authors' fixed count.
+
 Vectors (1-D tensors) follow the vector rule: ``g`` unchanged if ``||g|| <= c``, else
 ``g / sqrt(1 + (||g|| / c)^2)``.
 """
@@ -32,9 +39,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["spectral_clip", "spectral_clip_flops", "DEFAULT_CLIP_STEPS"]
+__all__ = ["spectral_clip", "spectral_clip_flops", "auto_clip_steps", "DEFAULT_CLIP_STEPS", "AUTHORS_CLIP_STEPS"]
 
-DEFAULT_CLIP_STEPS = 10
+AUTHORS_CLIP_STEPS = 10
+# pcopt.optim.Spectra's default (an int, it checks it with check_steps); spectral_clip's default is "auto".
+DEFAULT_CLIP_STEPS = AUTHORS_CLIP_STEPS
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                 "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32,
@@ -60,12 +69,13 @@ def check_threshold(c: Any, what: str = "c") -> float:
 def check_steps(steps: Any) -> int:
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise TypeError(
-            f"steps must be an int (Newton-Schulz iterations), got {type(steps).__name__} {steps!r}."
+            f"steps must be an int (Newton-Schulz iterations), got {type(steps).__name__} {steps!r}. "
+            "pcopt.spectral_clip also takes steps='auto' (its default: as many as sigma_max / c needs)."
         )
     if not 1 <= steps <= 100:
         raise ValueError(
-            f"steps must be between 1 and 100 Newton-Schulz iterations, got {steps}. The default is "
-            f"{DEFAULT_CLIP_STEPS}."
+            f"steps must be between 1 and 100 Newton-Schulz iterations, got {steps}. The SPECTRA authors use "
+            f"{AUTHORS_CLIP_STEPS}; pcopt.spectral_clip's default 'auto' picks the count from sigma_max / c."
         )
     return steps
 
@@ -94,7 +104,21 @@ def _vector_clip(g: Tensor, c: float) -> Tensor:
     return g * vector_clip_scale(g, c).to(g.dtype)
 
 
-def _matrix_clip(X: Tensor, c: float, steps: int, dtype: torch.dtype) -> Tensor:
+def auto_clip_steps(a_max: float, dtype: torch.dtype = torch.float32) -> int:
+    """Fewest coupled steps for a bound ``a_max >= lambda_max(I + X X^T / c^2)`` (see the module docstring).
+
+    Runs the scalar recursion ``x <- x (3 - x)^2 / 4`` from ``x = 1 / a_max`` in float64 until
+    ``1 - sqrt(x) <= eps(dtype)``; at most 100 steps.
+    """
+    tol = torch.finfo(dtype).eps
+    x, steps = 1.0 / max(float(a_max), 1.0), 0
+    while steps < 100 and (steps == 0 or 1.0 - math.sqrt(x) > tol):
+        x = x * (3.0 - x) ** 2 / 4.0
+        steps += 1
+    return steps
+
+
+def _matrix_clip(X: Tensor, c: float, steps: int | None, dtype: torch.dtype) -> Tensor:
     """``H_c`` of a ``(..., M, N)`` batch; each matrix uses its own bound (results do not depend on the batch)."""
     out_dtype = X.dtype
     W = X.to(dtype)
@@ -105,6 +129,8 @@ def _matrix_clip(X: Tensor, c: float, steps: int, dtype: torch.dtype) -> Tensor:
     S = W @ W.mT
     bound = torch.minimum(S.abs().sum(dim=-1).amax(dim=-1), torch.linalg.matrix_norm(S))  # (...,)
     a = (1 + bound / (c * c)).unsqueeze(-1).unsqueeze(-1)
+    if steps is None:  # "auto": one host sync for the whole batch
+        steps = auto_clip_steps(a.max().item(), dtype)
     eye = torch.eye(m, dtype=dtype, device=W.device)
     Y = (eye + S / (c * c)) / a
     # first step with Z = I (bitwise the same as multiplying by I): M = (3I - Y)/2, Y = Y M, Z = M
@@ -121,7 +147,7 @@ def _matrix_clip(X: Tensor, c: float, steps: int, dtype: torch.dtype) -> Tensor:
     return H.to(out_dtype)
 
 
-def spectral_clip(X: Tensor, c: float, *, steps: int = DEFAULT_CLIP_STEPS, dtype: Any = None) -> Tensor:
+def spectral_clip(X: Tensor, c: float, *, steps: int | str = "auto", dtype: Any = None) -> Tensor:
     r"""Soft spectral clip ``H_c(X) = (I + X X^T / c^2)^{-1/2} X`` of a matrix or a batch of matrices.
 
     Singular values map as :math:`\sigma \mapsto \sigma / \sqrt{1 + \sigma^2 / c^2}` (below ``c`` for every
@@ -134,8 +160,11 @@ def spectral_clip(X: Tensor, c: float, *, steps: int = DEFAULT_CLIP_STEPS, dtype
             on its own (its own eigenvalue bound), so a matrix's result does not depend on what it is batched
             with.
         c: the threshold, a finite float > 0.
-        steps: Newton-Schulz iterations (default 10). ``sigma_max / c`` up to about 50 converges in 10 steps;
-            beyond, the small singular values come out too small (never too large).
+        steps: Newton-Schulz iterations. ``"auto"`` (default): as many as the bound on ``sigma_max / c``
+            needs for every singular value to converge to the dtype's precision (:func:`auto_clip_steps`; one
+            host sync; about ``2.8 log(sigma_max / c) + 7``: 18 steps for float32 at ``sigma_max / c = 100``).
+            An int fixes the count: the authors' 10 converges up to ``sigma_max / c`` of about 50; beyond, the
+            small singular values come out too small (never too large).
         dtype: dtype of the iteration: None (default: ``X``'s dtype), a floating dtype or ``"bf16"``,
             ``"fp32"``, ... The result has ``X``'s dtype.
 
@@ -143,7 +172,7 @@ def spectral_clip(X: Tensor, c: float, *, steps: int = DEFAULT_CLIP_STEPS, dtype
         A tensor of ``X``'s shape and dtype.
 
     Cost of an ``M x N`` matrix (``m = min(M, N)``, ``n = max(M, N)``): ``4 m^2 n + (6 steps - 4) m^3``
-    FLOPs (:func:`spectral_clip_flops`).
+    FLOPs (:func:`spectral_clip_flops`); "auto" spends more steps only where ``sigma_max / c`` needs them.
     """
     if not isinstance(X, Tensor):
         raise TypeError(f"spectral_clip expects a torch.Tensor, got {type(X).__name__}.")
@@ -152,7 +181,7 @@ def spectral_clip(X: Tensor, c: float, *, steps: int = DEFAULT_CLIP_STEPS, dtype
             f"spectral_clip expects a real floating tensor, got dtype {X.dtype}. Convert it first (X.float())."
         )
     c = check_threshold(c)
-    steps = check_steps(steps)
+    steps = None if isinstance(steps, str) and steps == "auto" else check_steps(steps)
     compute = resolve_clip_dtype(dtype, X.dtype)
     if X.ndim <= 1:
         return _vector_clip(X, c)

@@ -144,8 +144,8 @@ class Muon(Optimizer):
             "batched_weights": batched_weights,
         }
         _validate_options(defaults, warn=False)
-        attach_pc_state(self, pc_state, "Muon")  # deprecated: pcopt.PCState(model).attach(optimizer)
         super().__init__(params, defaults)
+        attach_pc_state(self, pc_state, "Muon")  # deprecated: pcopt.PCState(model).attach(optimizer)
         for i, group in enumerate(self.param_groups):
             logger.info(
                 "Muon param group %d: %d matrices, %d elements, lr=%s, weight_decay=%s, momentum=%s, "

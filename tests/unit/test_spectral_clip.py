@@ -127,7 +127,7 @@ def test_slow_convergence_regime_sigma_max_far_above_c():
     conv = pcopt.spectral_clip(X, C, steps=25)
     assert torch.allclose(torch.linalg.svdvals(conv), ref_sv, rtol=1e-6)
     # 5. fp32 follows the same prediction (relative to c)
-    got32 = torch.linalg.svdvals(pcopt.spectral_clip(X.float(), C).double())
+    got32 = torch.linalg.svdvals(pcopt.spectral_clip(X.float(), C, steps=10).double())
     assert torch.allclose(got32, pred, rtol=1e-4, atol=1e-4 * C)
 
 
@@ -142,12 +142,63 @@ def test_bound_holds_in_fp32_for_large_updates():
 def test_batch_equals_per_matrix_bitwise():
     gen = torch.Generator().manual_seed(1)
     batch = torch.randn(5, 12, 20, generator=gen) * torch.tensor([0.1, 1.0, 10.0, 100.0, 1e4]).view(5, 1, 1)
-    out = pcopt.spectral_clip(batch, C)
+    out = pcopt.spectral_clip(batch, C, steps=10)
     for i in range(5):
-        assert torch.equal(out[i], pcopt.spectral_clip(batch[i], C)), i
+        assert torch.equal(out[i], pcopt.spectral_clip(batch[i], C, steps=10)), i
     tall = batch.mT.contiguous()
-    out_t = pcopt.spectral_clip(tall, C)
+    out_t = pcopt.spectral_clip(tall, C, steps=10)
     assert torch.allclose(out_t, out.mT, rtol=1e-5, atol=1e-6)
+    # "auto" runs the batch's largest step count: a converged matrix only gets more steps of x <- x, the
+    # fixed point, so it agrees with its own auto result to fp32 rounding (same 2e-5 as the SVD tests)
+    auto = pcopt.spectral_clip(batch, C)
+    for i in range(5):
+        assert _rel(auto[i], pcopt.spectral_clip(batch[i], C)) < 2e-5, i
+
+
+def _steps_to_converge(a: float, tol: float) -> int:
+    """Independent count: iterate the coupled step on the 2 x 2 diagonal matrices A = diag(1, a) in float64
+    (eigenvalue 1 is the worst case, A >= I) until Z sqrt(A) is within tol of I."""
+    A = torch.diag(torch.tensor([1.0, a], dtype=torch.float64)) / a
+    Y, Z, eye = A, torch.eye(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
+    for t in range(1, 101):
+        M = 0.5 * (3 * eye - Z @ Y)
+        Y, Z = Y @ M, M @ Z
+        if (1 - torch.diagonal(Z) * torch.sqrt(torch.diagonal(A))).abs().max() <= tol:
+            return t
+    return 100
+
+
+@pytest.mark.parametrize("a", [1.0 + 1e-3, 10.0, 1e4, 1e6])
+def test_auto_steps_is_the_fewest_that_converge(a):
+    from pcopt.spectral_clip import auto_clip_steps
+
+    for dtype in (torch.float32, torch.float64):
+        eps = torch.finfo(dtype).eps
+        # the count agrees with the matrix iteration within one step (the diagonal run rounds in float64)
+        assert abs(auto_clip_steps(a, dtype) - _steps_to_converge(a, eps)) <= 1
+    # grows like log(a) / log(2.25): 100x more a costs log(100) / log(2.25) = 5.7 more steps
+    if a >= 1e4:
+        assert auto_clip_steps(a, torch.float32) - auto_clip_steps(a / 100, torch.float32) in (5, 6, 7)
+
+
+def test_sigma_max_100_times_c_is_accurate_by_default_and_the_authors_10_is_not():
+    """The issue's case: singular values 1e-3 .. 100, c = 1 (sigma_max / c = 100)."""
+    c = 1.0
+    sig = torch.logspace(-3, 2, 24, dtype=torch.float64)
+    X = _with_spectrum(24, 64, sig)
+    ref = _reference(X, c)
+    want = torch.linalg.svdvals(ref)
+    # float64 iteration: only the iteration's own error is left (converged to float64 eps per singular value)
+    assert _rel(pcopt.spectral_clip(X, c), ref) < 1e-10
+    # float32: rounding A / a (entries <= 1) perturbs its smallest eigenvalue, 1 / a with a ~ 1.1e4 here, by
+    # about sqrt(m) * 2^-24 absolutely, i.e. by sqrt(24) * 6e-8 * 1.1e4 = 3.2e-3 relatively; the inverse square
+    # root halves that: 1.6e-3 per singular value, whatever the step count (measured 1.2e-4). Allow 2e-3.
+    got = torch.linalg.svdvals(pcopt.spectral_clip(X.float(), c).double())
+    assert torch.allclose(got, want, rtol=2e-3, atol=0)
+    # the authors' 10 steps: the small singular values are far off (the default is what fixes it)
+    ten = torch.linalg.svdvals(pcopt.spectral_clip(X, c, steps=10))
+    assert ((ten - want).abs() / want).max() > 0.1
+
 
 
 def test_vector_rule():
