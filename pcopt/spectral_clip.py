@@ -39,7 +39,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["spectral_clip", "spectral_clip_flops", "auto_clip_steps", "DEFAULT_CLIP_STEPS", "AUTHORS_CLIP_STEPS"]
+__all__ = [
+    "spectral_clip",
+    "spectral_clip_flops",
+    "auto_clip_steps",
+    "DEFAULT_CLIP_STEPS",
+    "AUTHORS_CLIP_STEPS",
+]
 
 AUTHORS_CLIP_STEPS = 10
 # pcopt.optim.Spectra's default (an int, it checks it with check_steps); spectral_clip's default is "auto".

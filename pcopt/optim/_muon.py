@@ -444,7 +444,12 @@ def _muon_impl(
     dtype = resolve_dtype(ns_dtype)
     algorithm = resolve_algorithm(ns_algorithm)
     ns = partial(
-        newton_schulz, coefficients=coefficients, eps=eps, dtype=dtype, norm_factor=norm_factor, algorithm=algorithm
+        newton_schulz,
+        coefficients=coefficients,
+        eps=eps,
+        dtype=dtype,
+        norm_factor=norm_factor,
+        algorithm=algorithm,
     )
     cost = partial(newton_schulz_flops, ns_steps=ns_steps, algorithm=algorithm)
     if any(_is_dtensor(p) != _is_dtensor(g) for p, g in zip(params, grads)):

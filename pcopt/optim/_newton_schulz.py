@@ -237,7 +237,9 @@ def newton_schulz(
         gram_restart = GRAM_RESTART if dtype.itemsize <= 2 else ()
     if not stack and G.ndim > 2 and math.prod(G.shape[:-2]) > 1:
         flat = G.reshape(-1, *G.shape[-2:])
-        kw = dict(eps=eps, dtype=dtype, norm_factor=norm_factor, algorithm=algorithm, gram_restart=gram_restart)
+        kw = dict(
+            eps=eps, dtype=dtype, norm_factor=norm_factor, algorithm=algorithm, gram_restart=gram_restart
+        )
         return torch.stack([newton_schulz(g, coefficients, **kw) for g in flat]).reshape(G.shape)  # type: ignore[arg-type]
     tall = G.size(-2) > G.size(-1)
     X = G.to(dtype)
@@ -259,7 +261,10 @@ def newton_schulz(
 
 
 def newton_schulz_flops(
-    shape: Sequence[int], ns_steps: int, algorithm: str = "standard", gram_restart: Sequence[int] = GRAM_RESTART
+    shape: Sequence[int],
+    ns_steps: int,
+    algorithm: str = "standard",
+    gram_restart: Sequence[int] = GRAM_RESTART,
 ) -> int:
     """Matmul FLOPs of ``ns_steps`` Newton-Schulz steps on one ``(m, n)`` matrix (multiply-add = 2 FLOPs).
 

@@ -221,10 +221,11 @@ def test_extra_group_keys_are_tolerated_and_groups_are_independent():
 
 
 def test_deepcopy_and_pickle_keep_options():
-    opt = Muon(_params(), ns_coefficient_set="polar_express")
+    opt = Muon(_params(), ns_coefficient_set="polar_express", ns_algorithm="gram", batched_weights=True)
     for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
-        assert clone.pc_state is None
-        assert clone.param_groups[0]["ns_coefficient_set"] == "polar_express"
+        group = clone.param_groups[0]
+        assert group["ns_coefficient_set"] == "polar_express"
+        assert (group["ns_algorithm"], group["batched_weights"]) == ("gram", True)
 
 
 def _stale_pc_linear(seed: int = 0) -> tuple[nn.Linear, object]:

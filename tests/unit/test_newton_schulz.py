@@ -50,7 +50,9 @@ def test_gram_equals_standard_in_float64(shape, name, restart):
     triples, f = SETS[name]
     G = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     std = newton_schulz(G, triples, dtype=torch.float64, norm_factor=f)
-    gram = newton_schulz(G, triples, dtype=torch.float64, norm_factor=f, algorithm="gram", gram_restart=restart)
+    gram = newton_schulz(
+        G, triples, dtype=torch.float64, norm_factor=f, algorithm="gram", gram_restart=restart
+    )
     # Same polynomial in X: they differ by float64 rounding only. Every product's entries are dot products of
     # length <= 132 of vectors of norm <= sigma_max (<= 1.3 after the first step), so each rounds by at most
     # 132 * 2^-53 * 1.3^2 ~ 2.5e-14; 5 steps of |p'| <= 3.5 (Keller; Polar Express's first step: <= 8.3, then
@@ -109,15 +111,15 @@ def test_bf16_singular_values_stay_in_the_polynomials_band(name, algorithm, spec
         G = torch.randn(n, m, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     else:
         G = _spectrum_matrix(n, m, torch.logspace(0, 2, n, dtype=torch.float64))
-    O = newton_schulz(G.float(), triples, norm_factor=f, algorithm=algorithm).double()  # bf16, as Muon
+    out = newton_schulz(G.float(), triples, norm_factor=f, algorithm=algorithm).double()  # bf16, as Muon
     image = _polynomial_image(G, triples, f)
     lo, hi = image.min().item(), image.max().item()
     allowance = 2**-8 * 1.3 * math.sqrt(n) * (1 + 1.7)
-    sv = torch.linalg.svdvals(O)
+    sv = torch.linalg.svdvals(out)
     assert sv.min() >= lo - allowance and sv.max() <= hi + allowance, (sv.min(), sv.max(), lo, hi)
-    # singular vectors: in the polar factor's basis, O is nearly diagonal (off-diagonal mass small)
+    # singular vectors: in the polar factor's basis, out is nearly diagonal (off-diagonal mass small)
     U, _, Vh = torch.linalg.svd(G, full_matrices=False)
-    D = U.T @ O @ Vh.T
+    D = U.T @ out @ Vh.T
     off = D - torch.diag(torch.diagonal(D))
     assert torch.linalg.matrix_norm(off, 2) <= 2 * allowance + (hi - lo)
 
@@ -141,13 +143,13 @@ def test_fp32_gram_needs_no_restart():
     triples, f = POLAR_EXPRESS
     n, m = 128, 352
     G = _spectrum_matrix(n, m, torch.logspace(-3, 0, n, dtype=torch.float64))
-    O = newton_schulz(G.float(), triples, dtype=torch.float32, norm_factor=f, algorithm="gram").double()
+    out = newton_schulz(G.float(), triples, dtype=torch.float32, norm_factor=f, algorithm="gram").double()
     image = _polynomial_image(G, triples, f)
     # fp32: the Gram matrix's eigenvalue errors are ~2^-24 ||R||, i.e. ~2^-12 on the smallest singular
     # values, which the 5 steps amplify by at most prod |p'| ~ 8.3 * 4.2^4 ~ 2.6e3 in the worst case
     # (small values, where p is nearly linear): 0.64 relative on values that end near 1e-3 * 2.6e3.
     # Over the band's top, |p'| <= 1 and 1e-2 is a loose bound.
-    assert torch.linalg.svdvals(O).max() <= image.max() + 1e-2
+    assert torch.linalg.svdvals(out).max() <= image.max() + 1e-2
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -159,7 +161,7 @@ def test_muon_gram_option_matches_standard_in_float64():
     a = [nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in shapes]
     b = [nn.Parameter(p.detach().clone()) for p in a]
     opts = [Muon(a, lr=0.02, ns_dtype="fp64"), Muon(b, lr=0.02, ns_dtype="fp64", ns_algorithm="gram")]
-    for step in range(3):
+    for _ in range(3):
         g = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
         for ps, opt in zip((a, b), opts):
             for p, gi in zip(ps, g):

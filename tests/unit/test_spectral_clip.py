@@ -200,7 +200,6 @@ def test_sigma_max_100_times_c_is_accurate_by_default_and_the_authors_10_is_not(
     assert ((ten - want).abs() / want).max() > 0.1
 
 
-
 def test_vector_rule():
     g = torch.tensor([3.0, 4.0])  # norm 5
     assert torch.equal(pcopt.spectral_clip(g, 5.0), g)
