@@ -16,7 +16,9 @@ present, and the other pieces are no-ops unless their condition holds:
 * :func:`check_spmd_backend` - the ``full_dtensor`` backend silently doubles the loss on torch < 2.14
   and ``spmd_types`` needs torch 2.14's FSDP2; refuse both there.
 * :func:`install_log_filter` - drops two torchtitan warnings that our configs trigger and that say nothing
-  (see :class:`QuietLogFilter`) and, on the CPU, the GPU-only ``memory`` and ``mfu`` fields of step lines.
+  (see :class:`QuietLogFilter`) and, on the CPU, the GPU-only ``memory`` and ``mfu`` fields of step lines,
+  NCCL/CUDA-graph notices, per-layer override lines and the DTensor-RNG/torchdata warnings; it also
+  collects the step lines for the one-line summary the launcher logs at the end of a run.
 """
 
 from __future__ import annotations
@@ -176,6 +178,28 @@ _CPU_PEAK_FLOPS_NOISE = (  # GPU peak-FLOPs lookup (only used for mfu) and GPU m
     "CPU memory usage for model",
 )
 _MFU_FIELD = re.compile(r" *" + _ANSI + r"mfu: *(?:-?[\d.]+%|N/A)")
+_CPU_NOISE = (  # GPU-only settings and per-layer detail that a CPU run cannot act on
+    "ENV[TORCH_NCCL_ASYNC_ERROR_HANDLING]",  # an NCCL setting; CPU runs use gloo
+    "CUDA graph capture is only supported",  # eager is what a CPU runs anyway
+    "[Override] torchtitan_ext.cpu_attention.",  # one line per layer; "Applied N override(s)" stays
+    "[GC] Initial GC collection took",
+    "Sleeping 2 seconds for other ranks to complete",
+)
+_CPU_WARNINGS = (  # Python warnings (not log records) of a gloo/CPU run that say nothing to act on
+    "DTensor random operators may not have complete support on cpu device mesh",
+    r"DTensor manual_seed\(\) may not have complete support on cpu device mesh",
+    "'set_vital' is deprecated",  # torchdata's StatefulDataLoader calls a deprecated torch function
+)
+_STRIP_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_STEP_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*(\S+)\s+grad_norm:\s*(\S+)")
+_PC_METRICS = re.compile(r"step (\d+) PC metrics: .*'pc/gmcn': ([-\d.e+naif]+)")
+
+
+def _formatted(record: logging.LogRecord) -> str:
+    try:
+        return record.getMessage()
+    except (TypeError, ValueError):  # a record whose args do not fit its format: not ours to judge
+        return str(record.msg)
 
 
 class QuietLogFilter(logging.Filter):
@@ -194,12 +218,21 @@ class QuietLogFilter(logging.Filter):
       TensorBoard/W&B ``memory/*`` and ``mfu(%)`` scalars stay, equally meaningless there), and the two
       warnings about looking up a GPU's peak FLOPs for the MFU (``lspci``, ``Peak flops undefined``), the
       peak it then assumes (an A100's) and the ``CPU memory usage for model: -0.00GiB`` line.
+    * With ``cpu=True``, also the lines a CPU run cannot act on: the ``TORCH_NCCL_ASYNC_ERROR_HANDLING``
+      override (NCCL; CPU runs use gloo), ``CUDA graph capture is only supported on NVIDIA CUDA``, the
+      per-layer ``[Override] torchtitan_ext.cpu_attention...`` lines (``Applied N override(s)`` stays), the
+      initial GC timing and the final ``Sleeping 2 seconds`` line. :func:`install_log_filter` silences the
+      matching Python warnings (DTensor RNG on a CPU mesh, torchdata's ``set_vital``).
+
+    Every record that passes is also read for :meth:`summary`: the step lines and the PC metrics lines.
     """
 
     def __init__(self, tokenizer_dir: str | os.PathLike, *, cpu: bool) -> None:
         super().__init__()
         self.index_warning = f"model.safetensors.index.json not found at hf_assets_path: {tokenizer_dir}"
         self.cpu = cpu
+        self.steps: dict[int, tuple[str, str]] = {}  # step -> (loss, grad_norm) as logged
+        self.gmcn: dict[int, str] = {}  # step -> GMCN of the PC metrics line
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.msg
@@ -211,9 +244,34 @@ class QuietLogFilter(logging.Filter):
             return False
         if self.cpu and msg.startswith(_CPU_PEAK_FLOPS_NOISE):
             return False
+        if self.cpu and _formatted(record).startswith(_CPU_NOISE):  # some are format strings ("[GC] %s")
+            return False
         if self.cpu and "memory:" in msg and "loss:" in msg:
             record.msg = _MFU_FIELD.sub("", _MEMORY_FIELD.sub("", msg))
+        self._observe(record)
         return True
+
+    def _observe(self, record: logging.LogRecord) -> None:
+        """Remember the step lines and PC metrics that :meth:`summary` reports."""
+        text = _STRIP_ANSI.sub("", _formatted(record))
+        if m := _STEP_LINE.search(text):
+            self.steps[int(m.group(1))] = (m.group(2), m.group(3))
+        elif m := _PC_METRICS.search(text):
+            self.gmcn[int(m.group(1))] = m.group(2)
+
+    def summary(self) -> str | None:
+        """One line for the end of a run: steps, first and last loss, last grad norm and GMCN (PC runs)."""
+        if not self.steps:
+            return None
+        first, last = min(self.steps), max(self.steps)
+        line = (
+            f"Run summary: steps {first}-{last}, loss {self.steps[first][0]} at step {first}, "
+            f"{self.steps[last][0]} at step {last}, grad_norm {self.steps[last][1]}"
+        )
+        if self.gmcn:
+            g = max(self.gmcn)
+            line += f", GMCN {float(self.gmcn[g]):.4g} at step {g} (PC metrics; see docs/torchtitan.md#gmcn)"
+        return line
 
 
 def install_log_filter(*, cpu: bool) -> QuietLogFilter:
@@ -223,6 +281,11 @@ def install_log_filter(*, cpu: bool) -> QuietLogFilter:
     """
     from torchtitan_ext.data import TOKENIZER_DIR
 
+    if cpu:
+        import warnings
+
+        for message in _CPU_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
     root = logging.getLogger()
     for f in root.filters:
         if isinstance(f, QuietLogFilter):
@@ -230,4 +293,6 @@ def install_log_filter(*, cpu: bool) -> QuietLogFilter:
             return f
     f = QuietLogFilter(TOKENIZER_DIR, cpu=cpu)
     root.addFilter(f)
+    # Logger-level filters see only their own logger's records: the PC metrics lines come from this one.
+    logging.getLogger("torchtitan_ext.metrics").addFilter(f)
     return f
