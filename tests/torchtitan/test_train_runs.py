@@ -110,6 +110,21 @@ def test_pc_muon_loss_decreases_and_logs_param_groups(pc_muon):
         "pc/gamma/layers.5.feed_forward.w2.weight",
     } <= tags
     assert [e.step for e in acc.Scalars("pc/gmcn")] == [4, 8]
+    # The metrics file is complete although the CPU launcher leaves with os._exit: every step's loss is in it,
+    # equal to the logged one up to the log's 5 decimals.
+    tb_loss = {e.step: e.value for e in acc.Scalars("loss_metrics/global_avg_loss")}
+    assert sorted(tb_loss) == list(range(1, PC_STEPS + 1))
+    for step, value in tb_loss.items():
+        assert abs(value - pc_muon.losses[step]) <= 5e-6, (step, value, pc_muon.losses[step])
+    # The run ends with one summary line, GMCN included.
+    last_gmcn = json.loads(pc_lines[-1][1].replace("'", '"'))["pc/gmcn"]
+    summary = re.findall(
+        r"Run summary: steps 1-8, loss ([\d.]+) at step 1, ([\d.]+) at step 8, .*GMCN ([\d.]+) at step 8", log
+    )
+    assert (
+        summary and float(summary[-1][0]) == pc_muon.losses[1] and float(summary[-1][1]) == pc_muon.losses[8]
+    )
+    assert abs(float(summary[-1][2]) - last_gmcn) <= 5e-4 * last_gmcn  # 4 significant digits
 
 
 # Golden bound. The debug runs compute forward and backward in bf16 (FSDP2's default mixed_precision_param) and,
