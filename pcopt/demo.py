@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import statistics
 import sys
 import time
@@ -259,15 +260,29 @@ def interleaved_step_ms(runs: list[_Run], rounds: int) -> dict[str, list[float]]
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m pcopt.demo",
+        # the module docstring without its Sphinx markup (":func:`x`" -> "x", "``x``" -> "x")
+        description=re.sub(r":\w+:`([^`]+)`", r"\1", __doc__).replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {ARMS}")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--adamw-lr", type=float, default=3e-3)
-    parser.add_argument("--muon-lr", type=float, default=1e-2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per arm (default: 200)")
+    parser.add_argument(
+        "--seq", type=int, default=128, help="sequence length in bytes, one token per byte (default: 128)"
+    )
+    parser.add_argument("--batch", type=int, default=8, help="sequences per optimizer step (default: 8)")
+    parser.add_argument(
+        "--adamw-lr", type=float, default=3e-3, help="peak lr of both AdamW arms (default: 3e-3)"
+    )
+    parser.add_argument(
+        "--muon-lr", type=float, default=1e-2, help="peak lr of both Muon arms (default: 1e-2)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="model init and data order seed, the same for every arm (default: 0)",
+    )
     parser.add_argument(
         "--ns-dtype",
         choices=("auto", "bf16", "fp32"),
@@ -342,9 +357,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print("\nPC vs baseline (same lr, same data order):")
     for base in pairs:
         b, p = by_arm[base], by_arm[f"{base}_pc"]
-        line = (
-            f"  {base:<6} val loss {b['val_loss']:.4f} -> {p['val_loss']:.4f} with PC "
-            f"({p['val_loss'] - b['val_loss']:+.4f}); GMCN {b['gmcn_end']:.2f} -> {p['gmcn_end']:.2f}"
+        line = (  # "->" in the arm lines is before -> after training; here it is baseline vs PC
+            f"  {base:<6} val loss {b['val_loss']:.4f} baseline, {p['val_loss']:.4f} with PC "
+            f"({p['val_loss'] - b['val_loss']:+.4f}); GMCN at the end {b['gmcn_end']:.2f} baseline, "
+            f"{p['gmcn_end']:.2f} with PC"
         )
         if "interleaved_ms" in p:
             ratios = [tp / tb for tp, tb in zip(p["interleaved_ms"], b["interleaved_ms"])]
