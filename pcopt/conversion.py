@@ -50,7 +50,10 @@ def merge(model: nn.Module) -> list[str]:
                 )
             eff = pc.effective_weight()
             if isinstance(pc._plist, PCSlot):  # once per step: module.<name> already is a plain parameter
-                del mod._modules["parametrizations"]
+                holder = mod._modules["parametrizations"]
+                del holder._modules[name]
+                if not holder._modules:
+                    del mod._modules["parametrizations"]
             else:
                 unregister(mod, name)
             with torch.no_grad():

@@ -63,7 +63,6 @@ class PolynomialPC(nn.Module):
         self.label = f"weight of shape {tuple(shape)}"
         self._warned_reinit = False
         self._identity_inverse = True  # registration keeps the raw weight as it is
-        self._held: Tensor | None = None  # a precomputed W_eff returned by forward (see hold())
         self._fresh: tuple[int, int] | None = None  # (id, _version) of the raw weight at the last refresh
         self._warned_stale = False
         self.__dict__["_plist"] = None  # the ParametrizationList holding the raw weight (see attach)
@@ -134,8 +133,6 @@ class PolynomialPC(nn.Module):
 
     # -- the map -------------------------------------------------------------------------------------------
     def forward(self, W: Tensor) -> Tensor:
-        if self._held is not None:
-            return self._held
         if self._fresh is not None and not self._warned_stale and not torch.compiler.is_compiling():
             self._check_fresh(W)
         if is_dtensor(W):
@@ -176,15 +173,6 @@ class PolynomialPC(nn.Module):
         P = apply_polynomial(Wc / sigma, self.coefficients)
         scale = gamma.to(dtype).view(*self.batch_shape, 1, 1) * sigma.detach()
         return (P * scale).to(W.dtype)
-
-    def hold(self, weight: Tensor | None) -> None:
-        """Make forward return ``weight`` (a precomputed ``W_eff``) until ``hold(None)``."""
-        self._held = weight
-
-    @property
-    def holding(self) -> bool:
-        """Whether forward currently returns a held ``W_eff`` (see :meth:`hold`)."""
-        return self._held is not None
 
     @torch.no_grad()
     def right_inverse(self, value: Tensor) -> Tensor:
@@ -285,6 +273,7 @@ class PCSlot(nn.Module):
         self.compute_dtype = torch.float32
         self.placements: tuple | None = None  # of W_eff and raw when bound (None: plain tensors)
         self.stamp: tuple[int, ...] | None = None  # versions of raw, gamma, u, v when W_eff was written
+        self.temporary = False  # inside PCState.accumulate(): switched back to per-forward on exit
 
     def __getitem__(self, i: int) -> PolynomialPC:
         if i != 0:

@@ -43,13 +43,13 @@ import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from pcopt._tensor import is_dtensor
 from pcopt.layer import PolynomialPC, refresh_
 from pcopt.options import check_positive_int
 from pcopt.registration import preconditioners
-from pcopt.strategy import initialize_, pull_back_, slots, strategy_of, write_
+from pcopt.strategy import initialize_, pull_back_, set_strategy, slots, stamp, strategy_of, write_
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class PCState:
             RuntimeError: inside an :meth:`accumulate` block, or when a raw weight changed since ``W_eff`` was
                 written (an optimizer step without :meth:`after_step`).
         """
-        busy = [fqn for fqn, pc in self.preconditioners() if pc.holding]
+        busy = [s[0].label for s in self._slots() if s.temporary]
         if busy:
             raise RuntimeError(
                 f"PCState.after_backward was called inside an accumulate() block (still open for {busy[:3]}). "
@@ -228,67 +228,58 @@ class PCState:
 
     @contextlib.contextmanager
     def accumulate(self) -> Iterator[None]:
-        """Compute each ``W_eff`` once for all micro-batches run inside the block (see :mod:`pcopt.accumulation`).
+        """Compute each ``W_eff`` once for all micro-batches run inside the block (per-forward models).
 
-        On entry each ``W_eff`` is computed with its autograd graph and a detached copy that requires grad is
-        held by the parametrization; micro-batch backward passes accumulate ``dL/dW_eff`` into that copy. On
-        a clean exit one ``torch.autograd.backward`` call maps the sums back to ``W`` and ``gamma``
-        (``sum_i J^T g_i = J^T sum_i g_i``). If the block raises, nothing is back-propagated through the map.
+        The block runs the model in the once-per-step strategy (:func:`pcopt.set_strategy`): ``W_eff`` is
+        written on entry, the micro-batches accumulate ``dL/dW_eff``, and on a clean exit
+        :meth:`after_backward` pulls the sum back to ``W`` and ``gamma`` (``sum_i J^T g_i = J^T sum_i g_i``);
+        then the model is per-forward again. Raw weights and ``gamma`` keep their identity, so an optimizer
+        built before is unaffected. If the block raises, nothing is pulled back. A model that already runs
+        once per step needs no block (it yields at once).
 
         Raises:
             RuntimeError: on entry for FSDP2 models or when a block is already open for the same weights; on
-                exit when a raw weight or ``gamma`` was modified inside the block (the held ``W_eff`` would be
-                stale).
+                exit when a raw weight or ``gamma`` was modified inside the block (the ``W_eff`` written on
+                entry would be stale).
         """
         pcs = self.preconditioners()
-        if not pcs or self.strategy == "once_per_step":  # once per step already: nothing to hold
-            yield
-            return
-        _check_not_fsdp2(self.modules, pcs)
-        busy = [fqn for fqn, pc in pcs if pc.holding]
+        busy = [s[0].label for s in self._slots() if s.temporary]
         if busy:
             raise RuntimeError(
                 f"once_per_step / PCState.accumulate is already active for {busy[:3]} (nested use or a block "
                 "that did not exit). Use one block per optimizer step."
             )
-        entries: list[tuple[str, PolynomialPC, Tensor, Tensor, tuple[int, int]]] = []
-        try:
-            with torch.enable_grad():
-                for fqn, pc in pcs:
-                    raw = pc.raw_weight
-                    eff = pc.map(raw, pc.gamma)  # the full PC map, with its autograd graph to raw and gamma
-                    held = eff.detach().requires_grad_(eff.requires_grad)
-                    pc.hold(held)
-                    entries.append((fqn, pc, eff, held, (raw._version, pc.gamma._version)))
-        except BaseException:
-            for _, pc, *_ in entries:
-                pc.hold(None)
-            raise
+        if not pcs or self.strategy == "once_per_step":  # once per step already: nothing to do
+            yield
+            return
+        _check_not_fsdp2(self.modules, pcs)
+        parts = [m for m in self.modules if preconditioners(m)]
+        for m in parts:
+            set_strategy(m, "once_per_step")
+        all_slots = self._slots()
+        written = [stamp(s) for s in all_slots]
+        for s in all_slots:
+            s.temporary = True
+        clean = False
         try:
             yield
+            clean = True
         finally:
-            for _, pc, *_ in entries:
-                pc.hold(None)
-        # Reached only when the block exited cleanly.
-        stale = [
-            fqn
-            for fqn, pc, _, _, versions in entries
-            if (pc.raw_weight._version, pc.gamma._version) != versions
-        ]
-        if stale:
-            raise RuntimeError(
-                f"Preconditioned weights were modified inside once_per_step ({stale[:3]}): the W_eff cached at "
-                "entry is stale, so its gradients cannot be mapped back. Call optimizer.step() / zero_grad() "
-                "/ pcopt.refresh after the with block, not inside it."
-            )
-        outputs, grads = [], []
-        for _, _, eff, held, _ in entries:
-            if held.grad is not None and eff.requires_grad:
-                outputs.append(eff)
-                grads.append(held.grad)
-        if outputs:
-            torch.autograd.backward(outputs, grads)
-        logger.debug("accumulate: back-propagated %d of %d effective weights", len(outputs), len(entries))
+            for s in all_slots:
+                s.temporary = False
+            try:
+                if clean:
+                    stale = [s[0].label for s, w in zip(all_slots, written) if stamp(s) != w]
+                    if stale:
+                        raise RuntimeError(
+                            f"Preconditioned weights were modified inside once_per_step ({stale[:3]}): the W_eff "
+                            "written at entry is stale, so its gradients cannot be mapped back. Call "
+                            "optimizer.step() / zero_grad() / pcopt.refresh after the with block, not inside it."
+                        )
+                    pull_back_(all_slots)
+            finally:
+                for m in parts:
+                    set_strategy(m, "per_forward")  # W_eff and any gradient left on it are dropped
 
 
 def _check_not_fsdp2(modules: Sequence[nn.Module], pcs) -> None:

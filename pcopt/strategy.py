@@ -54,7 +54,7 @@ from pcopt._tensor import is_dtensor, is_fsdp_module, local_tensor
 from pcopt.layer import PCHolder, PCSlot, PolynomialPC
 from pcopt.polynomials import gram_polynomial
 from pcopt.registration import preconditioners, unregister
-from pcopt.spectral import all_reduce_
+from pcopt.spectral import all_reduce_, sigma_estimate
 
 logger = logging.getLogger(__name__)
 
@@ -204,26 +204,30 @@ def set_strategy(
         raise ValueError(
             "set_strategy: the model already runs PC once per step; call set_strategy once per model."
         )
-    for fqn, pc in todo:
-        if pc.batch_shape or pc.raw_weight.ndim != 2 or not fqn.endswith(".weight"):
+    if shard is not None:
+        batched = [f"{fqn} {tuple(pc.raw_weight.shape)}" for fqn, pc in todo if pc.batch_shape]
+        if batched:
             raise ValueError(
-                f"The once-per-step strategy runs PC matrices named 'weight'; {fqn} has shape "
-                f"{tuple(pc.raw_weight.shape)}. Keep batched (3-D) or other PC weights per forward (do not call "
-                "set_strategy on this model)."
+                f"The once-per-step strategy shards PC matrices (2-D weights); {batched[:3]} are batched. Run "
+                "them unsharded (shard=None) or per forward."
             )
     placement_fn = shard_placement_fn(model)
     pending = []
     for fqn, pc in todo:
-        module = model.get_submodule(fqn[: -len(".weight")])
-        # module.weight becomes the raw Parameter object itself (values and identity kept): FSDP2 shards it as
-        # W_eff, and its local shard is copied into the raw weight below before W_eff is written.
-        unregister(module, "weight")
-        pending.append((fqn, module, pc))
+        mod_fqn, _, name = fqn.rpartition(".")
+        module = model.get_submodule(mod_fqn)
+        # module.<name> becomes the raw Parameter object itself for now: FSDP2 shards it as W_eff, and _bind
+        # then gives the raw weight its own parameter (on one device: the same object, W_eff a new one).
+        registration = module.__class__, module._modules["parametrizations"]  # reinstated by "per_forward"
+        unregister(module, name)
+        pending.append((fqn, module, name, pc, registration))
     if shard is not None:
         shard(model, placement_fn)
     out = []
-    for fqn, module, pc in pending:
-        slot = _bind(fqn, module, pc, compute_dtype)
+    for fqn, module, name, pc, registration in pending:
+        slot = _bind(fqn, module, name, pc, compute_dtype)
+        if slot.placements is None and len(registration[1]) == 1:
+            slot.__dict__["registration"] = registration
         _write(slot)
         out.append(fqn)
     _warn_small_dim(slots(model))
@@ -236,9 +240,11 @@ def set_strategy(
     return out
 
 
-def _bind(fqn: str, module: nn.Module, pc: PolynomialPC, compute_dtype: torch.dtype) -> PCSlot:
-    """Register ``module.parametrizations.weight`` = :class:`PCSlot` with the raw weight placed like W_eff."""
-    w = module._parameters["weight"]
+def _bind(
+    fqn: str, module: nn.Module, name: str, pc: PolynomialPC, compute_dtype: torch.dtype | None
+) -> PCSlot:
+    """Register ``module.parametrizations.<name>`` = :class:`PCSlot`, the raw weight placed like W_eff."""
+    w = module._parameters[name]
     local = local_tensor(w).detach().clone()
     if is_dtensor(w):
         from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
@@ -264,12 +270,14 @@ def _bind(fqn: str, module: nn.Module, pc: PolynomialPC, compute_dtype: torch.dt
         pc.gamma = nn.Parameter(gamma, requires_grad=pc.gamma.requires_grad)
         mesh_dims = tuple(i for i, p in enumerate(placements) if p.is_shard())
         dim = shard_dims.pop() if shard_dims else _larger_dim(tuple(w.shape))
-    else:
-        raw = nn.Parameter(local, requires_grad=True)
-        mesh, mesh_dims, dim = None, (), _larger_dim(tuple(w.shape))
+    else:  # one device: the raw parameter keeps its identity (an optimizer built before keeps working)
+        raw = w
+        module._parameters[name] = nn.Parameter(local, requires_grad=True)  # W_eff
+        mesh, mesh_dims, dim = None, (), _larger_dim(tuple(w.shape[-2:]))
     pc.to(local.device)
     slot = PCSlot(raw, pc)
     slot.__dict__["owner"] = module
+    slot.name = name
     if compute_dtype is None:
         compute_dtype = torch.promote_types(local.dtype, torch.float32)
     slot.dim, slot.mesh, slot.mesh_dims, slot.compute_dtype = dim, mesh, mesh_dims, compute_dtype
@@ -278,9 +286,11 @@ def _bind(fqn: str, module: nn.Module, pc: PolynomialPC, compute_dtype: torch.dt
         size = w.shape[dim]
         ar = torch.arange(size).view((size, 1) if dim == 0 else (1, size))
         slot.index = distribute_tensor(ar, mesh, placements, src_data_rank=None).to_local().reshape(-1).cpu()
-    holder = PCHolder()
-    holder.add_module("weight", slot)
-    module.add_module("parametrizations", holder)
+    holder = module._modules.get("parametrizations")
+    if not isinstance(holder, PCHolder):
+        holder = PCHolder()
+        module.add_module("parametrizations", holder)
+    holder.add_module(name, slot)
     if not getattr(module, "_pcopt_once_per_step_hooks", False):
         module._pcopt_once_per_step_hooks = True
         module.register_state_dict_post_hook(_drop_effective)
@@ -300,13 +310,26 @@ def _to_per_forward(model: nn.Module) -> list[str]:
                 f"set_strategy: {fqn} is sharded; the per-forward strategy is chosen before fully_shard. Build the "
                 "model again, or save a checkpoint (its keys are the same in both strategies) and load it there."
             )
-        module = slot.owner
-        del module._modules["parametrizations"]
-        module._parameters["weight"] = slot.original  # the raw weight becomes the parametrized original
+        module, name = slot.owner, slot.name
+        holder = module._modules["parametrizations"]
+        del holder._modules[name]
+        if not holder._modules:
+            del module._modules["parametrizations"]
+        saved = slot.__dict__.get("registration")
+        if saved is not None and not holder._modules and saved[1][name].original is slot.original:
+            # the registration this module had before set_strategy: no new class, no map call
+            del module._parameters[name]
+            module.__class__, module._modules["parametrizations"] = saved
+            pc.bind(saved[1][name])
+            pc.mark_fresh()
+            out.append(fqn)
+            continue
+        module._parameters[name] = slot.original  # the raw weight becomes the parametrized original
         pc._identity_inverse = True
-        parametrize.register_parametrization(module, "weight", pc)
+        pc._fresh = None  # registration calls the map once (a shape check); the raw weight is current
+        parametrize.register_parametrization(module, name, pc)
         pc._identity_inverse = False
-        pc.bind(module.parametrizations["weight"])
+        pc.bind(module.parametrizations[name])
         pc.mark_fresh()
         out.append(fqn)
     return out
@@ -329,26 +352,26 @@ def _warn_small_dim(all_slots: list[PCSlot]) -> None:
 
 
 # -- checkpoint hooks of a once-per-step module -----------------------------------------------------------------
-def _slot_of(module: nn.Module) -> PCSlot | None:
+def _slots_of(module: nn.Module) -> list[PCSlot]:
     holder = module._modules.get("parametrizations")
-    return holder["weight"] if isinstance(holder, PCHolder) and "weight" in holder else None
+    return list(holder._modules.values()) if isinstance(holder, PCHolder) else []
 
 
 def _drop_effective(module, state_dict, prefix, local_metadata) -> None:
-    """state_dict: ``<module>.weight`` (W_eff) is left out; the PC state defines it."""
-    if _slot_of(module) is not None:
-        state_dict.pop(prefix + "weight", None)
+    """state_dict: ``<module>.<name>`` (W_eff) is left out; the PC state defines it."""
+    for slot in _slots_of(module):
+        state_dict.pop(prefix + slot.name, None)
 
 
 def _keep_effective(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
-    """load_state_dict: ``<module>.weight`` is not expected; it is recomputed from the loaded state."""
-    if _slot_of(module) is not None and prefix + "weight" not in state_dict:
-        state_dict[prefix + "weight"] = module._parameters["weight"].detach()  # loads onto itself: a no-op
+    """load_state_dict: ``<module>.<name>`` is not expected; it is recomputed from the loaded state."""
+    for slot in _slots_of(module):
+        if prefix + slot.name not in state_dict:
+            state_dict[prefix + slot.name] = slot.effective.detach()  # loads onto itself: a no-op
 
 
 def _rewrite_after_load(module, incompatible_keys) -> None:
-    slot = _slot_of(module)
-    if slot is not None:
+    for slot in _slots_of(module):
         _write(slot)  # collective when sharded: every rank loads
 
 
@@ -379,6 +402,18 @@ def stamp(slot: PCSlot) -> tuple[int, ...]:
     )
 
 
+def _partial_sums(A: Tensor, u_loc: Tensor, v_o: Tensor, *more: Tensor) -> list[Tensor]:
+    """``[A^T A, A^T M for M in more, u^T A v]`` of this rank's block, per matrix of a batch."""
+    return [A.mT @ A, *(A.mT @ M for M in more), sigma_estimate(A, u_loc, v_o)]
+
+
+def _reduced(slot: PCSlot, parts: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """Sum the partial sums over the ranks that shard the matrix: one all-reduce of all of them."""
+    buf = torch.cat([p.to(dtype).reshape(-1) for p in parts])
+    all_reduce_(buf, slot.mesh, slot.mesh_dims)
+    return [b.view(p.shape) for b, p in zip(torch.split(buf, [p.numel() for p in parts]), parts)]
+
+
 @torch.no_grad()
 def effective_local(slot: PCSlot) -> Tensor:
     """This rank's block of ``W_eff = gamma * A q(A^T A / sigma^2)`` (one all-reduce of ``n*n + 1`` floats)."""
@@ -389,12 +424,11 @@ def effective_local(slot: PCSlot) -> Tensor:
     with torch.autocast(device_type=raw.device.type, enabled=False):
         A = _oriented(raw, slot.dim).to(cd)
         u_loc, v_o = _vectors(slot, cd)
-        buf = torch.cat([(A.mT @ A).reshape(-1).to(rd), (u_loc @ A @ v_o).to(rd).reshape(1)])
-        all_reduce_(buf, slot.mesh, slot.mesh_dims)
-        n = A.shape[1]
-        sigma = buf[-1] + pc.eps
-        G = (buf[:-1].view(n, n) / sigma**2).to(cd)
-        eff = (A @ gram_polynomial(G, pc.coefficients)) * local_tensor(pc.gamma).to(rd).to(cd)
+        G, sig = _reduced(slot, _partial_sums(A, u_loc, v_o), rd)
+        sigma = (sig + pc.eps)[..., None, None]
+        Q = gram_polynomial((G / sigma**2).to(cd), pc.coefficients)
+        gamma = local_tensor(pc.gamma).to(rd).reshape(sigma.shape)
+        eff = (A @ Q) * gamma.to(cd)
     return _oriented(eff, slot.dim)
 
 
@@ -459,33 +493,29 @@ def _pull_back(slot: PCSlot, y_local: Tensor) -> None:
     rd = torch.promote_types(cd, torch.float32)
     learn_gamma = pc.gamma.requires_grad
     with torch.autocast(device_type=raw.device.type, enabled=False):
-        # 1. Local partial sums of this rank's block A of the raw weight and Y of dL/dW_eff.
+        # 1. Partial sums of this rank's block A of the raw weight and Y of dL/dW_eff, summed over the ranks:
+        #    G = sum A_r^T A_r, C = sum A_r^T Y_r, u^T W v (one all-reduce of 2 n^2 + 1 floats per matrix).
         A = _oriented(raw.detach(), slot.dim).to(cd)
         Y = _oriented(y_local.detach(), slot.dim).to(cd)
         u_loc, v_o = _vectors(slot, cd)
-        n = A.shape[1]
-        buf = torch.cat([p.to(rd).reshape(-1) for p in (A.mT @ A, A.mT @ Y, u_loc @ A @ v_o)])
-        all_reduce_(buf, slot.mesh, slot.mesh_dims)  # [G = sum A_r^T A_r, C = sum A_r^T Y_r, u^T W v]
+        G, C, sig = (t.requires_grad_(True) for t in _reduced(slot, _partial_sums(A, u_loc, v_o, Y), rd))
+        gamma = local_tensor(pc.gamma).detach().to(rd).reshape(sig.shape).clone().requires_grad_(learn_gamma)
         # 2. The loss as a function of the reduced quantities: L = gamma sg(sigma)/sigma <C, q(G/sigma^2)>,
         #    equal to sum_r <Y_r, W_eff_r>. Its gradients are the totals over all ranks.
-        G = buf[: n * n].view(n, n).to(cd).requires_grad_(True)
-        C = buf[n * n : 2 * n * n].view(n, n).to(cd).requires_grad_(True)
-        sig = buf[-1:].clone().requires_grad_(True)
-        gamma = local_tensor(pc.gamma).detach().to(rd).clone().requires_grad_(learn_gamma)
         with torch.enable_grad():
             sigma = sig + pc.eps
-            Q = gram_polynomial(G / (sigma**2).to(cd), pc.coefficients)
-            L = (gamma * (sigma.detach() / sigma) * (C.to(rd) * Q.to(rd)).sum()).sum()
+            Q = gram_polynomial((G / (sigma**2)[..., None, None]).to(cd), pc.coefficients)
+            L = (gamma * (sigma.detach() / sigma) * (C.to(rd) * Q.to(rd)).sum((-2, -1))).sum()
             grads = torch.autograd.grad(L, [G, C, sig] + ([gamma] if learn_gamma else []))
         # 3. Chain rule through this rank's partial sums A^T A, A^T Y, u^T A v (their Jacobians are linear):
-        #    dL/dA_r = A_r (dG + dG^T) + Y_r dC^T + dsigma u_r v^T.
-        dG, dC, dsig = grads[0], grads[1], grads[2].to(cd)
-        dA = torch.addmm(Y @ dC.mT, A, dG + dG.mT)
-        dA.add_(torch.outer(u_loc, v_o) * dsig)  # no .item(): dsig stays on the device
+        #    dL/dA_r = A_r (dG + dG^T) + Y_r dC^T + dsigma u_r v^T (dsigma stays on the device: no .item()).
+        dG, dC, dsig = (g.to(cd) for g in grads[:3])
+        dA = Y @ dC.mT + A @ (dG + dG.mT) + dsig[..., None, None] * u_loc[..., :, None] * v_o[..., None, :]
     # Laid out like the parameter (contiguous, its dtype), as fused/foreach optimizers require.
     _accumulate(slot.original, _oriented(dA, slot.dim).to(raw.dtype).contiguous())
     if learn_gamma:
-        _accumulate(pc.gamma, grads[3].to(local_tensor(pc.gamma).dtype))
+        g = local_tensor(pc.gamma)
+        _accumulate(pc.gamma, grads[3].reshape(g.shape).to(g.dtype))
 
 
 def _accumulate(param: nn.Parameter, local_grad: Tensor) -> None:

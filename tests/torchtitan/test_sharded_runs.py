@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import pcopt
 from pcopt.hardware import preferred_dtype
 from tests.torchtitan._harness import torchrun
 
@@ -54,7 +55,7 @@ def sharded(workdir):
 
 
 def test_sharded_mode_trains_and_tracks_the_parametrize_curve(sharded):
-    assert "PC layer in the sharded once-per-step mode: ShardedPC(24 preconditioned weights" in sharded.log
+    assert "PC layer once per step on the FSDP2 shards: 24 weights" in sharded.log
     losses = sharded.losses
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert losses[STEPS] < losses[1] - 0.5, losses
@@ -97,3 +98,37 @@ def test_sharded_resume_from_step_4_is_exact(sharded, workdir):
     assert "Training starts at step 5" in resumed.log
     for step in (5, 6, 7, 8):
         assert resumed.steps[step] == sharded.steps[step], (step, resumed.steps[step], sharded.steps[step])
+
+
+def test_export_of_a_sharded_mode_checkpoint_holds_every_weight(sharded, workdir):
+    """Regression: the once-per-step checkpoint has the per-forward keys, so export merges every PC matrix."""
+    from safetensors.torch import load_file
+
+    from torchtitan_ext.export import build_model, export, load_checkpoint, load_trainer_config
+
+    ckpt = sharded.dump / "checkpoint" / "step-4"
+    out = export("debug_muon_pc_sharded", ckpt, workdir / "exported")
+    tensors = load_file(str(out / "model.safetensors"))
+    for proj in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.q_proj"):
+        assert f"model.layers.0.{proj}.weight" in tensors, sorted(tensors)[:12]
+    # the exported o_proj is W_eff of the checkpoint's state, computed by the per-forward reference
+    model = build_model(load_trainer_config("debug_muon_pc"))
+    load_checkpoint(model, ckpt)
+    expected = pcopt.effective_weight(model.layers["0"].attention.wo)
+    assert torch.allclose(tensors["model.layers.0.self_attn.o_proj.weight"], expected, rtol=0, atol=1e-6)
+
+
+def test_hf_save_of_a_sharded_mode_run_refuses_instead_of_dropping_weights(workdir):
+    """Regression: last_save_in_hf used to write only norms and q/k/v in this mode; now it names export."""
+    run = torchrun(
+        "debug_muon_pc_sharded",
+        workdir / "hf",
+        "--training.steps",
+        "1",
+        "--checkpoint.enable",
+        "--checkpoint.last_save_in_hf",
+        "--checkpoint.last_save_model_only",
+    )
+    assert run.returncode != 0
+    assert "checkpoint.last_save_in_hf would save the raw PC weights" in run.log
+    assert not list((workdir / "hf").rglob("*.safetensors"))

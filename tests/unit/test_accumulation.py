@@ -11,6 +11,7 @@ from torch import nn
 
 import pcopt
 import pcopt.layer as pc_layer
+import pcopt.strategy as pc_strategy
 from pcopt.accumulation import once_per_step
 from tests._distributed import run_distributed
 
@@ -96,19 +97,20 @@ def test_pc_map_evaluated_once_per_step(monkeypatch):
         calls["n"] += 1
         return real(X, coefficients)
 
-    monkeypatch.setattr(pc_layer, "apply_polynomial", counting)
+    monkeypatch.setattr(pc_layer, "apply_polynomial", counting)  # the per-forward map
+    monkeypatch.setattr(pc_strategy, "gram_polynomial", counting)  # the once-per-step map and pull-back
     batches = _micro_batches(torch.float32)
     for b in batches:
         _loss(net, b).backward()
     assert calls["n"] == 3 * len(batches)
     calls["n"] = 0
     with once_per_step(net):
-        assert calls["n"] == 3
+        assert calls["n"] == 3  # W_eff written once per weight on entry
         w_first = net.mid.weight
         for b in batches:
             _loss(net, b).backward()
-        assert net.mid.weight is w_first  # the same cached tensor in every micro-batch
-    assert calls["n"] == 3
+        assert net.mid.weight is w_first  # the same W_eff in every micro-batch
+    assert calls["n"] == 6  # and one pull-back per weight on exit
 
 
 def test_exit_without_backward_leaves_grads_and_restores_forward():
@@ -117,7 +119,7 @@ def test_exit_without_backward_leaves_grads_and_restores_forward():
         with torch.no_grad():
             net(torch.randn(2, 12))
     assert all(p.grad is None for p in net.parameters())
-    assert all(not pc.holding for _, pc in pcopt.preconditioners(net))
+    assert pcopt.strategy_of(net) == "per_forward"
     # Afterwards the ordinary per-forward path works and reaches the raw weights.
     _loss(net, _micro_batches(torch.float32, 1)[0]).backward()
     assert net.mid.parametrizations.weight.original.grad is not None
@@ -131,7 +133,7 @@ def test_exception_clears_cache_and_skips_pc_backward():
         with once_per_step(net):
             _loss(net, batches[0]).backward()
             raise KeyError("boom")
-    assert all(not pc.holding for _, pc in pcopt.preconditioners(net))
+    assert pcopt.strategy_of(net) == "per_forward"
     for _, pc in pcopt.preconditioners(net):
         assert pc.raw_weight.grad is None and pc.gamma.grad is None
     assert net.head.weight.grad is not None  # the non-PC part of the micro-batch did run
@@ -169,7 +171,7 @@ def test_step_inside_block_raises():
         with once_per_step(net):
             _loss(net, batch).backward()
             opt.step()
-    assert all(not pc.holding for _, pc in pcopt.preconditioners(net))
+    assert pcopt.strategy_of(net) == "per_forward"
 
 
 def test_nested_use_raises():
@@ -178,7 +180,7 @@ def test_nested_use_raises():
         with pytest.raises(RuntimeError, match="already active"):
             with once_per_step(net):
                 pass
-    assert all(not pc.holding for _, pc in pcopt.preconditioners(net))
+    assert pcopt.strategy_of(net) == "per_forward"
 
 
 def test_model_without_pc_warns_and_runs():
@@ -233,7 +235,7 @@ def _fsdp2_refused(rank: int, world_size: int) -> None:
                 raise AssertionError("once_per_step should have refused an FSDP2 model")
         except RuntimeError as exc:
             assert "does not support FSDP2" in str(exc) and "reduce-scatter" in str(exc), str(exc)
-    assert not net.mid.parametrizations.weight[0].holding
+    assert pcopt.strategy_of(net) == "per_forward"
 
 
 @pytest.mark.distributed
