@@ -17,9 +17,32 @@ from torch.utils.flop_counter import FlopCounterMode
 from pcopt.optim import Muon, newton_schulz, newton_schulz_flops
 from pcopt.optim._newton_schulz import GRAM_RESTART, KELLER_COEFFICIENTS, resolve_coefficients
 
-KELLER = resolve_coefficients(KELLER_COEFFICIENTS, None, 5)
-POLAR_EXPRESS = resolve_coefficients(KELLER_COEFFICIENTS, "polar_express", 5)
+# The reference coefficient sets, written out from their publications (not read from the code under test):
+# Keller Jordan's quintic (https://kellerjordan.github.io/posts/muon/), the same at each of the 5 steps, input
+# divided by its Frobenius norm; Polar Express (Amsel, Persson, Musco, Gower, arXiv:2505.16932), the first 5
+# of the paper's per-step quintics, each p(x) -> p(x / 1.01) (a / 1.01, b / 1.01^3, c / 1.01^5), input
+# divided by 1.01 times its Frobenius norm.
+_PAPER_POLAR_EXPRESS = (
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+)
+KELLER = (((3.4445, -4.775, 2.0315),) * 5, 1.0)
+POLAR_EXPRESS = (tuple((a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in _PAPER_POLAR_EXPRESS), 1.01)
 SETS = {"keller": KELLER, "polar_express": POLAR_EXPRESS}
+
+
+def test_coefficient_sets_are_the_published_ones():
+    """pcopt's tables against the literal published values above (a typo in either fails here)."""
+    assert KELLER_COEFFICIENTS == KELLER[0][0]
+    assert resolve_coefficients(KELLER_COEFFICIENTS, None, 5) == KELLER
+    triples, factor = resolve_coefficients(KELLER_COEFFICIENTS, "polar_express", 5)
+    assert factor == 1.01
+    # The code may divide in another order (a / 1.01**3 vs (a / 1.01) / 1.01**2): 1 ulp of float64 per term.
+    for got, want in zip(triples, POLAR_EXPRESS[0], strict=True):
+        assert got == pytest.approx(want, rel=4 * 2**-52, abs=0)
 
 
 def _spectrum_matrix(m: int, n: int, sigmas: torch.Tensor, seed: int = 0) -> torch.Tensor:
