@@ -116,6 +116,7 @@ def single_process(shapes, steps: int, kwargs: dict, arms=tuple(SINGLE_ARMS)) ->
         for p, g in zip(model.parameters(), grads):
             p.grad = g.clone()
         opt = cls(model.parameters(), **kwargs, **extra)
+        opt.step()  # the first step also runs one-off checks (pcopt.hardware's bf16 probe): not counted
         with FlopCounterMode(display=False) as counter:
             opt.step()
         flops[name] = counter.get_total_flops()

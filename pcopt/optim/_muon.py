@@ -47,6 +47,9 @@ _ADJUST_LR_FNS = ("original", "match_rms_adamw")
 # Same-shaped matrices are orthogonalized together in batches of at most this many elements (bounds the
 # extra memory of the stacked copy and its Gram matrices).
 _MAX_BATCH_ELEMENTS = 1 << 27
+# On CPUs (foreach=None) only matrices of at most _CPU_BATCH_ELEMENTS / 4 elements are stacked, this many
+# elements per call (1 MiB in bf16: the temporaries stay in cache). See _matrices_per_call.
+_CPU_BATCH_ELEMENTS = 1 << 19
 
 
 def _adjust_lr(lr: float, adjust_lr_fn: str | None, shape: Sequence[int]) -> float:
@@ -311,8 +314,9 @@ Muon.__doc__ = r"""Implements Muon (MomentUm Orthogonalized by Newton-Schulz), c
         ns_dtype (torch.dtype or str, optional): dtype of the iteration: bf16 (default, as torch), fp16, fp32
             or fp64 (also as strings ``"bf16"``, ``"fp32"``...).
         foreach (bool, optional): True stacks same-shaped matrices into one batched matmul chain per shape
-            (chunked to bound memory); None (default) does so except on CPUs, where a loop of matmuls is
-            faster (see docs/muon.md); False runs the per-matrix reference loop. All give the same bits.
+            (chunked to bound memory); None (default) does so off CPUs, and on CPUs only for small matrices
+            (up to 2^17 elements, in cache-sized chunks; large ones run one at a time, which is faster there,
+            see docs/muon.md); False runs the per-matrix reference loop. All give the same bits.
         ns_algorithm (str, optional): ``"standard"`` (default, as torch) or ``"gram"``: Gram Newton-Schulz on
             rectangular matrices (iterates on the small ``min(m, n)`` square Gram matrix, restarting once in
             bf16; the same polynomial of the update, fewer FLOPs; square matrices keep the standard
@@ -365,15 +369,33 @@ def _apply_updates(
         local.add_(update, alpha=-adjusted_lr)
 
 
-def _stacks(foreach: bool | None, device: torch.device) -> bool:
-    """Whether same-shaped matrices go through Newton-Schulz as one stacked batch.
+def _matrices_per_call(shape: Sequence[int], foreach: bool | None, device: torch.device) -> int:
+    """How many same-shaped updates go through one stacked Newton-Schulz call (1: one at a time).
 
-    ``foreach=None`` stacks everywhere but on CPUs: there a batched matmul is no faster than a loop of
-    matmuls (both are compute-bound at these sizes), and the stacked temporaries (tens of MB per shape group)
-    are fresh allocations whose page faults and cache misses made the batched step up to 2.1x slower than
-    the loop (docs/muon.md). Stacked or not, every matrix gets the same bits.
+    ``foreach=True`` (and ``None`` off CPUs) stacks up to ``_MAX_BATCH_ELEMENTS`` elements per call. On CPUs
+    ``None`` stacks only small matrices, in chunks of at most ``_CPU_BATCH_ELEMENTS`` elements: there a
+    batched matmul runs at the speed of a loop of matmuls, so stacking only saves per-op overhead, which
+    matters for small matrices (measured 3.8x at dim 64, 1.5x at dim 128, nothing at dim 256), while large
+    stacked temporaries (fresh multi-MB allocations, out of cache) made the stacked step 1.15x to 2.1x slower
+    than the loop at dim 512 (docs/muon.md). Stacked or not, every matrix gets the same bits.
     """
-    return bool(foreach) if foreach is not None else device.type != "cpu"
+    numel = max(1, math.prod(shape))
+    if foreach is False:
+        return 1
+    if foreach is None and device.type == "cpu":
+        n = _CPU_BATCH_ELEMENTS // numel
+        return n if n >= 4 else 1
+    return max(1, _MAX_BATCH_ELEMENTS // numel)
+
+
+def _newton_schulz_chunked(ns: Callable[..., Tensor], mats: Sequence[Tensor], per_call: int) -> list[Tensor]:
+    """``ns`` on each matrix of ``mats`` (same shape), ``per_call`` of them stacked per call."""
+    if per_call <= 1 or len(mats) == 1:
+        return [ns(m, stack=False) for m in mats]
+    out: list[Tensor] = []
+    for start in range(0, len(mats), per_call):
+        out.extend(ns(torch.stack(list(mats[start : start + per_call])), stack=True).unbind(0))
+    return out
 
 
 def _orthogonalize(
@@ -389,7 +411,7 @@ def _orthogonalize(
     DTensors (any placements of any mesh: FSDP2, HSDP, TP, FSDP x TP) go through ``map_full_matrices``: each
     matrix is assembled on one owner rank of its mesh, orthogonalized there once in the world (with the
     owner's other same-shaped matrices, one collective pair for all unless ``foreach`` is False), and its
-    blocks sent back. Plain tensors are stacked per shape where :func:`_stacks` says so.
+    blocks sent back. Same-shaped matrices are stacked as :func:`_matrices_per_call` says.
     """
     out: list[Tensor | None] = [None] * len(params)
     plain = [i for i, p in enumerate(params) if not _is_dtensor(p)]
@@ -399,22 +421,20 @@ def _orthogonalize(
     for i in plain:
         by_shape.setdefault(tuple(updates[i].shape), []).append(i)
     for shape, idx in by_shape.items():
-        if not _stacks(foreach, updates[idx[0]].device) or len(idx) == 1:
-            for i in idx:
-                out[i] = ns(updates[i], stack=False)
-            continue
-        per_batch = max(1, _MAX_BATCH_ELEMENTS // max(1, math.prod(shape)))
-        for start in range(0, len(idx), per_batch):
-            chunk = idx[start : start + per_batch]
-            result = ns(torch.stack([updates[i] for i in chunk]), stack=True)
-            for j, i in enumerate(chunk):
-                out[i] = result[j]
+        per_call = _matrices_per_call(shape, foreach, updates[idx[0]].device)
+        for i, r in zip(idx, _newton_schulz_chunked(ns, [updates[i] for i in idx], per_call)):
+            out[i] = r
 
-    if sharded:
-        fn = partial(ns, stack=_stacks(foreach, params[sharded[0]].device))
-        for chunk in [sharded] if foreach is not False else [[i] for i in sharded]:
+    def owner_fn(batch: Tensor) -> Tensor:  # the owner's (b, M, N) stack of one shape
+        per_call = _matrices_per_call(batch.shape[1:], foreach, batch.device)
+        if per_call >= batch.shape[0]:
+            return ns(batch, stack=True)
+        return torch.stack(_newton_schulz_chunked(ns, batch.unbind(0), per_call))
+
+    for chunk in [sharded] if foreach is not False else [[i] for i in sharded]:
+        if chunk:
             blocks = [updates[i].to(dtype) for i in chunk]
-            for i, r in zip(chunk, map_full_matrices([params[i] for i in chunk], blocks, fn, cost)):
+            for i, r in zip(chunk, map_full_matrices([params[i] for i in chunk], blocks, owner_fn, cost)):
                 out[i] = r
     return out  # type: ignore[return-value]
 
@@ -489,7 +509,7 @@ def muon(
     r"""Functional Muon step (see :class:`Muon`). Updates ``params`` and ``momentum_buffers`` in place.
 
     ``foreach=False`` runs the per-matrix loop; True stacks same-shaped matrices; None (default) stacks them
-    except on CPUs (same bits either way). DTensor parameters (any placements) are gathered to one owner rank
+    except large ones on CPUs (same bits either way). DTensor parameters (any placements) are gathered to one owner rank
     per matrix in every mode (every rank must call this). Parameters of shape ``(..., m, n)`` are batches of
     matrices, each orthogonalized on its own.
     """

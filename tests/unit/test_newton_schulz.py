@@ -224,7 +224,18 @@ def test_batched_weights_off_refuses_3d_like_torch():
         torch.optim.Muon([nn.Parameter(torch.zeros(2, 3, 4))])
 
 
-def test_foreach_none_loops_on_cpu_and_all_modes_give_the_same_bits():
+def test_cpu_default_stacks_small_matrices_only():
+    from pcopt.optim._muon import _matrices_per_call
+
+    cpu = torch.device("cpu")
+    assert _matrices_per_call((128, 352), None, cpu) >= 4  # small: stacked (per-op overhead dominates)
+    assert _matrices_per_call((512, 1408), None, cpu) == 1  # large: one at a time on CPUs
+    assert _matrices_per_call((512, 1408), True, cpu) > 100  # foreach=True stacks whatever the size
+    assert _matrices_per_call((128, 352), False, cpu) == 1
+    assert _matrices_per_call((512, 1408), None, torch.device("meta")) > 100  # off CPUs: stacked
+
+
+def test_foreach_modes_give_the_same_bits():
     gen = torch.Generator().manual_seed(0)
     shapes = [(16, 40), (16, 40), (40, 16), (24, 24), (24, 24)]
     init = [torch.randn(s, generator=gen) for s in shapes]
