@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+
 import pytest
 import torch
 from torch import nn
