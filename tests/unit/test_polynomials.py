@@ -86,3 +86,41 @@ def test_selective_activation_checkpointing_saves_matmuls_without_mutation_error
         )
         (out * target).sum().backward()
         assert torch.allclose(X.grad, expected, rtol=1e-12, atol=0)
+
+
+# The published table (the PC-layer paper's released configs, pc_level 1..4 -> degree 3, 5, 7, 9), written out
+# here from the paper rather than read from pcopt, so that a typo in pcopt.polynomials fails.
+PUBLISHED_PC_COEFFICIENTS = {
+    3: (1.507, -0.507),
+    5: (2.083, -1.643, 0.560),
+    7: (2.909, -4.649, 4.023, -1.283),
+    9: (3.625, -9.261, 14.097, -10.351, 2.890),
+}
+# Shape facts of each published polynomial on [0, 1], derived independently in float64 and printed to 3
+# decimals (4 for the degree-9 maximum): (max p, where it is, the first x with p(x) >= 0.9).
+PUBLISHED_SHAPE = {
+    3: (1.000, 0.995, 0.726),
+    5: (1.010, 0.839, 0.549),
+    7: (1.019, 0.623, 0.396),
+    9: (1.0205, 0.513, 0.320),
+}
+
+
+def test_pc_coefficients_are_the_published_table():
+    assert PC_COEFFICIENTS.keys() == PUBLISHED_PC_COEFFICIENTS.keys()
+    for degree, published in PUBLISHED_PC_COEFFICIENTS.items():
+        assert PC_COEFFICIENTS[degree] == published, degree
+
+
+@pytest.mark.parametrize("degree", [3, 5, 7, 9])
+def test_pc_polynomial_shape_matches_the_published_facts(degree):
+    """A coefficient change that keeps p(1) = 1 still moves the maximum, its location or the 0.9 crossing."""
+    x = torch.linspace(0.0, 1.0, 1_000_001, dtype=torch.float64)  # grid step 1e-6
+    p = evaluate_scalar(PC_COEFFICIENTS[degree], x)
+    top, where, reach = PUBLISHED_SHAPE[degree]
+    # Half a unit of the printed digit, plus one grid step for the locations.
+    half = 5e-5 if degree == 9 else 5e-4
+    assert abs(p.max().item() - top) <= half, (degree, p.max().item())
+    assert abs(x[p.argmax()].item() - where) <= 5e-4 + 1e-6, (degree, x[p.argmax()].item())
+    first = x[torch.nonzero(p >= 0.9)[0, 0]].item()
+    assert abs(first - reach) <= 5e-4 + 1e-6, (degree, first)
