@@ -265,10 +265,12 @@ def test_dense_checkpoint_starts_pc_run(baseline, workdir):
         r"dense checkpoint .*step-6 loaded into the PC raw weights: reset gamma to 1 and refreshed u, v of 24",
         run.log,
     )
-    # It starts from the baseline's trained weights, not from the PC run's own random init.
-    fresh_step1 = json.loads(GOLDEN.read_text())["1"][0]
+    # It starts from the baseline's trained weights, not from the PC run's own random init: its first loss is
+    # below the baseline's last logged one (the checkpoint holds one more update). Measured: fresh PC init
+    # 8.083, baseline 8.080 -> 7.007 over its 6 steps, this run 6.175 at step 1. A load that missed the
+    # weights starts near 8.08 and fails; "differs from the fresh init by 0.05" could not tell the two apart.
     assert all(math.isfinite(v) for v in run.losses.values())
-    assert abs(run.losses[1] - fresh_step1) > 0.05, (run.losses, fresh_step1)
+    assert run.losses[1] < baseline.losses[6], (run.losses, baseline.losses)
 
 
 BAD_CONFIGS = [
@@ -337,6 +339,7 @@ def test_dense_hugging_face_weights_start_pc_run(baseline, workdir):
     assert re.search(
         r"dense Hugging Face weights loaded from .*: reset gamma to 1 and refreshed u, v of 24", run.log
     )
-    # A fresh init starts at the baseline's step-1 loss (same raw init; W_eff differs little in loss terms).
+    # Trained weights, not a fresh init: below the baseline's last logged loss (measured: fresh debug_adamw_pc
+    # 8.084 at step 1, baseline 8.080 -> 7.007, this run 5.857 at step 1).
     assert all(math.isfinite(v) for v in run.losses.values())
-    assert abs(run.losses[1] - baseline.losses[1]) > 0.05, (run.losses, baseline.losses)
+    assert run.losses[1] < baseline.losses[6], (run.losses, baseline.losses)
