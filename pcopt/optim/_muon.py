@@ -478,9 +478,30 @@ def _muon_impl(
             "parameters and gradients must both be DTensors with the same placements."
         )
     if foreach is not False:
-        updates = _momentum(grads, momentum_buffers, momentum, nesterov)
-        updates = _orthogonalize(params, updates, ns, dtype, cost, foreach)
-        _apply_updates(params, updates, lr, weight_decay, adjust_lr_fn)
+        # Plain tensors: momentum, Newton-Schulz and update one stacked call (or one matrix) at a time, so
+        # each update is used while it is still in cache (the whole-list phases cost ~5% on a CPU).
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(params):
+            if not _is_dtensor(p):
+                by_shape.setdefault(tuple(p.shape), []).append(i)
+        for shape, idx in by_shape.items():
+            per_call = _matrices_per_call(shape, foreach, params[idx[0]].device)
+            for start in range(0, len(idx), per_call):
+                chunk = idx[start : start + per_call]
+                updates = _momentum(
+                    [grads[i] for i in chunk], [momentum_buffers[i] for i in chunk], momentum, nesterov
+                )
+                updates = _newton_schulz_chunked(ns, updates, per_call)
+                _apply_updates([params[i] for i in chunk], updates, lr, weight_decay, adjust_lr_fn)
+        # DTensors: all at once, so that a step makes one pair of collectives per mesh
+        sharded = [i for i, p in enumerate(params) if _is_dtensor(p)]
+        if sharded:
+            ps = [params[i] for i in sharded]
+            updates = _momentum(
+                [grads[i] for i in sharded], [momentum_buffers[i] for i in sharded], momentum, nesterov
+            )
+            updates = _orthogonalize(ps, updates, ns, dtype, cost, foreach)
+            _apply_updates(ps, updates, lr, weight_decay, adjust_lr_fn)
     else:  # the readable reference: one matrix at a time
         for p, g, buf in zip(params, grads, momentum_buffers):
             (update,) = _momentum([g], [buf], momentum, nesterov)
