@@ -57,11 +57,16 @@ class PolynomialPC(nn.Module):
         u, v = init_singular_vectors(shape)
         self.register_buffer("u", u.to(device=device, dtype=state_dtype))
         self.register_buffer("v", v.to(device=device, dtype=state_dtype))
+        # Where a refresh restarts u, v whose values are not finite or ~zero (kept on the device: the health
+        # check is a torch.where, no host sync), and how many restarts happened (read by PCState.health()).
+        self.register_buffer("u0", u.to(device=device, dtype=state_dtype, copy=True), persistent=False)
+        self.register_buffer("v0", v.to(device=device, dtype=state_dtype, copy=True), persistent=False)
+        self.register_buffer("heals", torch.zeros(self.batch_shape, dtype=torch.int64, device=device), persistent=False)
+        self._reported_heals = 0
         self.register_buffer(
             "pc_meta", torch.tensor(_meta_values(options), dtype=torch.float64, device=device)
         )
         self.label = f"weight of shape {tuple(shape)}"
-        self._warned_reinit = False
         self._identity_inverse = True  # registration keeps the raw weight as it is
         self._fresh: tuple[int, int] | None = None  # (id, _version) of the raw weight at the last refresh
         self._warned_stale = False
@@ -198,8 +203,10 @@ class PolynomialPC(nn.Module):
         with torch.no_grad():
             self.gamma.fill_(1.0)
             u, v = init_singular_vectors((*self.batch_shape, self.u.shape[-1], self.v.shape[-1]))
-            self.u.copy_(u)
-            self.v.copy_(v)
+            for buf, value in ((self.u, u), (self.v, v), (self.u0, u), (self.v0, v)):
+                buf.copy_(value)
+            self.heals.zero_()
+            self._reported_heals = 0
             self.pc_meta.copy_(torch.tensor(_meta_values(self.options), dtype=self.pc_meta.dtype))
 
     def check_meta(self, saved: Tensor, key: str) -> None:
@@ -221,34 +228,19 @@ class PolynomialPC(nn.Module):
                 "merged weights (pcopt.merged_state_dict) with pcopt.load_dense_state_dict."
             )
 
-    def invalid(self) -> Tensor:
-        """Per-matrix mask (shape ``batch_shape``) of non-finite or zero-norm ``u`` / ``v``."""
-        bad = torch.zeros(self.batch_shape, dtype=torch.bool, device=self.u.device)
-        for vec in (self.u, self.v):
-            norms = torch.linalg.vector_norm(vec, dim=-1)
-            bad |= ~torch.isfinite(vec).all(dim=-1) | ~(norms > 0.5)
-        return bad
-
-    def heal_if_invalid(self, reason: str) -> None:
-        """Re-initialise ``u``, ``v`` of the matrices whose state is not finite or has zero norm."""
-        bad = self.invalid()
-        if bad.any():
-            self.heal(bad, reason)
-
-    def heal(self, bad: Tensor, reason: str) -> None:
-        """Re-initialise ``u``, ``v`` of the matrices flagged in ``bad`` (the others keep their state)."""
-        if not self._warned_reinit:
+    def report_heals(self) -> int:
+        """How many times a refresh restarted ``u``, ``v`` (host sync); warns once per weight when > 0."""
+        n = int(self.heals.sum())
+        if n > self._reported_heals and self._reported_heals == 0:
             warnings.warn(
-                f"pcopt: power-iteration state of the {self.label} {reason}; re-initialised u and v "
-                "(check the weight and its gradients for inf/nan). Shown once per weight.",
+                f"pcopt: power-iteration state of the {self.label} became non-finite or zero during refresh "
+                f"({n} restart(s) so far: a non-finite or zero weight, or non-finite gradients?); re-initialised "
+                "u and v. Shown once per weight.",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=3,
             )
-            self._warned_reinit = True
-        u, v = init_singular_vectors((*self.batch_shape, self.u.shape[-1], self.v.shape[-1]))
-        mask = bad.unsqueeze(-1)
-        self.u.copy_(torch.where(mask, u.to(self.u), self.u))
-        self.v.copy_(torch.where(mask, v.to(self.v), self.v))
+        self._reported_heals = n
+        return n
 
 
 class PCSlot(nn.Module):
@@ -319,19 +311,22 @@ class PCHolder(nn.Module):
 def refresh_(pcs: list[PolynomialPC], num_iterations: int | None = None) -> None:
     """Warm-started power iteration on the given PC modules, both strategies, plain or sharded raw weights.
 
-    Batched: one all-reduce per half-iteration per mesh (:func:`pcopt.spectral.power_iteration_`). ``u``,
-    ``v`` that are not finite or have zero norm are re-initialised before and after (see :meth:`heal`).
+    Batched (:func:`pcopt.spectral.power_iteration_`): one batched matmul per half-step per shape, one
+    all-reduce per half-step per mesh. ``u``, ``v`` that are not finite or ~zero restart from ``u0``, ``v0``
+    before and after, without a host sync; ``heals`` counts it (:meth:`PolynomialPC.report_heals`).
     """
     pcs = [pc for pc in pcs if pc.raw_weight.device.type != "meta"]
     by_iters: dict[int, list[PolynomialPC]] = {}
     for pc in pcs:
         by_iters.setdefault(num_iterations or pc.num_power_iterations, []).append(pc)
     for iters, group in by_iters.items():
-        for pc in group:
-            pc.heal_if_invalid("was not finite or had zero norm before refresh")
-        power_iteration_(
-            [pc.raw_weight for pc in group], [pc.u for pc in group], [pc.v for pc in group], iters
+        counts = power_iteration_(
+            [pc.raw_weight for pc in group],
+            [pc.u for pc in group],
+            [pc.v for pc in group],
+            iters,
+            init=([pc.u0 for pc in group], [pc.v0 for pc in group]),
         )
+        torch._foreach_add_([pc.heals for pc in group], counts)
         for pc in group:
-            pc.heal_if_invalid("became non-finite or zero during refresh (non-finite or zero weight?)")
             pc.mark_fresh()

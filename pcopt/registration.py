@@ -161,6 +161,7 @@ def precondition(
     module.register_load_state_dict_post_hook(_MarkFresh(name))
     if param.device.type != "meta":
         refresh_([pc])
+        pc.report_heals()
     return module
 
 

@@ -44,16 +44,6 @@ def sigma_estimate(W: Tensor, u: Tensor, v: Tensor) -> Tensor:
     return (u.unsqueeze(-2) @ W @ v.unsqueeze(-1)).squeeze(-1).squeeze(-1)
 
 
-@dataclass
-class _Item:
-    """One weight in a power-iteration batch: its local block and where it sits in the global matrix."""
-
-    local: Tensor  # local block in the iteration dtype, (..., m_loc, n_loc)
-    u: Tensor  # working copy of u (..., m)
-    v: Tensor  # working copy of v (..., n)
-    index: tuple  # (batch slices..., row slice, col slice) of the local block in the global tensor
-
-
 def _local_view(weight: Tensor) -> tuple[Tensor, tuple, tuple, tuple[int, ...]]:
     """Return (local block, slices into the global tensor, mesh dims that shard it, global shape)."""
     from torch.distributed.tensor import DTensor, Partial, Shard
@@ -89,23 +79,37 @@ def all_reduce_(flat: Tensor, mesh, mesh_dims: tuple[int, ...]) -> None:
             flat.copy_(host)
 
 
-def _half_step(items: list[_Item], mesh, mesh_dims, transpose: bool) -> list[Tensor]:
-    """Compute normalize(W^T u) (transpose=True) or normalize(W v) for every item, summing shards."""
+@dataclass
+class _Group:
+    """Weights of one local shape and placement, stacked: one batched matmul per half-step for all of them."""
+
+    W: Tensor  # (B, ..., m_loc, n_loc) local blocks in the iteration dtype
+    U: Tensor  # (B, ..., m)
+    V: Tensor  # (B, ..., n)
+    index: tuple  # (batch slices..., row slice, col slice) of the local block in the global tensor
+    full: bool  # the local block is the whole matrix (no scatter into the full vector)
+
+
+def _half_step(groups: list[_Group], mesh, mesh_dims, transpose: bool) -> list[Tensor]:
+    """``normalize(W^T u)`` (transpose=True) or ``normalize(W v)`` for every group, summing shards."""
     outs = []
-    for it in items:
-        rows, cols = it.index[-2], it.index[-1]
-        batch = it.index[:-2]
+    for g in groups:
+        rows, cols = g.index[-2], g.index[-1]
+        batch = (slice(None), *g.index[:-2])
         if transpose:
-            src = it.u[(*batch, rows)]
-            part = (src.unsqueeze(-2) @ it.local).squeeze(-2)  # (..., n_loc)
-            full = torch.zeros_like(it.v)
-            full[(*batch, cols)] = part
+            src = g.U if g.full else g.U[(*batch, rows)]
+            part = (src.unsqueeze(-2) @ g.W).squeeze(-2)  # (B, ..., n_loc)
+            target, at = g.V, cols
         else:
-            src = it.v[(*batch, cols)]
-            part = (it.local @ src.unsqueeze(-1)).squeeze(-1)  # (..., m_loc)
-            full = torch.zeros_like(it.u)
-            full[(*batch, rows)] = part
-        outs.append(full)
+            src = g.V if g.full else g.V[(*batch, cols)]
+            part = (g.W @ src.unsqueeze(-1)).squeeze(-1)  # (B, ..., m_loc)
+            target, at = g.U, rows
+        if g.full:
+            outs.append(part)
+        else:
+            out = torch.zeros_like(target)
+            out[(*batch, at)] = part
+            outs.append(out)
     if mesh_dims:
         flat = torch.cat([o.reshape(-1) for o in outs])
         all_reduce_(flat, mesh, mesh_dims)
@@ -113,31 +117,80 @@ def _half_step(items: list[_Item], mesh, mesh_dims, transpose: bool) -> list[Ten
     return [normalize(o) for o in outs]
 
 
+def invalid(vectors: Tensor) -> Tensor:
+    """Per-vector mask (all dims but the last) of vectors that are not finite or have norm <= 0.5."""
+    return ~torch.isfinite(vectors).all(dim=-1) | ~(torch.linalg.vector_norm(vectors, dim=-1) > 0.5)
+
+
+def _heal(g: _Group, U0: Tensor, V0: Tensor) -> Tensor:
+    """Restart the vectors of matrices whose u or v is not finite or ~zero; returns the mask. No host sync."""
+    bad = invalid(g.U) | invalid(g.V)
+    g.U = torch.where(bad.unsqueeze(-1), U0, g.U)
+    g.V = torch.where(bad.unsqueeze(-1), V0, g.V)
+    return bad
+
+
 @torch.no_grad()
 def power_iteration_(
-    weights: Sequence[Tensor], us: Sequence[Tensor], vs: Sequence[Tensor], num_iterations: int
-) -> None:
+    weights: Sequence[Tensor],
+    us: Sequence[Tensor],
+    vs: Sequence[Tensor],
+    num_iterations: int,
+    *,
+    init: tuple[Sequence[Tensor], Sequence[Tensor]] | None = None,
+) -> list[Tensor] | None:
     """Run ``num_iterations`` warm-started power iterations in place on ``us`` / ``vs``.
 
-    ``weights`` may be plain tensors or DTensors (any mix of ``Shard`` / ``Replicate`` placements). Weights
-    on the same mesh with the same sharded mesh dims share one all-reduce per half-iteration. All ranks end
-    with identical ``u`` and ``v``. The iteration runs in fp32 (fp64 for fp64 weights).
+    ``weights`` may be plain tensors or DTensors (any mix of ``Shard`` / ``Replicate`` placements). Weights of
+    the same local shape and placement are stacked and iterated with one batched matmul per half-step, so the
+    number of kernels grows with the number of distinct shapes, not of weights. Weights on the same mesh with
+    the same sharded mesh dims share one all-reduce per half-iteration. All ranks end with identical ``u`` and
+    ``v``. The iteration runs in fp32 (fp64 for fp64 weights).
+
+    ``init=(u0s, v0s)``: the health check. Before and after the iteration, the vectors of every matrix whose
+    ``u`` or ``v`` is not finite or has norm <= 0.5 restart from ``u0``, ``v0`` (``torch.where``: no host
+    synchronisation). Returns then, per weight, how many of its matrices were restarted (a device tensor of
+    its batch shape; read it only when a number is wanted: that is a host sync).
     """
-    groups: dict[tuple, tuple[object, list[_Item], list[tuple[Tensor, Tensor]]]] = {}
-    for w, u, v in zip(weights, us, vs):
-        local, index, mesh_dims, _ = _local_view(w)
+    table: dict[tuple, tuple[object, dict[tuple, list[int]]]] = {}
+    locals_: list[tuple[Tensor, tuple]] = []
+    for i, w in enumerate(weights):
+        local, index, mesh_dims, shape = _local_view(w)
         dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
         mesh = w.device_mesh if mesh_dims else None
         key = (mesh, mesh_dims, dtype)  # meshes compare by value: equal meshes share one all-reduce
-        entry = groups.setdefault(key, (mesh, [], []))
-        entry[1].append(_Item(local.to(dtype), u.to(dtype), v.to(dtype), index))
-        entry[2].append((u, v))
-    for (_, mesh_dims, _), (mesh, items, buffers) in groups.items():
+        full = tuple(local.shape) == tuple(shape)
+        sub = (tuple(local.shape), tuple((s.start, s.stop) for s in index), full, local.device)
+        table.setdefault(key, (mesh, {}))[1].setdefault(sub, []).append(i)
+        locals_.append((local, index))
+    counts: list[Tensor | None] = [None] * len(weights)
+    for (_, mesh_dims, dtype), (mesh, subs) in table.items():
+        groups, members = [], []
+        for (_, _, full, _), idx in subs.items():
+            W = torch.stack([locals_[i][0] for i in idx]).to(dtype)
+            U = torch.stack([us[i] for i in idx]).to(dtype)
+            V = torch.stack([vs[i] for i in idx]).to(dtype)
+            groups.append(_Group(W, U, V, locals_[idx[0]][1], full))
+            members.append(idx)
+        starts = None
+        if init is not None:
+            starts = [
+                (torch.stack([init[0][i] for i in idx]).to(dtype), torch.stack([init[1][i] for i in idx]).to(dtype))
+                for idx in members
+            ]
+            bads = [_heal(g, *st) for g, st in zip(groups, starts)]
         for _ in range(num_iterations):
-            for it, nv in zip(items, _half_step(items, mesh, mesh_dims, transpose=True)):
-                it.v = nv
-            for it, nu in zip(items, _half_step(items, mesh, mesh_dims, transpose=False)):
-                it.u = nu
-        for it, (u, v) in zip(items, buffers):
-            u.copy_(it.u)
-            v.copy_(it.v)
+            for g, nv in zip(groups, _half_step(groups, mesh, mesh_dims, transpose=True)):
+                g.V = nv
+            for g, nu in zip(groups, _half_step(groups, mesh, mesh_dims, transpose=False)):
+                g.U = nu
+        if init is not None:
+            for k, (g, st) in enumerate(zip(groups, starts)):
+                bads[k] = bads[k].to(torch.int32) + _heal(g, *st).to(torch.int32)
+        for k, (g, idx) in enumerate(zip(groups, members)):
+            torch._foreach_copy_([us[i] for i in idx], list(g.U.unbind(0)))
+            torch._foreach_copy_([vs[i] for i in idx], list(g.V.unbind(0)))
+            if init is not None:
+                for i, c in zip(idx, bads[k].unbind(0)):
+                    counts[i] = c
+    return counts if init is not None else None

@@ -81,6 +81,8 @@ def refresh(model: nn.Module | Sequence[nn.Module], num_iterations: int | None =
     pcs = [pc for m in parts for _, pc in preconditioners(m)]
     refresh_(pcs, num_iterations)
     write_([s for m in parts for s in slots(m)])
+    for pc in pcs:  # asked for by hand: report restarts of u, v (a host sync per weight)
+        pc.report_heals()
     return len(pcs)
 
 
@@ -173,6 +175,15 @@ class PCState:
                 "Call it after the with block has exited."
             )
         pull_back_(self._slots())
+
+    def health(self) -> dict[str, int]:
+        """``{fqn: restarts}``: how often a refresh restarted ``u``, ``v`` that were not finite or ~zero.
+
+        The refresh heals on the device without a host sync; this reads the counts (one sync per weight) and
+        warns once per weight that needed a restart. Call it where you log metrics (torchtitan_ext's metrics
+        do, at every log step).
+        """
+        return {fqn: pc.report_heals() for fqn, pc in self.preconditioners()}
 
     def check_pulled_back(self) -> None:
         """``RuntimeError`` if a once-per-step ``W_eff`` still carries a gradient (no :meth:`after_backward`)."""

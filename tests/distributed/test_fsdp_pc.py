@@ -75,9 +75,11 @@ def _parity(rank: int, world: int) -> None:
         gathered = [torch.empty_like(b) for _ in range(world)]
         dist.all_gather(gathered, b)
         assert torch.equal(gathered[0], gathered[1]), f"{name} differs across ranks"
-    assert torch.allclose(
-        sharded.forward(mine), ref.forward(x)[rank * 2 : (rank + 1) * 2], rtol=1e-5, atol=1e-6
-    )
+    # After a step the parameters differ by a few fp32 ulps (sharded vs whole-matrix reductions, and the
+    # power iteration's order of sums), so each output entry carries an error of order
+    # (reduction length ~ 40) * eps32 (6e-8) * (largest output entry ~ 2): bounded by 1e-5 of the largest entry.
+    after, after_ref = sharded.forward(mine), ref.forward(x)[rank * 2 : (rank + 1) * 2]
+    assert torch.allclose(after, after_ref, rtol=0, atol=1e-5 * float(after_ref.abs().max()))
 
     late = _shard(_model())
     with pytest.raises(ValueError, match=r"already sharded \(fully_shard was applied\).*before fully_shard"):

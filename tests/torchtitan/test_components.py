@@ -20,7 +20,7 @@ pytestmark = pytest.mark.torchtitan
 pytest.importorskip("torchtitan")
 
 import pcopt  # noqa: E402
-from tests.torchtitan._models import debug_model  # noqa: E402
+from tests.torchtitan._models import build_optimizers, debug_model  # noqa: E402
 from torchtitan_ext.config_registry import llama2_model  # noqa: E402
 from torchtitan_ext.pc import PCConverter  # noqa: E402
 
@@ -44,7 +44,7 @@ def test_container_matches_stock_muon_and_adamw_and_refreshes_pc():
     # torch.optim.Muon (the reference) iterates in bf16 only; the config picks the dtype by hardware.
     cfg.param_groups[0].optimizer_kwargs["ns_dtype"] = torch.bfloat16
     cfg.implementation = "for-loop"
-    container = cfg.build(model_parts=[model])
+    container = build_optimizers(cfg, model)
     assert isinstance(container, PCOptimizersContainer)
     assert [type(o).__name__ for o in container.optimizers] == ["Muon", "AdamW"]
 

@@ -18,7 +18,7 @@ pytest.importorskip("torchtitan")
 
 import pcopt  # noqa: E402
 import pcopt.hardware  # noqa: E402
-from tests.torchtitan._models import debug_model  # noqa: E402
+from tests.torchtitan._models import build_optimizers, debug_model  # noqa: E402
 
 LR, WD = 1e-2, 0.1
 
@@ -29,7 +29,7 @@ def _container(model, c):
     cfg = adamw_config(LR, weight_decay=WD)
     cfg.implementation = "for-loop"
     cfg.spectral_clip = c
-    return cfg.build(model_parts=[model])
+    return build_optimizers(cfg, model)
 
 
 def _grads(*models, seed=1):
