@@ -160,10 +160,9 @@ class PolynomialPC(nn.Module):
             self._warned_stale = True
             warnings.warn(
                 f"pcopt: the raw weight of {self.label} changed since u, v were last refreshed (an optimizer "
-                "step without a refresh?), so sigma is estimated from the previous weight. Give the optimizer "
-                "the model's PC state (pcopt.optim.build_optimizer does; or pc_state=pcopt.PCState(model) for "
-                "pcopt's Muon/AdamW; or pcopt.PCState(model).attach(optimizer)), or call state.after_step() "
-                "after every optimizer.step(). Shown once per weight.",
+                "step without a refresh?), so sigma is estimated from the previous weight. Attach the model's "
+                "PC state to the optimizer (pcopt.PCState(model).attach(optimizer); pcopt.optim.build_optimizer "
+                "does it), or call state.after_step() after every optimizer.step(). Shown once per weight.",
                 UserWarning,
                 stacklevel=5,
             )

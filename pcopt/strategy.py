@@ -375,21 +375,19 @@ def _rewrite_after_load(module, incompatible_keys) -> None:
         _write(slot)  # collective when sharded: every rank loads
 
 
-# -- the map and its pull-back on (shards of) one matrix --------------------------------------------------------
+# -- the map and its pull-back, batched over same-shape matrices ------------------------------------------------
+# Every per-step function below runs over *chunks*: slots whose local blocks have the same shape, orientation,
+# dtype, device, mesh and polynomial, stacked along a new leading dim. A chunk's map, pull-back and all-reduce
+# are one kernel chain and one collective, so the number of kernels grows with the number of distinct shapes
+# (two or three in a Llama), not with the number of layers. Nothing here reads a tensor on the host.
+STACK_ELEMENTS = 1 << 26
+"""Elements of raw weight per stacked chunk (256 MiB in fp32): bounds the stack copies and the intermediates
+(``A``, ``Y``, ``dA`` of a chunk) while keeping a Llama's same-shape matrices in a few chunks."""
+
+
 def _oriented(t: Tensor, dim: int) -> Tensor:
-    """View of a matrix whose rows run along tensor dim ``dim`` (the sharded / larger one)."""
+    """View of a matrix (or a stack) whose rows run along tensor dim ``dim`` (the sharded / larger one)."""
     return t if dim == 0 else t.mT
-
-
-def _vectors(slot: PCSlot, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(u_local, v_other)``: the vector along the sharded dim restricted to this rank, and the other one."""
-    pc = slot[0]
-    along, other = (pc.u, pc.v) if slot.dim == 0 else (pc.v, pc.u)
-    if slot.index is not None:
-        if slot.index.device != along.device:  # once: the index then lives where the state does
-            slot.index = slot.index.to(along.device)
-        along = along[slot.index]
-    return along.to(dtype), other.to(dtype)
 
 
 def stamp(slot: PCSlot) -> tuple[int, ...]:
@@ -402,50 +400,99 @@ def stamp(slot: PCSlot) -> tuple[int, ...]:
     )
 
 
+def _chunk_key(slot: PCSlot) -> tuple:
+    raw, pc = local_tensor(slot.original), slot[0]
+    return (
+        tuple(raw.shape), slot.dim, raw.dtype, raw.device, slot.compute_dtype, id(slot.mesh), slot.mesh_dims,
+        slot.index is None, tuple(pc.coefficients), pc.eps, pc.gamma.requires_grad,
+    )  # fmt: skip
+
+
+def chunks(all_slots: list[PCSlot]) -> list[list[PCSlot]]:
+    """Group ``all_slots`` by :func:`_chunk_key` (first-seen order) and cut each group to :data:`STACK_ELEMENTS`.
+
+    Every rank holds the same slots in the same order, so every rank forms the same chunks and issues the same
+    collectives in the same order.
+    """
+    groups: dict[tuple, list[PCSlot]] = {}
+    for s in all_slots:
+        groups.setdefault(_chunk_key(s), []).append(s)
+    out = []
+    for group in groups.values():
+        per = max(1, STACK_ELEMENTS // max(1, local_tensor(group[0].original).numel()))
+        out += [group[i : i + per] for i in range(0, len(group), per)]
+    return out
+
+
+def _stack(tensors: list[Tensor], dim: int, dtype: torch.dtype) -> Tensor:
+    """``(b, rows, n)``: the oriented local blocks of a chunk, one stack copy (plus one cast)."""
+    return _oriented(torch.stack(tensors), dim).to(dtype)
+
+
+def _vectors(chunk: list[PCSlot], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(u_local, v_other)`` stacked: the vector along the sharded dim restricted to this rank, and the other."""
+    s0 = chunk[0]
+    along = torch.stack([s[0].u if s0.dim == 0 else s[0].v for s in chunk])
+    other = torch.stack([s[0].v if s0.dim == 0 else s[0].u for s in chunk])
+    if s0.index is not None:
+        for s in chunk:
+            if s.index.device != along.device:  # once: the index then lives where the state does
+                s.index = s.index.to(along.device)
+        along = along.gather(-1, torch.stack([s.index for s in chunk]))
+    return along.to(dtype), other.to(dtype)
+
+
 def _partial_sums(A: Tensor, u_loc: Tensor, v_o: Tensor, *more: Tensor) -> list[Tensor]:
-    """``[A^T A, A^T M for M in more, u^T A v]`` of this rank's block, per matrix of a batch."""
+    """``[A^T A, A^T M for M in more, u^T A v]`` of this rank's blocks, per matrix of the stack."""
     return [A.mT @ A, *(A.mT @ M for M in more), sigma_estimate(A, u_loc, v_o)]
 
 
 def _reduced(slot: PCSlot, parts: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
-    """Sum the partial sums over the ranks that shard the matrix: one all-reduce of all of them."""
+    """Sum a chunk's partial sums over the ranks that shard its matrices: one all-reduce for all of them."""
+    if not slot.mesh_dims:
+        return [p.to(dtype) for p in parts]
     buf = torch.cat([p.to(dtype).reshape(-1) for p in parts])
     all_reduce_(buf, slot.mesh, slot.mesh_dims)
     return [b.view(p.shape) for b, p in zip(torch.split(buf, [p.numel() for p in parts]), parts)]
 
 
+def _gammas(chunk: list[PCSlot], shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    return torch.stack([local_tensor(s[0].gamma).detach() for s in chunk]).to(dtype).reshape(shape)
+
+
 @torch.no_grad()
-def effective_local(slot: PCSlot) -> Tensor:
-    """This rank's block of ``W_eff = gamma * A q(A^T A / sigma^2)`` (one all-reduce of ``n*n + 1`` floats)."""
-    pc = slot[0]
-    raw = local_tensor(slot.original)
-    cd = slot.compute_dtype
+def _effective(chunk: list[PCSlot]) -> Tensor:
+    """The chunk's blocks of ``W_eff = gamma * A q(A^T A / sigma^2)``, ``(b, rows, n)`` in the compute dtype."""
+    s0 = chunk[0]
+    cd = s0.compute_dtype
     rd = torch.promote_types(cd, torch.float32)  # reductions, sigma and gamma: at least fp32
-    with torch.autocast(device_type=raw.device.type, enabled=False):
-        A = _oriented(raw, slot.dim).to(cd)
-        u_loc, v_o = _vectors(slot, cd)
-        G, sig = _reduced(slot, _partial_sums(A, u_loc, v_o), rd)
-        sigma = (sig + pc.eps)[..., None, None]
-        Q = gram_polynomial((G / sigma**2).to(cd), pc.coefficients)
-        gamma = local_tensor(pc.gamma).to(rd).reshape(sigma.shape)
-        eff = (A @ Q) * gamma.to(cd)
-    return _oriented(eff, slot.dim)
+    with torch.autocast(device_type=local_tensor(s0.original).device.type, enabled=False):
+        A = _stack([local_tensor(s.original) for s in chunk], s0.dim, cd)
+        u_loc, v_o = _vectors(chunk, cd)
+        G, sig = _reduced(s0, _partial_sums(A, u_loc, v_o), rd)
+        sigma = (sig + s0[0].eps)[..., None, None]
+        Q = gram_polynomial((G / sigma**2).to(cd), s0[0].coefficients)
+        return (A @ Q) * _gammas(chunk, sigma.shape, cd)
 
 
 @torch.no_grad()
+def _write_chunk(chunk: list[PCSlot]) -> None:
+    eff = _oriented(_effective(chunk), chunk[0].dim)  # laid out like the parameters
+    torch._foreach_copy_([local_tensor(s.effective) for s in chunk], list(eff.unbind(0)))
+    for s in chunk:
+        s.stamp = stamp(s)
+
+
 def _write(slot: PCSlot) -> None:
-    w = slot.effective
-    if w.device.type == "meta":
-        return
-    local_tensor(w).copy_(effective_local(slot).to(w.dtype))
-    slot.stamp = stamp(slot)
+    if slot.effective.device.type != "meta":
+        _write_chunk([slot])
 
 
 def write_(all_slots: list[PCSlot]) -> None:
     """``W_eff = PC(W)`` on the shards, written into each ``<module>.weight`` in place (no refresh)."""
     check_layout(all_slots)
-    for s in all_slots:
-        _write(s)
+    for chunk in chunks([s for s in all_slots if s.effective.device.type != "meta"]):
+        _write_chunk(chunk)
 
 
 def check_layout(all_slots: list[PCSlot]) -> None:
@@ -471,9 +518,9 @@ def pull_back_(all_slots: list[PCSlot]) -> None:
             "written, so the gradients on W_eff belong to an older weight. Call PCState.after_step() after every "
             "optimizer.step() (pcopt.PCState(model).attach(optimizer) does it)."
         )
+    pending = []
     for s in all_slots:
-        w = s.effective
-        grad = w.grad
+        w, grad = s.effective, s.effective.grad
         if grad is None:
             continue
         if is_dtensor(grad) and tuple(grad.placements) != tuple(w.placements):
@@ -482,24 +529,28 @@ def pull_back_(all_slots: list[PCSlot]) -> None:
                 "Enable FSDP2 gradient sync for the last micro-batch (model.set_requires_gradient_sync(True)) "
                 "before PCState.after_backward()."
             )
-        _pull_back(s, local_tensor(grad))
-        w.grad = None
+        pending.append(s)
+    for chunk in chunks(pending):
+        _pull_back_chunk(chunk)
+        for s in chunk:
+            s.effective.grad = None
 
 
-def _pull_back(slot: PCSlot, y_local: Tensor) -> None:
-    pc = slot[0]
-    raw = local_tensor(slot.original)
-    cd = slot.compute_dtype
+def _pull_back_chunk(chunk: list[PCSlot]) -> None:
+    s0 = chunk[0]
+    pc = s0[0]
+    raw = local_tensor(s0.original)
+    cd = s0.compute_dtype
     rd = torch.promote_types(cd, torch.float32)
     learn_gamma = pc.gamma.requires_grad
     with torch.autocast(device_type=raw.device.type, enabled=False):
-        # 1. Partial sums of this rank's block A of the raw weight and Y of dL/dW_eff, summed over the ranks:
-        #    G = sum A_r^T A_r, C = sum A_r^T Y_r, u^T W v (one all-reduce of 2 n^2 + 1 floats per matrix).
-        A = _oriented(raw.detach(), slot.dim).to(cd)
-        Y = _oriented(y_local.detach(), slot.dim).to(cd)
-        u_loc, v_o = _vectors(slot, cd)
-        G, C, sig = (t.requires_grad_(True) for t in _reduced(slot, _partial_sums(A, u_loc, v_o, Y), rd))
-        gamma = local_tensor(pc.gamma).detach().to(rd).reshape(sig.shape).clone().requires_grad_(learn_gamma)
+        # 1. Partial sums of this rank's blocks A of the raw weights and Y of dL/dW_eff, summed over the ranks:
+        #    G = sum A_r^T A_r, C = sum A_r^T Y_r, u^T W v (one all-reduce of b (2 n^2 + 1) floats per chunk).
+        A = _stack([local_tensor(s.original).detach() for s in chunk], s0.dim, cd)
+        Y = _stack([local_tensor(s.effective.grad).detach() for s in chunk], s0.dim, cd)
+        u_loc, v_o = _vectors(chunk, cd)
+        G, C, sig = (t.requires_grad_(True) for t in _reduced(s0, _partial_sums(A, u_loc, v_o, Y), rd))
+        gamma = _gammas(chunk, sig.shape, rd).requires_grad_(learn_gamma)
         # 2. The loss as a function of the reduced quantities: L = gamma sg(sigma)/sigma <C, q(G/sigma^2)>,
         #    equal to sum_r <Y_r, W_eff_r>. Its gradients are the totals over all ranks.
         with torch.enable_grad():
@@ -511,25 +562,28 @@ def _pull_back(slot: PCSlot, y_local: Tensor) -> None:
         #    dL/dA_r = A_r (dG + dG^T) + Y_r dC^T + dsigma u_r v^T (dsigma stays on the device: no .item()).
         dG, dC, dsig = (g.to(cd) for g in grads[:3])
         dA = Y @ dC.mT + A @ (dG + dG.mT) + dsig[..., None, None] * u_loc[..., :, None] * v_o[..., None, :]
-    # Laid out like the parameter (contiguous, its dtype), as fused/foreach optimizers require.
-    _accumulate(slot.original, _oriented(dA, slot.dim).to(raw.dtype).contiguous())
+    # Laid out like the parameters (contiguous, their dtype), as fused/foreach optimizers require.
+    dW = _oriented(dA, s0.dim).to(raw.dtype).contiguous()
+    _accumulate([s.original for s in chunk], list(dW.unbind(0)))
     if learn_gamma:
         g = local_tensor(pc.gamma)
-        _accumulate(pc.gamma, grads[3].reshape(g.shape).to(g.dtype))
+        _accumulate([s[0].gamma for s in chunk], list(grads[3].to(g.dtype).reshape(len(chunk), *g.shape).unbind(0)))
 
 
-def _accumulate(param: nn.Parameter, local_grad: Tensor) -> None:
-    if param.grad is not None:
-        local_tensor(param.grad).add_(local_grad)
-        return
-    if is_dtensor(param):
-        from torch.distributed.tensor import DTensor
+def _accumulate(params: list[nn.Parameter], local_grads: list[Tensor]) -> None:
+    """``param.grad += local_grad``: one foreach add for those that have a gradient, a new one for the rest."""
+    old = [(local_tensor(p.grad), g) for p, g in zip(params, local_grads) if p.grad is not None]
+    if old:
+        torch._foreach_add_(*map(list, zip(*old)))
+    for p, g in zip(params, local_grads):
+        if p.grad is not None:
+            continue
+        if is_dtensor(p):
+            from torch.distributed.tensor import DTensor
 
-        param.grad = DTensor.from_local(
-            local_grad, param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
-        )
-    else:
-        param.grad = local_grad
+            p.grad = DTensor.from_local(g, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+        else:
+            p.grad = g
 
 
 @torch.no_grad()

@@ -206,9 +206,15 @@ def _collectives(rank, world):
 
     with _Comms() as back:
         pc.after_backward()
-    assert [n for n, _ in back.calls] == ["c10d::allreduce_"] * len(shapes), back.calls
-    for (_, sizes), nn_ in zip(back.calls, n_sq):
-        assert sizes == [2 * nn_ + 1], (sizes, nn_)  # [Gram, W^T dL/dW_eff, sigma] in one all-reduce
+    # same-shape matrices are stacked: one all-reduce per shape group (first-seen order), of
+    # [Grams, W^T dL/dW_eff, sigmas] of all its matrices
+    groups: dict[tuple, list[int]] = {}
+    for shape in shapes:
+        groups.setdefault(shape, []).append(min(shape) ** 2)
+    assert len(groups) < len(shapes)  # the model repeats shapes, so batching is exercised
+    assert [n for n, _ in back.calls] == ["c10d::allreduce_"] * len(groups), back.calls
+    for (_, sizes), nns in zip(back.calls, groups.values()):
+        assert sizes == [sum(2 * nn_ + 1 for nn_ in nns)], (sizes, nns)
 
     for p in model.parameters():
         if p.grad is not None:
@@ -218,7 +224,7 @@ def _collectives(rank, world):
     grams = [s for n, s in step.calls if s[0] > vec_max]
     vectors = [s for n, s in step.calls if s[0] <= vec_max]
     assert all(n == "c10d::allreduce_" for n, _ in step.calls), step.calls
-    assert grams == [[nn_ + 1] for nn_ in n_sq], grams  # one n x n (+ sigma) all-reduce per matrix
+    assert grams == [[sum(nn_ + 1 for nn_ in nns)] for nns in groups.values()], grams  # one per shape group
     iters = pcopt.preconditioners(model)[0][1].num_power_iterations
     assert len(vectors) == 2 * iters, len(vectors)  # power iteration: all matrices in one vector all-reduce
     # no all-gather / reduce-scatter of a weight: every collective above is an all-reduce of the sizes checked
@@ -228,7 +234,8 @@ def _collectives(rank, world):
 
 
 def test_collective_sizes_per_pc_matrix():
-    """Per PC matrix: one all-reduce of 2n^2+1 floats in the pull-back, one of n^2+1 in the W_eff write,
+    """Per shape group: one all-reduce of 2n^2+1 floats per matrix in the pull-back, one of n^2+1 per matrix in
+    the W_eff write,
     vector all-reduces for the power iteration, none in the model forward/backward besides FSDP2's."""
     run_distributed(_collectives)
 
