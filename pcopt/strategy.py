@@ -154,9 +154,9 @@ def set_strategy(
             call ``pcopt.PCState(model).initialize()`` after materialising and initialising it.
         strategy: ``"once_per_step"`` or ``"per_forward"``.
         shard: ``(model, placement_fn) -> Any`` that applies ``fully_shard`` (once-per-step only).
-        compute_dtype: dtype of the once-per-step map's matmuls: None (default: fp32, fp64 for fp64 weights),
-            ``torch.float32``, ``torch.bfloat16`` or ``torch.float64``; reductions, ``sigma`` and ``gamma``
-            stay in at least fp32.
+        compute_dtype: dtype of the once-per-step map's matmuls: None (default: bf16 on CUDA, else fp32;
+            fp64 for fp64 weights; see :func:`map_dtype`), ``torch.float32``, ``torch.bfloat16`` or
+            ``torch.float64``; reductions, ``sigma`` and ``gamma`` stay in at least fp32.
 
     Raises:
         ValueError: an unknown strategy or ``compute_dtype``, no PC weights, a weight that is not a 2-D
@@ -179,7 +179,7 @@ def set_strategy(
     ):
         raise ValueError(
             f"compute_dtype must be one of {[str(d) for d in _COMPUTE_DTYPES]}, got {compute_dtype}. Use "
-            "torch.float32 (default) or torch.bfloat16."
+            "torch.float32 or torch.bfloat16, or None (bf16 on CUDA, fp32 elsewhere)."
         )
     pcs = preconditioners(model)
     if not pcs:
@@ -234,7 +234,7 @@ def set_strategy(
     logger.info(
         "PC once per step: %d weights, compute dtype %s, %d sharded",
         len(out),
-        compute_dtype,
+        compute_dtype or "auto (bf16 on CUDA, else fp32)",
         sum(bool(s.mesh_dims) for s in slots(model)),
     )
     return out
@@ -278,8 +278,6 @@ def _bind(
     slot = PCSlot(raw, pc)
     slot.__dict__["owner"] = module
     slot.name = name
-    if compute_dtype is None:
-        compute_dtype = torch.promote_types(local.dtype, torch.float32)
     slot.dim, slot.mesh, slot.mesh_dims, slot.compute_dtype = dim, mesh, mesh_dims, compute_dtype
     slot.placements = tuple(w.placements) if is_dtensor(w) else None
     if mesh_dims:
@@ -400,6 +398,23 @@ def stamp(slot: PCSlot) -> tuple[int, ...]:
     )
 
 
+def map_dtype(slot: PCSlot) -> torch.dtype:
+    """The dtype of ``slot``'s matmuls: the one given to :func:`set_strategy`, else chosen by where it runs.
+
+    On CUDA, fp32/bf16 weights map in bf16 (fp32 accumulation; reductions, sigma and gamma in fp32): the GPU's
+    fp32 matmul rate is ~1/12 of its bf16 rate there, and the bf16 map's error on ``W_eff`` is a few units of
+    bf16 rounding (``docs/engine.md``). Elsewhere, and for fp64 weights, at least fp32 (exact to the
+    per-forward reference). Resolved at each call, so a model bound on the meta device and materialised on a
+    GPU gets the GPU's choice.
+    """
+    if slot.compute_dtype is not None:
+        return slot.compute_dtype
+    raw = local_tensor(slot.original)
+    if raw.device.type == "cuda" and raw.dtype in (torch.float32, torch.bfloat16):
+        return torch.bfloat16
+    return torch.promote_types(raw.dtype, torch.float32)
+
+
 def _chunk_key(slot: PCSlot) -> tuple:
     raw, pc = local_tensor(slot.original), slot[0]
     return (
@@ -464,7 +479,7 @@ def _gammas(chunk: list[PCSlot], shape: torch.Size, dtype: torch.dtype) -> Tenso
 def _effective(chunk: list[PCSlot]) -> Tensor:
     """The chunk's blocks of ``W_eff = gamma * A q(A^T A / sigma^2)``, ``(b, rows, n)`` in the compute dtype."""
     s0 = chunk[0]
-    cd = s0.compute_dtype
+    cd = map_dtype(s0)
     rd = torch.promote_types(cd, torch.float32)  # reductions, sigma and gamma: at least fp32
     with torch.autocast(device_type=local_tensor(s0.original).device.type, enabled=False):
         A = _stack([local_tensor(s.original) for s in chunk], s0.dim, cd)
@@ -540,7 +555,7 @@ def _pull_back_chunk(chunk: list[PCSlot]) -> None:
     s0 = chunk[0]
     pc = s0[0]
     raw = local_tensor(s0.original)
-    cd = s0.compute_dtype
+    cd = map_dtype(s0)
     rd = torch.promote_types(cd, torch.float32)
     learn_gamma = pc.gamma.requires_grad
     with torch.autocast(device_type=raw.device.type, enabled=False):
