@@ -16,7 +16,7 @@ import torch
 from einops import pack, unpack
 from torch import Tensor
 
-__all__ = ["PC_COEFFICIENTS", "polynomial", "apply_polynomial", "gram_polynomial", "validate_coefficients", "evaluate_scalar"]
+__all__ = ["PC_COEFFICIENTS", "polynomial", "apply_polynomial", "gram_polynomial", "gram_polynomial_vjp", "horner_chain", "validate_coefficients", "evaluate_scalar"]
 
 # Coefficients (a_0, a_1, ...) of x, x^3, x^5, ... for the PC layer polynomials, by degree of p.
 # Source: Wang et al., "PC Layer: Polynomial Weight Preconditioning" (2026), released training configs
@@ -112,20 +112,53 @@ def gram_polynomial(gram: Tensor, coefficients: Sequence[float]) -> Tensor:
     Everything is out of place, so activation checkpointing (which forbids mutating saved tensors) and
     autograd work unchanged. Both execution strategies of the PC layer evaluate the polynomial here.
     """
+    return horner_chain(gram, coefficients)[-1]
+
+
+def horner_chain(gram: Tensor, coefficients: Sequence[float]) -> list[Tensor]:
+    """Horner's iterates ``[Q_{d-1}, ..., Q_0]`` of ``q(G)`` (``Q_j = a_j I + G Q_{j+1}``, ``Q_d = a_d I``).
+
+    The last one is ``q(G)``; :func:`gram_polynomial_vjp` takes the list to differentiate without autograd.
+    """
     coefficients = tuple(coefficients)
     k = gram.shape[-1]
     eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
     if len(coefficients) == 1:
-        return (eye * coefficients[0]).expand_as(gram)
-    q = torch.add(eye * coefficients[-2], gram, alpha=coefficients[-1])
+        return [(eye * coefficients[0]).expand_as(gram)]
+    chain = [torch.add(eye * coefficients[-2], gram, alpha=coefficients[-1])]
     if gram.ndim > 2:  # any batch shape, flattened into the one batch dim baddbmm takes
         g3, batch_shape = pack([gram], "* k l")
-        q3, _ = pack([q], "* k l")
+        q3, _ = pack([chain[0]], "* k l")
         eye3 = eye.expand_as(g3)
         for a in reversed(coefficients[:-2]):
             q3 = torch.baddbmm(eye3, g3, q3, beta=a)
-        (q,) = unpack(q3, batch_shape, "* k l")
-        return q
+            chain.append(unpack(q3, batch_shape, "* k l")[0])
+        return chain
+    for a in reversed(coefficients[:-2]):
+        chain.append(torch.addmm(eye, gram, chain[-1], beta=a))
+    return chain
+
+
+def gram_polynomial_vjp(
+    gram: Tensor, chain: Sequence[Tensor], coefficients: Sequence[float], grad_q: Tensor
+) -> Tensor:
+    """``dL/dG`` from ``dL/dq(G)`` by reverse-mode Horner, with the iterates of :func:`horner_chain`.
+
+    ``Q_j = a_j I + G Q_{j+1}`` gives ``dG += R_j Q_{j+1}^T`` and ``R_{j+1} = G^T R_j`` (``R_0 = dL/dq``), and
+    the first iterate ``a_{d-1} I + a_d G`` adds ``a_d R_{d-1}``: two matmuls per Horner step, what autograd
+    would run, without a graph (so ``torch.compile`` traces it whole).
+    """
+    coefficients = tuple(coefficients)
+    if len(coefficients) == 1:
+        return torch.zeros_like(gram)
+    grad = None
+    r = grad_q
+    for q_next in reversed(chain[:-1]):
+        term = r @ q_next.mT
+        grad = term if grad is None else grad + term
+        r = gram.mT @ r
+    last = r * coefficients[-1]
+    return last if grad is None else grad + last
     for a in reversed(coefficients[:-2]):
         q = torch.addmm(eye, gram, q, beta=a)
     return q

@@ -52,7 +52,7 @@ from torch.nn.utils import parametrize
 
 from pcopt._tensor import is_dtensor, is_fsdp_module, local_tensor
 from pcopt.layer import PCHolder, PCSlot, PolynomialPC
-from pcopt.polynomials import gram_polynomial
+from pcopt.polynomials import gram_polynomial, gram_polynomial_vjp, horner_chain
 from pcopt.registration import preconditioners, unregister
 from pcopt.spectral import all_reduce_, sigma_estimate
 
@@ -553,36 +553,54 @@ def pull_back_(all_slots: list[PCSlot]) -> None:
 
 def _pull_back_chunk(chunk: list[PCSlot]) -> None:
     s0 = chunk[0]
-    pc = s0[0]
     raw = local_tensor(s0.original)
-    cd = map_dtype(s0)
-    rd = torch.promote_types(cd, torch.float32)
-    learn_gamma = pc.gamma.requires_grad
-    with torch.autocast(device_type=raw.device.type, enabled=False):
-        # 1. Partial sums of this rank's blocks A of the raw weights and Y of dL/dW_eff, summed over the ranks:
-        #    G = sum A_r^T A_r, C = sum A_r^T Y_r, u^T W v (one all-reduce of b (2 n^2 + 1) floats per chunk).
-        A = _stack([local_tensor(s.original).detach() for s in chunk], s0.dim, cd)
-        Y = _stack([local_tensor(s.effective.grad).detach() for s in chunk], s0.dim, cd)
-        u_loc, v_o = _vectors(chunk, cd)
-        G, C, sig = (t.requires_grad_(True) for t in _reduced(s0, _partial_sums(A, u_loc, v_o, Y), rd))
-        gamma = _gammas(chunk, sig.shape, rd).requires_grad_(learn_gamma)
-        # 2. The loss as a function of the reduced quantities: L = gamma sg(sigma)/sigma <C, q(G/sigma^2)>,
-        #    equal to sum_r <Y_r, W_eff_r>. Its gradients are the totals over all ranks.
-        with torch.enable_grad():
-            sigma = sig + pc.eps
-            Q = gram_polynomial((G / (sigma**2)[..., None, None]).to(cd), pc.coefficients)
-            L = (gamma * (sigma.detach() / sigma) * (C.to(rd) * Q.to(rd)).sum((-2, -1))).sum()
-            grads = torch.autograd.grad(L, [G, C, sig] + ([gamma] if learn_gamma else []))
-        # 3. Chain rule through this rank's partial sums A^T A, A^T Y, u^T A v (their Jacobians are linear):
-        #    dL/dA_r = A_r (dG + dG^T) + Y_r dC^T + dsigma u_r v^T (dsigma stays on the device: no .item()).
-        dG, dC, dsig = (g.to(cd) for g in grads[:3])
-        dA = Y @ dC.mT + A @ (dG + dG.mT) + dsig[..., None, None] * u_loc[..., :, None] * v_o[..., None, :]
+    dA, dgamma = _raw_gradients(chunk)
     # Laid out like the parameters (contiguous, their dtype), as fused/foreach optimizers require.
     dW = _oriented(dA, s0.dim).to(raw.dtype).contiguous()
     _accumulate([s.original for s in chunk], list(dW.unbind(0)))
-    if learn_gamma:
-        g = local_tensor(pc.gamma)
-        _accumulate([s[0].gamma for s in chunk], list(grads[3].to(g.dtype).reshape(len(chunk), *g.shape).unbind(0)))
+    if s0[0].gamma.requires_grad:
+        g = local_tensor(s0[0].gamma)
+        _accumulate([s[0].gamma for s in chunk], list(dgamma.to(g.dtype).reshape(len(chunk), *g.shape).unbind(0)))
+
+
+@torch.no_grad()
+def _raw_gradients(chunk: list[PCSlot]) -> tuple[Tensor, Tensor]:
+    """``(dL/dA, dL/dgamma)`` of a chunk from its accumulated ``dL/dW_eff``, in closed form (no autograd graph).
+
+    With ``sigma = u^T W v + eps``, ``H = G / sigma^2`` and ``S = <C, q(H)>`` the loss as a function of the
+    reduced quantities is ``L = gamma sg(sigma)/sigma S`` (equal to ``sum_r <Y_r, W_eff_r>``), so
+
+    - ``dL/dC = gamma q(H)``, ``dL/dgamma = S``;
+    - ``dL/dG = dH / sigma^2`` with ``dH`` the reverse-mode Horner of ``dL/dq = gamma C``;
+    - ``dL/dsigma = -(2 <dH, H> + gamma S) / sigma`` (through ``H`` and through ``sg(sigma)/sigma``);
+
+    and the chain rule through this rank's partial sums ``A^T A``, ``A^T Y``, ``u^T A v`` (linear Jacobians)
+    gives ``dL/dA_r = A_r (dG + dG^T) + Y_r dC^T + dsigma u_r v^T``. Every ``sigma`` stays on the device.
+    """
+    s0 = chunk[0]
+    pc = s0[0]
+    cd = map_dtype(s0)
+    rd = torch.promote_types(cd, torch.float32)
+    with torch.autocast(device_type=local_tensor(s0.original).device.type, enabled=False):
+        # Partial sums of this rank's blocks A of the raw weights and Y of dL/dW_eff, summed over the ranks:
+        # G = sum A_r^T A_r, C = sum A_r^T Y_r, u^T W v (one all-reduce of b (2 n^2 + 1) floats per chunk).
+        A = _stack([local_tensor(s.original).detach() for s in chunk], s0.dim, cd)
+        Y = _stack([local_tensor(s.effective.grad).detach() for s in chunk], s0.dim, cd)
+        u_loc, v_o = _vectors(chunk, cd)
+        G, C, sig = _reduced(s0, _partial_sums(A, u_loc, v_o, Y), rd)
+        gamma = _gammas(chunk, sig.shape, rd)
+        sigma = sig + pc.eps
+        H = (G / (sigma**2)[..., None, None]).to(cd)
+        chain = horner_chain(H, pc.coefficients)
+        Q = chain[-1].to(rd)
+        S = (C * Q).sum((-2, -1))
+        dC = gamma[..., None, None] * Q
+        dH = gram_polynomial_vjp(H, chain, pc.coefficients, (gamma[..., None, None] * C).to(cd)).to(rd)
+        dG = dH / (sigma**2)[..., None, None]
+        dsig = -(2 * (dH * H.to(rd)).sum((-2, -1)) + gamma * S) / sigma
+        dG, dC, dsig = dG.to(cd), dC.to(cd), dsig.to(cd)
+        dA = Y @ dC.mT + A @ (dG + dG.mT) + dsig[..., None, None] * u_loc[..., :, None] * v_o[..., None, :]
+    return dA, S
 
 
 def _accumulate(params: list[nn.Parameter], local_grads: list[Tensor]) -> None:

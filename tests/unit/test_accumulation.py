@@ -98,19 +98,26 @@ def test_pc_map_evaluated_once_per_step(monkeypatch):
         return real(X, coefficients)
 
     monkeypatch.setattr(pc_layer, "apply_polynomial", counting)  # the per-forward map
-    monkeypatch.setattr(pc_strategy, "gram_polynomial", counting)  # the once-per-step map and pull-back
+    monkeypatch.setattr(pc_strategy, "gram_polynomial", counting)  # the once-per-step map
+    real_chain = pc_strategy.horner_chain
+
+    def counting_chain(G, coefficients):
+        calls["n"] += 1
+        return real_chain(G, coefficients)
+
+    monkeypatch.setattr(pc_strategy, "horner_chain", counting_chain)  # the once-per-step pull-back
     batches = _micro_batches(torch.float32)
     for b in batches:
         _loss(net, b).backward()
     assert calls["n"] == 3 * len(batches)
     calls["n"] = 0
     with once_per_step(net):
-        assert calls["n"] == 3  # W_eff written once per weight on entry
+        assert calls["n"] == 3  # W_eff written once per shape group (three distinct shapes) on entry
         w_first = net.mid.weight
         for b in batches:
             _loss(net, b).backward()
         assert net.mid.weight is w_first  # the same W_eff in every micro-batch
-    assert calls["n"] == 6  # and one pull-back per weight on exit
+    assert calls["n"] == 6  # and one pull-back per shape group on exit
 
 
 def test_exit_without_backward_leaves_grads_and_restores_forward():
