@@ -16,7 +16,16 @@ import torch
 from einops import pack, unpack
 from torch import Tensor
 
-__all__ = ["PC_COEFFICIENTS", "polynomial", "apply_polynomial", "gram_polynomial", "gram_polynomial_vjp", "horner_chain", "validate_coefficients", "evaluate_scalar"]
+__all__ = [
+    "PC_COEFFICIENTS",
+    "polynomial",
+    "apply_polynomial",
+    "gram_polynomial",
+    "gram_polynomial_vjp",
+    "horner_chain",
+    "validate_coefficients",
+    "evaluate_scalar",
+]
 
 # Coefficients (a_0, a_1, ...) of x, x^3, x^5, ... for the PC layer polynomials, by degree of p.
 # Source: Wang et al., "PC Layer: Polynomial Weight Preconditioning" (2026), released training configs
@@ -159,6 +168,3 @@ def gram_polynomial_vjp(
         r = gram.mT @ r
     last = r * coefficients[-1]
     return last if grad is None else grad + last
-    for a in reversed(coefficients[:-2]):
-        q = torch.addmm(eye, gram, q, beta=a)
-    return q

@@ -560,7 +560,9 @@ def _pull_back_chunk(chunk: list[PCSlot]) -> None:
     _accumulate([s.original for s in chunk], list(dW.unbind(0)))
     if s0[0].gamma.requires_grad:
         g = local_tensor(s0[0].gamma)
-        _accumulate([s[0].gamma for s in chunk], list(dgamma.to(g.dtype).reshape(len(chunk), *g.shape).unbind(0)))
+        _accumulate(
+            [s[0].gamma for s in chunk], list(dgamma.to(g.dtype).reshape(len(chunk), *g.shape).unbind(0))
+        )
 
 
 @torch.no_grad()

@@ -1,0 +1,151 @@
+"""What predicts PC's speed on a GPU, asserted on the CPU: host syncs, op (launch) counts, FLOPs by dtype, and
+whether ``torch.compile`` sees the once-per-step map and pull-back whole.
+
+Counts are exact (no timing), so these hold on any CPU. ``benchmarks/pc_cost.py`` prints the same numbers for
+larger models.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import pcopt
+from pcopt import strategy as S
+from pcopt.demo import TinyLlama
+from pcopt.profiling import StepProfile
+
+
+def test_step_profile_counts_syncs_ops_and_flops():
+    a, b = torch.randn(6, 4), torch.randn(4, 5)
+    with StepProfile() as prof:
+        t = a @ b
+        t.sum().item()
+        bool(t[0, 0] > 0)
+        torch.equal(t, t)
+        (a.bfloat16() @ b.bfloat16()).float()
+    assert dict(prof.syncs) == {"aten::_local_scalar_dense": 2, "aten::equal": 1}
+    assert prof.flops_by_dtype == {torch.float32: 2 * 6 * 4 * 5, torch.bfloat16: 2 * 6 * 4 * 5}
+    assert prof.ops["aten::mm"] == 2
+
+
+def _model(pc: bool, strategy: str, n_layers: int, optimizer: str):
+    torch.manual_seed(0)
+    model = TinyLlama(vocab=64, dim=32, n_layers=n_layers, n_heads=2, hidden=48)
+    if pc:
+        pcopt.precondition_model(model)
+        if strategy == "once_per_step":
+            pcopt.set_strategy(model, "once_per_step")
+    # Fused AdamW, as on a GPU: unfused AdamW keeps its step counters on the host and reads them with .item()
+    # per parameter, a host read with or without PC (not a device sync on a GPU), which would hide PC's own.
+    if optimizer == "muon":
+        opt = pcopt.optim.build_optimizer(model, lr=1e-2, adamw_kwargs={"fused": True})
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        if pc:
+            pcopt.PCState(model).attach(opt)
+    return model, opt
+
+
+def _step(model, opt, tokens, pc: bool) -> None:
+    logits = model(tokens[:, :-1])
+    nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    if pc:
+        pcopt.PCState(model).after_backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()  # + the attached PCState.after_step(): refresh u, v (and W_eff once per step)
+    opt.zero_grad()
+
+
+def _profile(pc: bool, strategy: str, n_layers: int, optimizer: str) -> StepProfile:
+    model, opt = _model(pc, strategy, n_layers, optimizer)
+    tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    _step(model, opt, tokens, pc)  # first step: optimizer state is created
+    with StepProfile() as prof:
+        _step(model, opt, tokens, pc)
+    return prof
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("strategy", ["per_forward", "once_per_step"])
+def test_pc_adds_no_host_syncs_to_a_training_step(strategy, optimizer):
+    """Forward, backward, pull-back, clip, step and refresh: no value of PC's is read on the host."""
+    plain = _profile(False, strategy, 2, optimizer)
+    pc = _profile(True, strategy, 2, optimizer)
+    assert plain.total_syncs == 0, plain.syncs  # the reference itself is sync-free, so any sync is PC's
+    assert pc.total_syncs == 0, pc.syncs
+
+
+def test_once_per_step_ops_grow_with_shapes_not_layers():
+    """Same-shape matrices share one kernel chain: PC's ops per step at 16 layers are within 1.3x of 4."""
+    pc_ops = {}
+    for n_layers in (4, 16):
+        plain = _profile(False, "once_per_step", n_layers, "adamw").total_ops
+        pc_ops[n_layers] = _profile(True, "once_per_step", n_layers, "adamw").total_ops - plain
+    assert pc_ops[4] > 0
+    assert pc_ops[16] <= 1.3 * pc_ops[4], pc_ops
+
+
+def _linears(compute_dtype):
+    torch.manual_seed(0)
+    shapes = [(96, 40), (96, 40), (40, 64), (64, 64)]  # (out, in): tall, tall, wide, square
+    model = nn.Sequential(*[nn.Linear(i, o, bias=False) for o, i in shapes])
+    for lin in model:
+        pcopt.precondition(lin, degree=9)
+    pcopt.set_strategy(model, "once_per_step", compute_dtype=compute_dtype)
+    for lin in model:
+        lin.weight.grad = torch.randn_like(lin.weight)
+    return model, shapes
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_once_per_step_flops_match_the_cost_model(compute_dtype):
+    """``docs/scale.md``: per matrix (m >= n, k coefficients) the write costs 4mn^2 + 2(k-2)n^3, the pull-back
+    8mn^2 + 6(k-2)n^3, and the refresh 4 iters mn (matrix-vector products). The matmuls run in the compute
+    dtype; only the power iteration stays fp32."""
+    model, shapes = _linears(compute_dtype)
+    state = pcopt.PCState(model)
+    with StepProfile() as back:
+        state.after_backward()
+    with StepProfile() as step:
+        state.after_step()
+    k = len(pcopt.polynomial(9))
+    iters = pcopt.preconditioners(model)[0][1].num_power_iterations
+    mn = [(max(s), min(s)) for s in shapes]
+    write = sum(4 * m * n * n + 2 * (k - 2) * n**3 for m, n in mn)
+    pull = sum(8 * m * n * n + 6 * (k - 2) * n**3 for m, n in mn)
+    power = sum(4 * iters * m * n for m, n in mn)
+    # the formula leaves out sigma = u^T W v (2mn + 2n per map) and the rank-1 term of the pull-back
+    assert back.flops_by_dtype.keys() == {compute_dtype}
+    assert abs(back.total_flops / pull - 1) < 0.05, (back.total_flops, pull)
+    assert abs(step.total_flops / (write + power) - 1) < 0.05, (step.total_flops, write + power)
+    assert step.flops_by_dtype[torch.float32] >= power
+    if compute_dtype == torch.bfloat16:  # the refresh's matrix-vector products are all the fp32 left
+        assert step.flops_by_dtype[torch.float32] == power
+
+
+def test_map_dtype_follows_the_device_unless_given():
+    model, _ = _linears(None)
+    assert {S.map_dtype(s) for s in S.slots(model)} == {torch.float32}  # CPU: fp32 (bf16 only on CUDA)
+    model, _ = _linears(torch.bfloat16)
+    assert {S.map_dtype(s) for s in S.slots(model)} == {torch.bfloat16}
+
+
+def test_once_per_step_map_and_pull_back_compile_whole():
+    """``torch._dynamo.explain`` finds no graph break in the map or the pull-back of a chunk, and inductor's
+    fused kernels agree with eager. Tolerance: fp32, fused kernels reorder sums of length <= 96, so each entry
+    moves by a few ulps of the largest term, ~1e-6 relative to the result's norm; 1e-5 leaves 10x."""
+    model, _ = _linears(torch.float32)
+    chunk = S.chunks(S.slots(model))[0]
+    assert len(chunk) == 2  # the two 96x40 matrices: a real stack
+    for fn in (S._effective, S._raw_gradients):
+        explained = torch._dynamo.explain(fn)(chunk)
+        assert explained.graph_break_count == 0, (fn.__name__, explained.break_reasons)
+        assert explained.graph_count == 1
+    torch._dynamo.reset()
+    eager_eff, (eager_dA, eager_dg) = S._effective(chunk), S._raw_gradients(chunk)
+    eff = torch.compile(S._effective, fullgraph=True)(chunk)
+    dA, dg = torch.compile(S._raw_gradients, fullgraph=True)(chunk)
+    for got, want in ((eff, eager_eff), (dA, eager_dA), (dg, eager_dg)):
+        assert ((got - want).norm() / want.norm()).item() < 1e-5
