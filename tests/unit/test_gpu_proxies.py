@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 import pcopt
+from benchmarks.pc_cost import main as pc_cost
+from benchmarks.pc_cost import profile_step
 from pcopt import strategy as S
-from pcopt.demo import TinyLlama
 from pcopt.profiling import StepProfile
 
 
@@ -30,41 +31,10 @@ def test_step_profile_counts_syncs_ops_and_flops():
     assert prof.ops["aten::mm"] == 2
 
 
-def _model(pc: bool, strategy: str, n_layers: int, optimizer: str):
-    torch.manual_seed(0)
-    model = TinyLlama(vocab=64, dim=32, n_layers=n_layers, n_heads=2, hidden=48)
-    if pc:
-        pcopt.precondition_model(model)
-        if strategy == "once_per_step":
-            pcopt.set_strategy(model, "once_per_step")
-    # Fused AdamW, as on a GPU: unfused AdamW keeps its step counters on the host and reads them with .item()
-    # per parameter, a host read with or without PC (not a device sync on a GPU), which would hide PC's own.
-    if optimizer == "muon":
-        opt = pcopt.optim.build_optimizer(model, lr=1e-2, adamw_kwargs={"fused": True})
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-        if pc:
-            pcopt.PCState(model).attach(opt)
-    return model, opt
-
-
-def _step(model, opt, tokens, pc: bool) -> None:
-    logits = model(tokens[:, :-1])
-    nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
-    if pc:
-        pcopt.PCState(model).after_backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()  # + the attached PCState.after_step(): refresh u, v (and W_eff once per step)
-    opt.zero_grad()
-
-
-def _profile(pc: bool, strategy: str, n_layers: int, optimizer: str) -> StepProfile:
-    model, opt = _model(pc, strategy, n_layers, optimizer)
+def _profile(pc: bool, strategy: str, n_layers: int, optimizer: str):
+    """One training step (forward, backward, after_backward, clip, fused-AdamW or Muon step, refresh)."""
     tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
-    _step(model, opt, tokens, pc)  # first step: optimizer state is created
-    with StepProfile() as prof:
-        _step(model, opt, tokens, pc)
-    return prof
+    return profile_step(pc, strategy, n_layers, optimizer, tokens)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
@@ -149,3 +119,17 @@ def test_once_per_step_map_and_pull_back_compile_whole():
     dA, dg = torch.compile(S._raw_gradients, fullgraph=True)(chunk)
     for got, want in ((eff, eager_eff), (dA, eager_dA), (dg, eager_dg)):
         assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
+def test_pc_cost_benchmark_smoke(tmp_path):
+    """``benchmarks/pc_cost.py --smoke``: every row sync-free, once-per-step ops flat in depth, the FLOP ratio
+    within 5% of the cost model (which leaves out sigma = u^T W v and the pull-back's rank-1 term)."""
+    result = pc_cost(["--smoke", "--curve", "2", "--out", str(tmp_path)])
+    assert (tmp_path / "pc_cost.json").exists()
+    assert len(result["rows"]) == 4
+    for row in result["rows"]:
+        assert all(v == (0, 0) for k, v in row.items() if k.startswith("syncs@")), row
+        assert abs(row["pc_flops_x_linear"] / row["formula"] - 1) < 0.05, row
+        if row["strategy"] == "once_per_step":
+            assert row["ops_ratio"] == 1.0, row
+    assert len(result["curve"]["curves"]["bf16"]) == 2
