@@ -167,8 +167,13 @@ class _Run:
         torch.manual_seed(seed)
         self.arm = arm
         self.model = TinyLlama()
+        self.pc_state = None
         if arm.endswith("_pc"):
             pcopt.precondition_model(self.model, degree=recipes.pc_degree(arm.removesuffix("_pc")))
+            # one device: the once-per-step strategy is exact (equal to the per-forward map up to rounding)
+            # and computes the map once per step instead of in every forward and backward
+            pcopt.set_strategy(self.model, "once_per_step")
+            self.pc_state = pcopt.PCState(self.model)
         self.gmcn_start = pcopt.gmcn(self.model)
         self.optimizer = make_arm_optimizer(self.model, arm, lr, ns_dtype=ns_dtype)
         self.batches = _batches(train, batch, seq, torch.Generator().manual_seed(seed))
@@ -180,8 +185,10 @@ class _Run:
         x, y = next(self.batches)
         loss = F.cross_entropy(self.model(x).flatten(0, 1), y.flatten())
         loss.backward()
+        if self.pc_state is not None:
+            self.pc_state.after_backward()  # dL/dW_eff -> dL/dW, dL/dgamma, before clipping
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), recipes.GRAD_CLIP)
-        self.optimizer.step()  # also refreshes u, v of the PC weights (the optimizer holds the PC state)
+        self.optimizer.step()  # + the attached PCState.after_step(): refresh u, v and write W_eff
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return loss.item()
