@@ -49,10 +49,11 @@ def _time_once(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def run(device: torch.device, dtype_name: str, shapes, mm_sizes, rounds: int) -> None:
+def run(device: torch.device, dtype_name: str, shapes, mm_sizes, rounds: int) -> list[dict]:
     """Each Newton-Schulz run is bracketed by two runs of the reference matmul; the fraction of matmul
     throughput is taken per round against the mean of its two brackets, and the median over rounds is
-    reported (robust to load from other processes, which hits both sides of a bracket alike)."""
+    reported (robust to load from other processes, which hits both sides of a bracket alike). Returns one row
+    per shape: ``shape``, ``ns_ms``, ``fraction`` of matmul throughput."""
     dtype = DTYPES[dtype_name]
     coefficients = (KELLER_COEFFICIENTS,) * 5
     mms = {}
@@ -65,6 +66,7 @@ def run(device: torch.device, dtype_name: str, shapes, mm_sizes, rounds: int) ->
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"\n{device.type} {dtype_name}{threads}: reference torch.mm {n_ref}x{n_ref} (best of {list(mms)}); "
           f"{rounds} bracketed rounds per shape")  # fmt: skip
+    rows = []
     print(f"{'batch x rows x cols':>22} {'NS ms':>9} {'NS GFLOP/s':>11} {'mm GFLOP/s':>11} {'of matmul':>10}")
     for b, m, k in shapes:
         G = torch.randn(b, m, k, device=device, dtype=torch.float32)
@@ -82,6 +84,8 @@ def run(device: torch.device, dtype_name: str, shapes, mm_sizes, rounds: int) ->
         fraction = statistics.median(fractions)
         print(f"{f'{b} x {m} x {k}':>22} {min(ns_times) * 1e3:9.1f} {flops / min(ns_times) / 1e9:11.1f} "
               f"{mm_flops / min(mm_times) / 1e9:11.1f} {fraction:10.1%}")  # fmt: skip
+        rows.append({"shape": (b, m, k), "ns_ms": min(ns_times) * 1e3, "fraction": fraction})
+    return rows
 
 
 def main() -> None:

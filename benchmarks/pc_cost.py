@@ -18,6 +18,7 @@ embedded sample text (``pcopt.demo``) and prints both loss curves and their larg
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -53,7 +54,8 @@ def build(
     """``(model, optimizer)``: a seeded TinyLlama, PC'd in ``strategy`` if ``pc``, with fused AdamW (as on a GPU:
     unfused AdamW reads its host-side step counters with ``.item()`` per parameter, PC or not)."""
     torch.manual_seed(0)
-    model = TinyLlama(vocab=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads, hidden=hidden).to(device)
+    with torch.device(device):  # initialised where it trains (a 1B model's init on the host takes a while)
+        model = TinyLlama(vocab=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads, hidden=hidden)
     if pc:
         pcopt.precondition_model(model, degree=degree)
         if strategy == "once_per_step":
@@ -67,17 +69,34 @@ def build(
     return model, opt
 
 
-def training_step(model: nn.Module, opt, tokens: torch.Tensor, pc: bool) -> float:
-    """Forward, backward, ``after_backward``, clip, step (+ the attached ``after_step``), zero_grad."""
-    logits = model(tokens[:, :-1])
-    loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
-    loss.backward()
+def training_step(
+    model: nn.Module,
+    opt,
+    tokens: torch.Tensor,
+    pc: bool,
+    *,
+    accumulation: int = 1,
+    autocast: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Forward and backward of ``accumulation`` micro-batches (``tokens`` split along the batch), then
+    ``after_backward``, clip, step (+ the attached ``after_step``), zero_grad. ``autocast`` (e.g. bf16) covers
+    the forward only, as in mixed-precision training with fp32 master weights. Returns the mean loss (no sync)."""
+    total = torch.zeros((), device=tokens.device)
+    for micro in tokens.chunk(accumulation):
+        cast = torch.autocast(tokens.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+        with cast:
+            logits = model(micro[:, :-1])
+        loss = (
+            nn.functional.cross_entropy(logits.flatten(0, 1).float(), micro[:, 1:].flatten()) / accumulation
+        )
+        loss.backward()
+        total += loss.detach()
     if pc:
         pcopt.PCState(model).after_backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad()
-    return loss.detach()
+    return total
 
 
 def profile_step(

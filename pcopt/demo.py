@@ -150,12 +150,13 @@ def make_arm_optimizer(
 def evaluate(model: nn.Module, data: torch.Tensor, seq: int, batches: int = 8) -> float:
     """Mean next-byte cross-entropy (nats per byte) on ``batches`` fixed batches of 16 sequences."""
     model.eval()
+    device = next(model.parameters()).device
     g = torch.Generator().manual_seed(1234)
     it = _batches(data, 16, seq, g)
     losses = []
     for _ in range(batches):
-        x, y = next(it)
-        losses.append(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item())
+        x, y = (t.to(device) for t in next(it))
+        losses.append(F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()).item())
     model.train()
     return sum(losses) / len(losses)
 
@@ -163,10 +164,25 @@ def evaluate(model: nn.Module, data: torch.Tensor, seq: int, batches: int = 8) -
 class _Run:
     """One arm: its model, optimizer, lr schedule and batch stream; :meth:`step` is one training step."""
 
-    def __init__(self, arm: str, train: torch.Tensor, *, steps, seq, batch, lr, seed, ns_dtype):
+    def __init__(
+        self,
+        arm: str,
+        train: torch.Tensor,
+        *,
+        steps,
+        seq,
+        batch,
+        lr,
+        seed,
+        ns_dtype,
+        device="cpu",
+        **model_kw,
+    ):
         torch.manual_seed(seed)
         self.arm = arm
-        self.model = TinyLlama()
+        self.device = torch.device(device)
+        with self.device:
+            self.model = TinyLlama(**model_kw)
         self.pc_state = None
         if arm.endswith("_pc"):
             pcopt.precondition_model(self.model, degree=recipes.pc_degree(arm.removesuffix("_pc")))
@@ -182,8 +198,11 @@ class _Run:
         )
 
     def step(self) -> float:
-        x, y = next(self.batches)
-        loss = F.cross_entropy(self.model(x).flatten(0, 1), y.flatten())
+        x, y = (t.to(self.device, non_blocking=True) for t in next(self.batches))
+        # bf16 autocast on a GPU (fp32 master weights); the CPU demo computes in fp32
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         loss.backward()
         if self.pc_state is not None:
             self.pc_state.after_backward()  # dL/dW_eff -> dL/dW, dL/dgamma, before clipping

@@ -137,3 +137,24 @@ def test_pc_cost_benchmark_smoke(tmp_path):
         if row["strategy"] == "once_per_step":
             assert row["ops_ratio"] == 1.0, row
     assert len(result["curve"]["curves"]["bf16"]) == 2
+
+
+def test_gpu_script_smoke(tmp_path):
+    """``benchmarks/gpu.py --smoke`` runs every section's code path on the CPU (the GPU run is the same code
+    with the Llama-1B/8B shapes): every optimizer x strategy x accumulation row of the model step, both
+    strategies on one Linear, Newton-Schulz, and all four probe arms, with no row reporting an error."""
+    from benchmarks.gpu import ARMS_PROBED
+    from benchmarks.gpu import main as gpu
+
+    result = gpu(["--smoke", "--out", str(tmp_path)])
+    combos = {(r["optimizer"], r["strategy"], r["accumulation"]) for r in result["step"]}
+    assert len(combos) == 12 and not any("error" in r for r in result["step"]), result["step"]
+    for r in result["step"]:
+        assert r["ms"] > 0 and (r["strategy"] != "none" or r["ratio"] == 1.0), r
+    for r in result["linear"]:
+        assert "error" not in r and min(v for k, v in r.items() if k.endswith("_ms")) > 0, r
+    assert [r["arm"] for r in result["probe"]] == list(ARMS_PROBED)
+    assert all(torch.isfinite(torch.tensor(r["val_loss"])) for r in result["probe"])
+    report = (tmp_path / "gpu.md").read_text()
+    assert report.startswith("# pcopt GPU benchmarks on cpu")
+    assert report.count("## ") == 4 and (tmp_path / "gpu.json").exists()
