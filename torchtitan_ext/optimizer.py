@@ -155,7 +155,10 @@ def muon_config(
 
     The paper's Muon (:data:`pcopt.recipes.MUON`): momentum 0.95 with Nesterov, 5 Newton-Schulz steps with
     Keller Jordan's coefficients, the "moonlight" lr scale 0.2*sqrt(max(A, B)) (``match_rms_adamw``),
-    decoupled weight decay 0.1.
+    decoupled weight decay 0.1. As :func:`pcopt.optim.build_optimizer`, it uses the fast options where
+    exactness to ``torch.optim.Muon`` is not promised: Newton-Schulz in the hardware's preferred dtype and Gram
+    Newton-Schulz on rectangular matrices (``ns_algorithm="gram"``, the same polynomial with fewer FLOPs,
+    docs/muon.md). Set ``optimizer_kwargs["ns_algorithm"] = "standard"`` for torch's iteration.
     """
     try:
         re.compile(matrices)
@@ -169,8 +172,14 @@ def muon_config(
             ParamGroupConfig(
                 pattern=matrices,
                 optimizer_name="Muon",
-                # Newton-Schulz in bf16 on GPUs and CPUs that compute it natively, fp32 on the others
-                optimizer_kwargs={"lr": lr, **recipes.MUON, "ns_dtype": preferred_dtype(_training_device())},
+                # Newton-Schulz in bf16 on GPUs and CPUs that compute it natively, fp32 on the others; Gram
+                # Newton-Schulz on rectangular matrices (square ones run the standard iteration either way)
+                optimizer_kwargs={
+                    "lr": lr,
+                    **recipes.MUON,
+                    "ns_dtype": preferred_dtype(_training_device()),
+                    "ns_algorithm": "gram",
+                },
             ),
             ParamGroupConfig(
                 pattern=r".*",

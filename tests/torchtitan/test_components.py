@@ -41,8 +41,10 @@ def test_container_matches_stock_muon_and_adamw_and_refreshes_pc():
     model = debug_model(pc=True, n_layers=2)
     ref = copy.deepcopy(model)
     cfg = muon_config(1e-2)
-    # torch.optim.Muon (the reference) iterates in bf16 only; the config picks the dtype by hardware.
+    # torch.optim.Muon (the reference) iterates in bf16 with the standard iteration only; the config picks
+    # the dtype by hardware and Gram Newton-Schulz for rectangular matrices (test_muon.py holds that to float64).
     cfg.param_groups[0].optimizer_kwargs["ns_dtype"] = torch.bfloat16
+    cfg.param_groups[0].optimizer_kwargs["ns_algorithm"] = "standard"
     cfg.implementation = "for-loop"
     container = build_optimizers(cfg, model)
     assert isinstance(container, PCOptimizersContainer)
@@ -56,7 +58,9 @@ def test_container_matches_stock_muon_and_adamw_and_refreshes_pc():
     assert (
         len(matrices) == 2 * 7 and len(rest) == 2 * (2 + 4) + 3
     )  # norms + gammas per layer; emb, norm, head
-    mk = {k: v for k, v in cfg.param_groups[0].optimizer_kwargs.items() if k != "ns_dtype"}
+    mk = {
+        k: v for k, v in cfg.param_groups[0].optimizer_kwargs.items() if k not in ("ns_dtype", "ns_algorithm")
+    }
     ref_opts = [
         torch.optim.Muon(matrices, **mk),
         torch.optim.AdamW(rest, **cfg.param_groups[1].optimizer_kwargs, foreach=False),
