@@ -27,12 +27,25 @@ time is reported, and ratios are computed from numbers measured in this one run.
 The single-process part times four arms: torch.optim.Muon, pcopt.optim.Muon with torch's arguments,
 pcopt with stacked (batched) Newton-Schulz forced (``foreach=True``), and build_optimizer's Muon
 (``ns_algorithm="gram"``), with their FLOPs (``FlopCounterMode``).
+
+``--peers`` puts the Muon implementations a user could pick instead side by side, in one process on the same
+matrices and gradients: torch.optim.Muon, pcopt.optim.Muon with torch's arguments, pcopt's build_optimizer
+with its defaults, and, where they import, KellerJordan's ``muon-optimizer`` package (``pip install
+muon-optimizer``; its ``SingleDeviceMuon``), microsoft/dion's Muon and torchtitan 0.3's DistMuon. Each gets
+its step time (median of interleaved steps, wall and thread CPU time), FLOPs, and the max abs difference of
+its orthogonalized update from an unsharded float64 Muon step (same momentum, Newton-Schulz in float64 with
+the same Keller coefficients). A peer that cannot run in one CPU process gets a row saying why. None of them
+is a dependency of pcopt.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.muon_step --peers --dims 512 --layers 18   # the 126-matrix set
+    python -m benchmarks.muon_step --peers --smoke                                      # tiny shapes, seconds
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import socket
 import statistics
@@ -423,7 +436,191 @@ def fsdp(shapes, steps: int, kwargs: dict, world_size: int = 2) -> dict:
     return out.get()
 
 
-def main() -> None:
+# ----------------------------------------------------------------------------------------------------
+# --peers: other Muon implementations, one process, same matrices
+# ----------------------------------------------------------------------------------------------------
+KELLER = (3.4445, -4.775, 2.0315)
+
+
+def reference_update(
+    grad: torch.Tensor, momentum: float = 0.95, steps: int = 5, eps: float = 1e-7
+) -> torch.Tensor:
+    """The orthogonalized first-step update of Muon in float64: Nesterov momentum from a zero buffer, Frobenius
+    normalization, ``steps`` Keller Newton-Schulz steps on the wide orientation (no bf16 anywhere)."""
+    g = grad.double()
+    buf = torch.zeros_like(g).lerp_(g, 1 - momentum)
+    x = g.lerp(buf, momentum)
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:
+        x = x.mT
+    x = x / x.norm().clamp_min(eps)
+    a, b, c = KELLER
+    for _ in range(steps):
+        s = x @ x.mT
+        x = a * x + (b * s + c * s @ s) @ x
+    return x.mT if tall else x
+
+
+def _scale_match_rms_adamw(lr: float, shape) -> float:
+    return 0.2 * lr * math.sqrt(max(shape[-2], shape[-1]))
+
+
+def _scale_original(lr: float, shape) -> float:
+    return lr * math.sqrt(max(1.0, shape[-2] / shape[-1]))
+
+
+class PeerUnavailable(Exception):
+    """A peer that cannot run here; the message says why."""
+
+
+def _peer_keller_jordan(params, kwargs):
+    try:
+        import muon as kj  # KellerJordan's muon-optimizer package (the module is named "muon")
+    except ImportError as e:
+        raise PeerUnavailable(f"not installed ({e.msg}); pip install muon-optimizer") from None
+    if not hasattr(kj, "SingleDeviceMuon"):
+        raise PeerUnavailable(
+            f"the installed 'muon' module ({getattr(kj, '__file__', '?')}) is not muon-optimizer"
+        )
+    # its own lr rule (lr * sqrt(max(1, A/B))), bf16 Newton-Schulz with the Keller coefficients, Nesterov
+    opt = kj.SingleDeviceMuon(params, lr=kwargs["lr"], weight_decay=kwargs["weight_decay"], momentum=0.95)
+    return opt, _scale_original
+
+
+def _peer_dion(params, kwargs):
+    try:
+        import dion  # microsoft/dion
+    except ImportError:
+        raise PeerUnavailable(
+            "no 'dion' distribution on PyPI (pip: no matching distribution); microsoft/dion "
+            "installs from its git repository only"
+        ) from None
+    muon_cls = getattr(dion, "Muon", None)
+    if muon_cls is None:
+        raise PeerUnavailable(f"the installed 'dion' module ({getattr(dion, '__file__', '?')}) has no Muon")
+    if not dist.is_available() or not dist.is_initialized():
+        raise PeerUnavailable(
+            "dion.Muon expects an initialized process group / device mesh (distributed only)"
+        )
+    raise PeerUnavailable("dion.Muon found but not wired into this benchmark")  # pragma: no cover
+
+
+def _peer_torchtitan(params, kwargs):
+    try:
+        from torchtitan.distributed.flex_shard import dist_muon  # noqa: F401
+    except ImportError as e:
+        raise PeerUnavailable(f"not importable ({e}); install pcopt's torchtitan extra") from None
+    if not torch.cuda.is_available():
+        raise PeerUnavailable(
+            "importable, but DistMuon refuses CPU tensors: it requires one CUDA device per process and "
+            "DTensor (flex_shard) parameters; compare on the GPU script"
+        )
+    raise PeerUnavailable("CUDA present: run the GPU script, this CPU benchmark does not set up flex_shard")
+
+
+def _own_torch(params, kwargs):
+    return torch.optim.Muon(params, **kwargs), _scale_match_rms_adamw
+
+
+def _own_pcopt(params, kwargs):
+    return Muon(params, **kwargs), _scale_match_rms_adamw
+
+
+PEERS = {
+    # name: factory(params, kwargs) -> (optimizer, lr scale of the update)
+    "torch.optim.Muon": _own_torch,
+    "pcopt Muon (torch args)": _own_pcopt,
+    "pcopt build_optimizer": None,  # built from a module, see peers()
+    "muon-optimizer (KellerJordan)": _peer_keller_jordan,
+    "microsoft/dion Muon": _peer_dion,
+    "torchtitan 0.3 DistMuon": _peer_torchtitan,
+}
+
+
+def _build_optimizer_arm(model: nn.Module, kwargs: dict):
+    import warnings
+
+    from pcopt.optim import build_optimizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter(
+            "ignore"
+        )  # "adamw_pattern matches nothing": the benchmark module has matrices only
+        opt = build_optimizer(model, lr=kwargs["lr"], weight_decay=kwargs["weight_decay"])
+    muon = opt.optimizers["muon"] if hasattr(opt, "optimizers") else opt
+    dtype = muon.param_groups[0]["ns_dtype"]
+    algo = muon.param_groups[0]["ns_algorithm"]
+    return opt, _scale_match_rms_adamw, f"ns_dtype {str(dtype).removeprefix('torch.')}, ns_algorithm {algo!r}"
+
+
+def peers(shapes, steps: int, kwargs: dict, names=tuple(PEERS)) -> dict[str, dict]:
+    """Per peer: wall / thread CPU median step time, FLOPs and max |update - float64 update|, or why it cannot run.
+
+    Every arm starts from the same weights and gradients. The accuracy step is each arm's first step on a fresh
+    copy: its update is recovered as ``(W0 (1 - lr wd) - W1) / scale`` with the arm's own lr scale, and compared
+    with :func:`reference_update` (float64). Timed steps follow on the same optimizer (some peers overwrite the
+    gradient in place; a step's cost does not depend on the values).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    base = Matrices(shapes)
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(p.shape, generator=gen) for p in base.parameters()]
+    refs = [reference_update(g) for g in grads]
+    lr, wd = kwargs["lr"], kwargs["weight_decay"]
+    results: dict[str, dict] = {}
+    steppers, clocks = {}, {}
+    for name in names:
+        model = copy.deepcopy(base)
+        params = list(model.parameters())
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        note = ""
+        try:
+            if name == "pcopt build_optimizer":
+                opt, scale, note = _build_optimizer_arm(model, kwargs)
+            else:
+                opt, scale = PEERS[name](params, kwargs)
+        except PeerUnavailable as e:
+            results[name] = {"why": str(e)}
+            continue
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        diff = 0.0
+        for p, w0, ref in zip(params, before, refs):
+            update = (w0 * (1 - lr * wd) - p.detach()) / scale(lr, p.shape)
+            diff = max(diff, (update.double() - ref).abs().max().item())
+        with FlopCounterMode(display=False) as counter:
+            opt.step()
+        results[name] = {"diff": diff, "flops": counter.get_total_flops(), "note": note}
+        steppers[name], clocks[name] = _thread_clock(opt.step)
+    wall = _interleaved(steppers, steps)
+    for name in steppers:
+        results[name]["wall"] = wall[name]
+        results[name]["cpu"] = statistics.median(clocks[name][1:])  # [0] is the warm-up step
+    return results
+
+
+def _print_peers_table(dim: int, hidden: int, n_matrices: int, res: dict) -> None:
+    t0 = res["torch.optim.Muon"]
+    print(f"dim {dim} / FFN {hidden}, {n_matrices} matrices, one process; ratio = arm / torch.optim.Muon (this run); "
+          "diff = max |update - float64 Muon update| over all matrices (update = orthogonalized momentum, before lr)")  # fmt: skip
+    print("| implementation | wall | ratio | CPU time | ratio | GFLOP | ratio | max diff vs float64 | note |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in res.items():
+        if "why" in r:
+            print(f"| {name} | - | - | - | - | - | - | - | cannot run here: {r['why']} |")
+            continue
+        print("| " + " | ".join([
+            name, f"{r['wall'] * 1e3:.1f} ms", f"{r['wall'] / t0['wall']:.2f}",
+            f"{r['cpu'] * 1e3:.1f} ms", f"{r['cpu'] / t0['cpu']:.2f}",
+            f"{r['flops'] / 1e9:.2f}", f"{r['flops'] / t0['flops']:.3f}", f"{r['diff']:.2e}", r["note"],
+        ]) + " |")  # fmt: skip
+    print()
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -433,8 +630,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per optimizer (median reported)")
     parser.add_argument("--part", choices=["all", "single", "fsdp", "mesh"], default="all",
                         help="single process, 2-rank FSDP2, or 4-rank 1-D FSDP / HSDP / FSDP x TP ('all': every part)")  # fmt: skip
-    args = parser.parse_args()
+    parser.add_argument("--peers", action="store_true",
+                        help="one process: torch.optim.Muon, pcopt (torch args), build_optimizer and the peer "
+                        "packages that import here, with time, FLOPs and difference from a float64 step")  # fmt: skip
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny shapes (dim 16, 1 layer, 2 steps) to exercise the code paths in seconds",
+    )
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.dims, args.layers, args.steps = [16], 1, 2
+        if args.part == "all":
+            args.part = "single"
     kwargs = {"lr": 0.02, "weight_decay": 0.1, "adjust_lr_fn": "match_rms_adamw"}
+    if args.peers:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); CPU {_cpu_model()}; ATen CPU "
+              f"capability {torch.backends.cpu.get_cpu_capability()}; pcopt.hardware: {describe('cpu')}; "
+              f"{args.layers} layers x (wq, wk, wv, wo, w1, w2, w3); median of {args.steps} interleaved steps")  # fmt: skip
+        for dim in args.dims:
+            hidden = dim * 11 // 4
+            shapes = matrix_shapes(dim, hidden, args.layers)
+            _print_peers_table(dim, hidden, len(shapes), peers(shapes, args.steps, kwargs))
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (single process), 1 thread per rank "
           f"(FSDP2); {args.layers} layers x (wq, wk, wv, wo, w1, w2, w3); median of {args.steps} interleaved steps")  # fmt: skip
     print(f"Newton-Schulz in bf16 for both (torch.optim.Muon's default); pcopt.hardware: {describe('cpu')}; "

@@ -168,3 +168,31 @@ def _svd_polynomial(X, coefficients):
     U, S, Vh = torch.linalg.svd(X, full_matrices=False)
     p = sum(a * S ** (2 * j + 1) for j, a in enumerate(coefficients))
     return (U * p.unsqueeze(-2)) @ Vh
+
+
+def test_muon_step_peers_smoke(capsys):
+    """``benchmarks/muon_step.py --peers --smoke``: every arm either runs (time, FLOPs, float64 difference) or
+    says why it cannot; pcopt with torch's arguments makes torch's exact update."""
+    from benchmarks import muon_step
+
+    muon_step.main(["--peers", "--smoke"])
+    table = capsys.readouterr().out
+    for name in muon_step.PEERS:
+        assert f"| {name} |" in table, name
+
+    shapes = muon_step.matrix_shapes(16, 44, 1)
+    kwargs = {"lr": 0.02, "weight_decay": 0.1, "adjust_lr_fn": "match_rms_adamw"}
+    res = muon_step.peers(shapes, 1, kwargs)
+    ran = {k: r for k, r in res.items() if "why" not in r}
+    assert {"torch.optim.Muon", "pcopt Muon (torch args)", "pcopt build_optimizer"} <= set(ran)
+    assert all(r["why"] for k, r in res.items() if k not in ran)  # a reason, not an empty row
+    # Bitwise-equal steps recover bitwise-equal updates.
+    assert ran["pcopt Muon (torch args)"]["diff"] == ran["torch.optim.Muon"]["diff"]
+    # Bound on the bf16 arms' distance from the float64 update, as the Newton-Schulz quality guard derives it
+    # (tests/unit/test_newton_schulz.py) with n = 16 rows: one bf16 rounding of the 16 x 44 result moves it by
+    # ||E||_2 <= 2^-8 * 1.3 * sqrt(16) = 0.020, and the last step's rounded inputs reach it through |p'| <= 1.7,
+    # so every entry moves by at most 0.020 * 2.7 = 0.055. A wrong lr scale (sqrt(44) * 0.2 = 1.33 vs
+    # sqrt(44/16) = 1.66) or orientation would move entries of size ~0.3 by >= 20%, far above it.
+    for name, r in ran.items():
+        assert 0 < r["diff"] <= 0.055, (name, r["diff"])
+        assert r["wall"] > 0 and r["flops"] > 0
