@@ -106,6 +106,7 @@ for _c in CORE:
 
 # Survivors that no input can tell from the original, keyed by module and "original line => mutated line"
 # (stripped source lines, so the key survives unrelated edits that move line numbers).
+_SAME_BITS = "only chooses stacked or one-matrix-at-a-time Newton-Schulz, which give the same bits per matrix"
 EQUIVALENT: dict[str, dict[str, str]] = {
     "pcopt/polynomials.py": {
         "if abs(total - 1.0) > 1e-6: => if abs(total - 1.0) >= 1e-6:": "total - 1.0 is exact near 1 (a multiple of "
@@ -126,6 +127,33 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         "either order drops exactly those two dims",
         "full = tuple(local.shape) == tuple(shape) => full = tuple(local.shape) != tuple(shape)": "a whole "
         "tensor then takes the scatter path with full slices: the same values, one extra copy",
+    },
+    "pcopt/optim/_newton_schulz.py": {
+        "stack: bool = True, => stack: bool = False,": _SAME_BITS,
+        "if not stack and G.ndim > 2 and math.prod(G.shape[:-2]) > 1: => "
+        "if not stack and G.ndim > 2 and math.prod(G.shape[:-3]) > 1:": _SAME_BITS,
+        "flat = G.reshape(-1, *G.shape[-2:]) => flat = G.reshape(-1, *G.shape[-3:])": _SAME_BITS,
+    },
+    "pcopt/optim/_muon.py": {
+        "self._ns_dtype_checked = True => self._ns_dtype_checked = False": "only the attribute's presence is read",
+        "per_call = _matrices_per_call(batch.shape[1:], foreach, batch.device) => "
+        "per_call = _matrices_per_call(batch.shape[2:], foreach, batch.device)": _SAME_BITS,
+        "if per_call >= batch.shape[0]: => if per_call > batch.shape[0]:": _SAME_BITS,
+        "return ns(batch, stack=True) => return ns(batch, stack=False)": _SAME_BITS,
+        "for chunk in [sharded] if foreach is not False else [[i] for i in sharded]: => "
+        "for chunk in [sharded] if foreach is False else [[i] for i in sharded]:": "DTensors: one collective pair "
+        "for all or one per matrix, the same values",
+        "if foreach is not False: => if foreach is False:": "the per-chunk and the whole-list loops apply the same "
+        "momentum, Newton-Schulz and update to every matrix (same bits); only cache use differs",
+    },
+    "pcopt/spectral_clip.py": {
+        "while steps < 100 and (steps == 0 or 1.0 - math.sqrt(x) > tol): => "
+        "while steps < 100 and (steps == 0 or 1.0 - math.sqrt(x) >= tol):": "differs only if 1 - sqrt(x) equals "
+        "the dtype's eps exactly (a power of two) at some float64 iterate",
+        "transposed = W.shape[-2] > W.shape[-1] => transposed = W.shape[-2] >= W.shape[-1]": "differs only for "
+        "square X, where (I + X X^T/c^2)^(-1/2) X = X (I + X^T X/c^2)^(-1/2) with same-sized Gram matrices",
+        "a = (1 + bound / (c * c)).unsqueeze(-1).unsqueeze(-1) => "
+        "a = (1 + bound / (c * c)).unsqueeze(-1).unsqueeze(-2)": "both append the same two unit dims",
     },
 }
 
