@@ -147,9 +147,6 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         "momentum, Newton-Schulz and update to every matrix (same bits); only cache use differs",
     },
     "pcopt/spectral_clip.py": {
-        "while steps < 100 and (steps == 0 or 1.0 - math.sqrt(x) > tol): => "
-        "while steps < 100 and (steps == 0 or 1.0 - math.sqrt(x) >= tol):": "differs only if 1 - sqrt(x) equals "
-        "the dtype's eps exactly (a power of two) at some float64 iterate",
         "transposed = W.shape[-2] > W.shape[-1] => transposed = W.shape[-2] >= W.shape[-1]": "differs only for "
         "square X, where (I + X X^T/c^2)^(-1/2) X = X (I + X^T X/c^2)^(-1/2) with same-sized Gram matrices",
         "a = (1 + bound / (c * c)).unsqueeze(-1).unsqueeze(-1) => "
