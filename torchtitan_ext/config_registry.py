@@ -5,7 +5,8 @@ Names are ``<model>_<optimizer>[_pc]``:
 ==================  ===========================================================================
 model               ``debug`` (CPU-sized), ``llama2_271m``, ``llama2_1b``
 optimizer           ``adamw`` or ``muon`` (Muon on hidden matrices, AdamW on the rest)
-``_pc``             PC layer on attention output + FFN (degree 9 with AdamW, 5 with Muon)
+``_pc``             PC layer on attention output + FFN (degree 9 with AdamW, 5 with Muon), ``W_eff``
+                    once per optimizer step on the FSDP2 shards (``debug_*_pc_per_forward``: in every forward)
 ``_spectra``        SPECTRA post-clipping of the hidden matrices' updates, c = 10 (``debug`` AdamW only)
 ==================  ===========================================================================
 
@@ -55,8 +56,8 @@ __all__ = [
     "debug_adamw_pc",
     "debug_muon",
     "debug_muon_pc",
-    "debug_muon_pc_sharded",
-    "debug_adamw_pc_sharded",
+    "debug_muon_pc_per_forward",
+    "debug_adamw_pc_per_forward",
     "llama2_1b_adamw",
     "llama2_1b_adamw_pc",
     "llama2_1b_muon",
@@ -136,7 +137,7 @@ def _state_dict_adapter():
     return PCLlamaStateDictAdapter
 
 
-def _config(flavor: str, optimizer: str, pc: bool, pc_mode: str = "parametrize") -> Trainer.Config:
+def _config(flavor: str, optimizer: str, pc: bool, pc_mode: str = "auto") -> Trainer.Config:
     lr = _LR[(flavor, optimizer)]
     pc_cfg = PCConverter.Config(degree=pc_degree(optimizer), mode=pc_mode) if pc else None
     model_spec = llama2_model(flavor, pc=pc_cfg)
@@ -226,14 +227,15 @@ def debug_muon_pc() -> Trainer.Config:
     return _config("debug", "muon", pc=True)
 
 
-def debug_muon_pc_sharded() -> Trainer.Config:
-    """``debug_muon_pc`` with W_eff computed once per step on the FSDP2 shards (:mod:`pcopt.strategy`)."""
-    return _config("debug", "muon", pc=True, pc_mode="sharded")
+def debug_muon_pc_per_forward() -> Trainer.Config:
+    """``debug_muon_pc`` with the PC map in every forward (the parametrize registration: the reference
+    semantics, and the mode that runs under pipeline parallelism) instead of once per step."""
+    return _config("debug", "muon", pc=True, pc_mode="parametrize")
 
 
-def debug_adamw_pc_sharded() -> Trainer.Config:
-    """``debug_adamw_pc`` with W_eff computed once per step on the FSDP2 shards (:mod:`pcopt.strategy`)."""
-    return _config("debug", "adamw", pc=True, pc_mode="sharded")
+def debug_adamw_pc_per_forward() -> Trainer.Config:
+    """``debug_adamw_pc`` with the PC map in every forward (see ``debug_muon_pc_per_forward``)."""
+    return _config("debug", "adamw", pc=True, pc_mode="parametrize")
 
 
 def llama2_271m_adamw() -> Trainer.Config:

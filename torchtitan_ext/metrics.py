@@ -8,6 +8,9 @@ off: it all-gathers every matrix and runs SVDs), to the metrics torchtitan logs 
 * ``pc/sigma/<fqn>`` and ``pc/gamma/<fqn>`` - the streaming sigma estimate u^T W v + eps and the
   learned scale of every PC matrix, plus ``pc/sigma_mean`` and ``pc/gamma_mean``.
 
+At every logging step (whatever ``pc_log_freq``), ``pc/power_restarts`` counts the power-iteration restarts
+so far (``pcopt.PCState.health``: ``u``, ``v`` found non-finite or zero and re-initialised; 0 in a healthy run).
+
 Metrics are logged only at steps torchtitan logs (``step == 1`` or a multiple of
 ``--metrics.log_freq``), so ``pc_log_freq`` must be a multiple of ``log_freq``.
 """
@@ -82,4 +85,9 @@ class PCMetricsProcessor(MetricsProcessor):
             extra_metrics = {**(extra_metrics or {}), **metrics}
             summary = {k: v for k, v in metrics.items() if k.count("/") == 1}
             logger.info("step %d PC metrics: %s", step, {k: round(v, 5) for k, v in summary.items()})
+        if self.model_parts is not None and any(pcopt.preconditioners(m) for m in self.model_parts):
+            # the refresh heals u, v on the device without a sync; the count is read here, at a logging step
+            # (one small device-to-host read per PC weight), and PCState.health() warns once per weight
+            restarts = pcopt.PCState(self.model_parts).health()
+            extra_metrics = {**(extra_metrics or {}), "pc/power_restarts": float(sum(restarts.values()))}
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=extra_metrics)

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["PC_MODES", "PCConverter", "PCLinear", "attach_pc_state", "parallelize_llama_pc"]
 
-PC_MODES = ("parametrize", "sharded")
+PC_MODES = ("auto", "parametrize", "sharded")
 
 
 def _options(c) -> PCOptions:
@@ -67,9 +67,10 @@ class PCLinear(Linear):
         eps: float = 1e-7
         """Added to the sigma estimate."""
 
-        pc_mode: str = "parametrize"
-        """How PC executes: ``"parametrize"`` (the map in every forward) or ``"sharded"`` (``W_eff`` once
-        per optimizer step on the FSDP2 shards: pcopt's once-per-step strategy, :mod:`pcopt.strategy`)."""
+        pc_mode: str = "auto"
+        """How PC executes: ``"parametrize"`` (the map in every forward), ``"sharded"`` (``W_eff`` once per
+        optimizer step on the FSDP2 shards: pcopt's once-per-step strategy, :mod:`pcopt.strategy`) or
+        ``"auto"`` (``"sharded"`` unless pipeline parallel; see :class:`PCConverter.Config`)."""
 
     def __init__(self, config: Config):
         super().__init__(config)
@@ -93,6 +94,8 @@ class PCLinear(Linear):
         # The raw weight gets exactly the draw the baseline's plain ``weight`` gets.
         self._param_init["weight"](self.parametrizations.weight.original)
         for name, param in self.named_parameters(recurse=False):  # e.g. a bias
+            if name == "weight":  # once per step: W_eff, written from the raw weight below (no RNG draw)
+                continue
             self._init_param(name, param)
         pcopt.reset_preconditioners(self)
 
@@ -110,10 +113,12 @@ class PCConverter(ModelConfigConverter):
         num_power_iterations: int = 10
         learn_gamma: bool = True
         eps: float = 1e-7
-        mode: str = "parametrize"
-        """``"parametrize"``: the PC map runs in every micro-batch forward (the reference semantics).
-        ``"sharded"``: ``W_eff`` is computed once per optimizer step on the FSDP2 shards and the model's
-        forward sees a plain Linear (pcopt's once-per-step strategy, :mod:`pcopt.strategy`; FSDP2 / HSDP only)."""
+        mode: str = "auto"
+        """How PC executes. ``"sharded"``: ``W_eff`` is computed once per optimizer step on the FSDP2 shards and
+        the model's forward sees a plain Linear (pcopt's once-per-step strategy, :mod:`pcopt.strategy`; one
+        device, FSDP2, HSDP). ``"parametrize"``: the PC map runs in every micro-batch forward (the reference
+        semantics; also under pipeline parallelism). ``"auto"`` (default): ``"sharded"`` wherever it is exact,
+        i.e. without pipeline parallelism, else ``"parametrize"``."""
 
     def __init__(self, config: Config, **kwargs):
         try:
@@ -184,7 +189,9 @@ def attach_pc_state(optimizers, model_parts, parallel_dims) -> None:
     """
     if not any(pcopt.preconditioners(m) for m in model_parts):
         return
-    state = pcopt.PCState(model_parts, num_power_iterations=getattr(optimizers, "pc_refresh_iterations", None))
+    state = pcopt.PCState(
+        model_parts, num_power_iterations=getattr(optimizers, "pc_refresh_iterations", None)
+    )
     state.attach(optimizers)
     logger.info("PC state attached to the optimizers: %s", state)
 
@@ -259,11 +266,19 @@ def parallelize_llama_pc(
         ac_config=ac_config,
         dump_folder=dump_folder,
     )
-    if modes == {"sharded"}:
+    if len(modes) > 1:
+        raise ValueError(
+            f"All PC layers of a model run in one mode, got {sorted(modes)}; set one PCConverter mode."
+        )
+    mode = next(iter(modes), "parametrize")
+    if mode == "auto":  # once per step wherever it is exact: not under pipeline parallelism
+        mode = "parametrize" if parallel_dims.pp_enabled else "sharded"
+        logger.info("PC mode 'auto' -> %r (pipeline parallel: %s)", mode, parallel_dims.pp_enabled)
+    if mode == "sharded":
         if parallel_dims.pp_enabled:
             raise ValueError(
                 "PC mode 'sharded' supports FSDP2/HSDP without pipeline parallelism; set "
-                "pipeline_parallel_degree to 1 or use PCConverter.Config(mode='parametrize')."
+                "pipeline_parallel_degree to 1 or use PCConverter.Config(mode='parametrize') (or 'auto')."
             )
 
         def shard(m, placement_fn):
@@ -271,7 +286,9 @@ def parallelize_llama_pc(
                 parallelize_llama(m, **kwargs)
 
         pcopt.set_strategy(model, "once_per_step", shard=shard)
-        logger.info("PC layer once per step on the FSDP2 shards: %d weights", len(pcopt.preconditioners(model)))
+        logger.info(
+            "PC layer once per step on the FSDP2 shards: %d weights", len(pcopt.preconditioners(model))
+        )
     else:
         model = parallelize_llama(model, **kwargs)
     n = force_sum_reduction_on_gloo(model)

@@ -72,10 +72,7 @@ def test_every_config_builds_with_the_paper_recipe(name):
         assert model.layers[0].feed_forward.w1.out_features == hidden
         assert cfg.training.seq_len == 8192 and cfg.training.global_batch_size == 320
         assert cfg.lr_scheduler.warmup_steps == cfg.training.steps // 100  # 1%
-        assert (
-            _group_kwargs(cfg)["Muon" if opt == "muon" else "AdamW"]["lr"]
-            == PAPER_LR[(flavor, opt)]
-        )
+        assert _group_kwargs(cfg)["Muon" if opt == "muon" else "AdamW"]["lr"] == PAPER_LR[(flavor, opt)]
 
     # Shared recipe: clip 1.0, cosine to 10% of the peak, betas (0.9, 0.95), weight decay 0.1 everywhere.
     assert cfg.training.max_norm == 1.0
@@ -135,7 +132,9 @@ def test_pc_targets_matching_nothing_is_refused():
 
 
 def test_pc_bad_degree_and_regex_are_refused():
-    with pytest.raises(ValueError, match=r"Unsupported PC polynomial degree: expected one of \[3, 5, 7, 9\], got 4"):
+    with pytest.raises(
+        ValueError, match=r"Unsupported PC polynomial degree: expected one of \[3, 5, 7, 9\], got 4"
+    ):
         config_registry.llama2_model("debug", pc=PCConverter.Config(degree=4))
     with pytest.raises(ValueError, match=r"PC targets '\(' is not a valid regex"):
         config_registry.llama2_model("debug", pc=PCConverter.Config(targets="("))
@@ -191,11 +190,18 @@ def test_warmup_is_one_percent_and_lr_ends_at_ten_percent():
 
 
 def test_pc_mode_is_validated_and_carried_to_the_layers():
-    from torchtitan_ext.config_registry import debug_muon_pc_sharded
+    from torchtitan_ext.config_registry import debug_muon_pc, debug_muon_pc_per_forward, llama2_1b_adamw_pc
     from torchtitan_ext.pc import PCLinear
 
-    with pytest.raises(ValueError, match=r"PC mode must be one of \['parametrize', 'sharded'\], got 'fast'"):
+    with pytest.raises(
+        ValueError, match=r"PC mode must be one of \['auto', 'parametrize', 'sharded'\], got 'fast'"
+    ):
         PCConverter.Config(mode="fast").build()
-    model = debug_muon_pc_sharded().model_spec.model
-    modes = {cfg.pc_mode for _, cfg, *_ in model.traverse(PCLinear.Config)}
-    assert modes == {"sharded"}
+    assert PCConverter.Config().mode == "auto"  # once per step wherever exact (no pipeline parallelism)
+    for config, mode in (
+        (debug_muon_pc, "auto"),
+        (llama2_1b_adamw_pc, "auto"),
+        (debug_muon_pc_per_forward, "parametrize"),
+    ):
+        modes = {cfg.pc_mode for _, cfg, *_ in config().model_spec.model.traverse(PCLinear.Config)}
+        assert modes == {mode}, config.__name__

@@ -1,14 +1,15 @@
-"""End-to-end torchtitan runs of the sharded once-per-step PC mode (``debug_muon_pc_sharded``), 2 gloo ranks.
+"""End-to-end torchtitan runs of the default once-per-step PC mode (``debug_muon_pc``), 2 gloo ranks.
 
-The sharded mode is exact against the parametrize path on the same weights (``tests/distributed/
+The once-per-step strategy is exact against the per-forward one on the same weights (``tests/distributed/
 test_sharded_pc.py``). Here torchtitan's own loop is checked: the pull-back runs before clipping at
-accumulation 1 and 4, a DCP checkpoint of the sharded PC state resumes bit for bit, and the loss curve stays
-close to the parametrize run's golden curve. That comparison cannot be exact: on gloo/CPU torchtitan draws
-each rank's initial shard from its own generator, and the sharded mode shards w2/wo on dim 1 instead of 0, so
-the two runs start from different draws of the same distribution. The bound is therefore the seed-to-seed
-spread of the parametrize run's loss: ``debug_muon_pc`` at seeds 43 and 44 against the seed-42 golden differ by
-0.044 rms over the 16 step pairs (largest 0.091, step 4); 0.2 is 4.5 times that rms. Seen for the sharded run:
-at most 0.023 (step 6). The golden is the one of this machine's Newton-Schulz dtype, as in test_train_runs.py.
+accumulation 1 and 4, a DCP checkpoint of the sharded PC state resumes bit for bit, export and HF saves keep
+every weight, and the per-forward run (``debug_muon_pc_per_forward``) stays close to the default run's golden
+curve. That comparison cannot be exact: on gloo/CPU torchtitan draws each rank's initial shard from its own
+generator, and the once-per-step mode shards w2/wo on dim 1 instead of 0, so the two runs start from different
+draws of the same distribution. The bound is therefore the seed-to-seed spread of the loss: ``debug_muon_pc``
+(per forward) at seeds 43 and 44 against its seed-42 curve differ by 0.044 rms over the 16 step pairs
+(largest 0.091, step 4); 0.2 is 4.5 times that rms. Seen between the two strategies: at most 0.023 (step 6).
+The golden is the one of this machine's Newton-Schulz dtype, as in test_train_runs.py.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def sharded(workdir):
     return torchrun(
-        "debug_muon_pc_sharded",
+        "debug_muon_pc",
         workdir / "sharded",
         "--training.steps",
         str(STEPS),
@@ -54,23 +55,26 @@ def sharded(workdir):
     ).check()
 
 
-def test_sharded_mode_trains_and_tracks_the_parametrize_curve(sharded):
+def test_default_mode_is_once_per_step_and_per_forward_tracks_its_curve(sharded, workdir):
+    assert "PC mode 'auto' -> 'sharded'" in sharded.log
     assert "PC layer once per step on the FSDP2 shards: 24 weights" in sharded.log
-    losses = sharded.losses
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    assert losses[STEPS] < losses[1] - 0.5, losses
+    assert sorted(sharded.losses) == list(range(1, STEPS + 1))
+    assert sharded.losses[STEPS] < sharded.losses[1] - 0.5, sharded.losses
+    per_forward = torchrun("debug_muon_pc_per_forward", workdir / "per_forward", "--training.steps", str(STEPS))
+    per_forward.check()
+    assert "PC layer once per step" not in per_forward.log
     golden = json.loads(GOLDEN.read_text())
     for step in range(1, STEPS + 1):
-        assert abs(losses[step] - golden[str(step)][0]) < SEED_SPREAD_BOUND, (
+        assert abs(per_forward.losses[step] - golden[str(step)][0]) < SEED_SPREAD_BOUND, (
             step,
-            losses[step],
+            per_forward.losses[step],
             golden[str(step)][0],
         )
 
 
 def test_sharded_mode_with_gradient_accumulation(workdir):
     run = torchrun(
-        "debug_muon_pc_sharded",
+        "debug_muon_pc",
         workdir / "acc4",
         "--training.steps",
         "4",
@@ -87,7 +91,7 @@ def test_sharded_resume_from_step_4_is_exact(sharded, workdir):
     (dump / "checkpoint").mkdir(parents=True)
     shutil.copytree(sharded.dump / "checkpoint" / "step-4", dump / "checkpoint" / "step-4")
     resumed = torchrun(
-        "debug_muon_pc_sharded",
+        "debug_muon_pc",
         dump,
         "--training.steps",
         str(STEPS),
@@ -107,12 +111,12 @@ def test_export_of_a_sharded_mode_checkpoint_holds_every_weight(sharded, workdir
     from torchtitan_ext.export import build_model, export, load_checkpoint, load_trainer_config
 
     ckpt = sharded.dump / "checkpoint" / "step-4"
-    out = export("debug_muon_pc_sharded", ckpt, workdir / "exported")
+    out = export("debug_muon_pc", ckpt, workdir / "exported")
     tensors = load_file(str(out / "model.safetensors"))
     for proj in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.q_proj"):
         assert f"model.layers.0.{proj}.weight" in tensors, sorted(tensors)[:12]
     # the exported o_proj is W_eff of the checkpoint's state, computed by the per-forward reference
-    model = build_model(load_trainer_config("debug_muon_pc"))
+    model = build_model(load_trainer_config("debug_muon_pc_per_forward"))
     load_checkpoint(model, ckpt)
     expected = pcopt.effective_weight(model.layers["0"].attention.wo)
     assert torch.allclose(tensors["model.layers.0.self_attn.o_proj.weight"], expected, rtol=0, atol=1e-6)
@@ -121,7 +125,7 @@ def test_export_of_a_sharded_mode_checkpoint_holds_every_weight(sharded, workdir
 def test_hf_save_of_a_sharded_mode_run_refuses_instead_of_dropping_weights(workdir):
     """Regression: last_save_in_hf used to write only norms and q/k/v in this mode; now it names export."""
     run = torchrun(
-        "debug_muon_pc_sharded",
+        "debug_muon_pc",
         workdir / "hf",
         "--training.steps",
         "1",

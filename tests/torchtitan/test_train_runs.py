@@ -110,6 +110,10 @@ def test_pc_muon_loss_decreases_and_logs_param_groups(pc_muon):
         "pc/gamma/layers.5.feed_forward.w2.weight",
     } <= tags
     assert [e.step for e in acc.Scalars("pc/gmcn")] == [4, 8]
+    # PCState.health() at every logging step: a healthy run never restarts its power iteration
+    assert [(e.step, e.value) for e in acc.Scalars("pc/power_restarts")] == [
+        (s, 0.0) for s in range(1, PC_STEPS + 1)
+    ]
     # The metrics file is complete although the CPU launcher leaves with os._exit: every step's loss is in it,
     # equal to the logged one up to the log's 5 decimals.
     tb_loss = {e.step: e.value for e in acc.Scalars("loss_metrics/global_avg_loss")}
@@ -133,9 +137,11 @@ def test_pc_muon_loss_decreases_and_logs_param_groups(pc_muon):
 # round the other way: each flip moves a logit by one bf16 ulp, 2^-8 relative. The step's loss is the mean of
 # 1024 per-token losses (2 ranks x batch 2 x seq 256) whose flips have random signs, so the gap between two CPU
 # kinds has a scale of sigma = 2^-8 / sqrt(1024) = 1.2e-4 per step (logits are O(1) in the debug model).
-# Measured gaps over the 8 steps (loss): Intel AMX vs this golden (AMD AVX-512 BF16) 3.3e-4 (step 5); the same
-# AMD at 1 thread 1.4e-4; Newton-Schulz in fp32 (ATEN_CPU_CAPABILITY=avx2 golden) vs bf16 3.8e-4: all <= 3.2
-# sigma. The smallest real change measured moves the loss 50x more: lr +10% by 0.019 at step 2, PC degree 5 -> 3
+# Measured gaps over the 8 steps (loss), PC per forward with standard Newton-Schulz: Intel AMX vs this golden (AMD
+# AVX-512 BF16) 3.3e-4 (step 5); the same AMD at 1 thread 1.4e-4: all <= 3.2 sigma. The default since then
+# (PC once per step, Gram Newton-Schulz), native vs AVX2-emulated bf16 kernels: 3.4e-4 (step 6), grad norm 4e-4.
+# Newton-Schulz in fp32 instead of bf16 is a change of dtype, not of summation order (4.3e-3 at step 8 with Gram):
+# hence one golden per Newton-Schulz dtype. The smallest real change measured moves the loss 50x more: lr +10% by 0.019 at step 2, PC degree 5 -> 3
 # by 0.021 at step 2 (and the grad norm by 0.087 at step 1). The bound, 2e-3 (16 sigma), sits between the two
 # with a margin of >= 5x on each side; test_golden_rejects_a_real_change runs both changes against it. The grad
 # norm (printed to 1e-4) is a sum over all gradients, at least as averaged: same bound, measured gaps <= 4e-4.
