@@ -61,7 +61,9 @@ class PolynomialPC(nn.Module):
         # check is a torch.where, no host sync), and how many restarts happened (read by PCState.health()).
         self.register_buffer("u0", u.to(device=device, dtype=state_dtype, copy=True), persistent=False)
         self.register_buffer("v0", v.to(device=device, dtype=state_dtype, copy=True), persistent=False)
-        self.register_buffer("heals", torch.zeros(self.batch_shape, dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer(
+            "heals", torch.zeros(self.batch_shape, dtype=torch.int64, device=device), persistent=False
+        )
         self._reported_heals = 0
         self.register_buffer(
             "pc_meta", torch.tensor(_meta_values(options), dtype=torch.float64, device=device)

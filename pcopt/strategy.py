@@ -398,6 +398,19 @@ def stamp(slot: PCSlot) -> tuple[int, ...]:
     )
 
 
+def horner_dtype(slot: PCSlot, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the Horner chain on the ``n x n`` Gram: at least fp32 for degree >= 7, else ``compute_dtype``.
+
+    A bf16 map's error on ``W_eff`` is the bf16 rounding of the Gram and the apply (~3e-3 relative) plus the
+    Horner chain's cancellation, which grows with the coefficients: at degree 9 a bf16 chain triples the error
+    (1.0e-2 vs 3.2e-3 with the chain alone in fp32, 2816x1024 and 5632x2048, ``docs/scale.md``), at degree 5 it
+    adds nothing measurable. The chain costs ``2(k-2) n^3`` of the map's ``4 m n^2 + 2(k-2) n^3`` FLOPs.
+    """
+    if compute_dtype.itemsize < 4 and len(slot[0].coefficients) > 3:
+        return torch.promote_types(compute_dtype, torch.float32)
+    return compute_dtype
+
+
 def map_dtype(slot: PCSlot) -> torch.dtype:
     """The dtype of ``slot``'s matmuls: the one given to :func:`set_strategy`, else chosen by where it runs.
 
@@ -486,7 +499,7 @@ def _effective(chunk: list[PCSlot]) -> Tensor:
         u_loc, v_o = _vectors(chunk, cd)
         G, sig = _reduced(s0, _partial_sums(A, u_loc, v_o), rd)
         sigma = (sig + s0[0].eps)[..., None, None]
-        Q = gram_polynomial((G / sigma**2).to(cd), s0[0].coefficients)
+        Q = gram_polynomial((G / sigma**2).to(horner_dtype(s0, cd)), s0[0].coefficients).to(cd)
         return (A @ Q) * _gammas(chunk, sigma.shape, cd)
 
 
@@ -592,12 +605,13 @@ def _raw_gradients(chunk: list[PCSlot]) -> tuple[Tensor, Tensor]:
         G, C, sig = _reduced(s0, _partial_sums(A, u_loc, v_o, Y), rd)
         gamma = _gammas(chunk, sig.shape, rd)
         sigma = sig + pc.eps
-        H = (G / (sigma**2)[..., None, None]).to(cd)
+        hd = horner_dtype(s0, cd)
+        H = (G / (sigma**2)[..., None, None]).to(hd)
         chain = horner_chain(H, pc.coefficients)
-        Q = chain[-1].to(rd)
+        Q = chain[-1].to(cd).to(rd)  # the q(H) the map applied (rounded to the compute dtype)
         S = (C * Q).sum((-2, -1))
         dC = gamma[..., None, None] * Q
-        dH = gram_polynomial_vjp(H, chain, pc.coefficients, (gamma[..., None, None] * C).to(cd)).to(rd)
+        dH = gram_polynomial_vjp(H, chain, pc.coefficients, (gamma[..., None, None] * C).to(hd)).to(rd)
         dG = dH / (sigma**2)[..., None, None]
         dsig = -(2 * (dH * H.to(rd)).sum((-2, -1)) + gamma * S) / sigma
         dG, dC, dsig = dG.to(cd), dC.to(cd), dsig.to(cd)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import pcopt
+from pcopt import strategy as S
 from pcopt.names import pc_keys
 from pcopt.strategy import slots, write_
 
@@ -327,3 +328,29 @@ def test_shard_placement_fn_larger_dim_in_both_strategies():
     after = pcopt.shard_placement_fn(m)
     assert after(m.feed_forward.w1.weight).dim == 0 and after(m.feed_forward.w2.weight).dim == 1
     assert after(_raw(m, "w1")) is None  # the raw weight is never FSDP2's
+
+
+@pytest.mark.parametrize("chain", ["fp32", "bf16"])
+def test_bf16_map_keeps_the_degree_9_horner_chain_in_fp32(monkeypatch, chain):
+    """With a bf16 compute dtype the Gram and the apply round to bf16 (unit roundoff u = 2^-8; a product of
+    bf16-rounded factors is off by ~u = 3.9e-3 relative, here measured 3.3e-3 to 3.5e-3 at 2816x1024 and below).
+    At degree 9 a bf16 Horner chain adds its cancellation on top (coefficients up to ~14 with alternating signs):
+    about 3x the error. So the chain runs in fp32 (``horner_dtype``): W_eff stays within 2u of the float64 map,
+    and forcing the chain into bf16 would exceed it."""
+    if chain == "bf16":
+        monkeypatch.setattr(S, "horner_dtype", lambda slot, compute_dtype: compute_dtype)
+    torch.manual_seed(0)
+    dense = torch.randn(384, 128, dtype=torch.float64) * 0.02
+    eff = {}
+    for dtype in (torch.float64, torch.bfloat16):
+        m = nn.Module()
+        m.feed_forward = nn.Module()
+        m.feed_forward.w1 = nn.Linear(128, 384, bias=False).double()
+        with torch.no_grad():
+            m.feed_forward.w1.weight.copy_(dense)
+        pcopt.precondition_model(m, degree=9)
+        pcopt.set_strategy(m, compute_dtype=dtype)
+        eff[dtype] = m.feed_forward.w1.weight.detach().clone()
+    err = _rel(eff[torch.bfloat16], eff[torch.float64])
+    u = 2.0**-8
+    assert (err < 2 * u) if chain == "fp32" else (err > 2 * u), err
