@@ -74,7 +74,7 @@ def _linears(compute_dtype):
 def test_once_per_step_flops_match_the_cost_model(compute_dtype):
     """``docs/scale.md``: per matrix (m >= n, k coefficients) the write costs 4mn^2 + 2(k-2)n^3, the pull-back
     8mn^2 + 6(k-2)n^3, and the refresh 4 iters mn (matrix-vector products). The matmuls run in the compute
-    dtype; only the power iteration stays fp32."""
+    dtype, except the power iteration and (degree >= 7) the Horner chain, which stay fp32."""
     model, shapes = _linears(compute_dtype)
     state = pcopt.PCState(model)
     with StepProfile() as back:
