@@ -30,6 +30,7 @@ class Run:
     log: str
     dump: Path
     steps: dict[int, tuple[float, float]] = field(default_factory=dict)
+    nproc: int = 2
 
     @property
     def losses(self) -> dict[int, float]:
@@ -39,7 +40,7 @@ class Run:
         assert self.returncode == 0, (
             f"torchrun exited {self.returncode}: {' '.join(self.args)}\n{self.log[-6000:]}"
         )
-        assert self.log.count("Training completed") == 2, self.log[-4000:]
+        assert self.log.count("Training completed") == self.nproc, self.log[-4000:]  # every rank logs
         return self
 
 
@@ -56,15 +57,15 @@ def parse_steps(log: str) -> dict[int, tuple[float, float]]:
 
 
 def torchrun(
-    config: str, dump: Path, *extra: str, module: str = "torchtitan_ext", timeout: float = 240
+    config: str, dump: Path, *extra: str, module: str = "torchtitan_ext", timeout: float = 240, nproc: int = 2
 ) -> Run:
-    """``torchrun --standalone --nproc_per_node=2 -m torchtitan_ext.train`` with a hard timeout."""
+    """``torchrun --standalone --nproc_per_node=<nproc> -m torchtitan_ext.train`` with a hard timeout."""
     args = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
-        "--nproc_per_node=2",
+        f"--nproc_per_node={nproc}",
         "-m",
         "torchtitan_ext.train",
         "--module",
@@ -91,4 +92,4 @@ def torchrun(
         raise AssertionError(
             f"torchrun timed out after {timeout}s: {' '.join(args)}\n{out[-6000:]}"
         ) from None
-    return Run(args=args, returncode=proc.returncode, log=out, dump=dump, steps=parse_steps(out))
+    return Run(args=args, returncode=proc.returncode, log=out, dump=dump, steps=parse_steps(out), nproc=nproc)

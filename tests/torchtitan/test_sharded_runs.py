@@ -15,6 +15,7 @@ The golden is the one of this machine's Newton-Schulz dtype, as in test_train_ru
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -60,7 +61,9 @@ def test_default_mode_is_once_per_step_and_per_forward_tracks_its_curve(sharded,
     assert "PC layer once per step on the FSDP2 shards: 24 weights" in sharded.log
     assert sorted(sharded.losses) == list(range(1, STEPS + 1))
     assert sharded.losses[STEPS] < sharded.losses[1] - 0.5, sharded.losses
-    per_forward = torchrun("debug_muon_pc_per_forward", workdir / "per_forward", "--training.steps", str(STEPS))
+    per_forward = torchrun(
+        "debug_muon_pc_per_forward", workdir / "per_forward", "--training.steps", str(STEPS)
+    )
     per_forward.check()
     assert "PC layer once per step" not in per_forward.log
     golden = json.loads(GOLDEN.read_text())
@@ -136,3 +139,29 @@ def test_hf_save_of_a_sharded_mode_run_refuses_instead_of_dropping_weights(workd
     assert run.returncode != 0
     assert "checkpoint.last_save_in_hf would save the raw PC weights" in run.log
     assert not list((workdir / "hf").rglob("*.safetensors"))
+
+
+@pytest.mark.slow
+def test_hsdp_on_4_ranks_tracks_the_fsdp_run(workdir):
+    """HSDP (2 replicas x 2 shards) with the default once-per-step PC against FSDP over the same 4 ranks: same
+    seed, same data per data-parallel rank, same global batch. On gloo/CPU every rank draws its local shard of
+    each weight from the same seeded generator, so a weight's full initial value depends on how many shards it
+    has (4 identical blocks under FSDP 4, 2 under HSDP 2 x 2: the replicas agree, the runs start from different
+    draws of the same distribution); the bound is therefore the seed spread of the module docstring."""
+    steps = ("--training.steps", "6")
+    fsdp = torchrun("debug_muon_pc", workdir / "fsdp4", *steps, "--parallelism.data_parallel_shard_degree", "4",
+                    nproc=4).check()  # fmt: skip
+    hsdp = torchrun(
+        "debug_muon_pc", workdir / "hsdp", *steps, "--parallelism.data_parallel_replicate_degree", "2",
+        "--parallelism.data_parallel_shard_degree", "2", nproc=4,
+    ).check()  # fmt: skip
+    assert "PC layer once per step on the FSDP2 shards: 24 weights" in hsdp.log
+    assert re.search(r"dp_replicate=2", hsdp.log) and re.search(r"dp_shard=2", hsdp.log), hsdp.log[-3000:]
+    assert sorted(hsdp.losses) == sorted(fsdp.losses) == list(range(1, 7))
+    assert hsdp.losses[6] < hsdp.losses[1] - 0.5, hsdp.losses
+    for step in range(1, 7):
+        assert abs(hsdp.losses[step] - fsdp.losses[step]) < SEED_SPREAD_BOUND, (
+            step,
+            hsdp.losses,
+            fsdp.losses,
+        )
