@@ -20,15 +20,19 @@ from pcopt.optim._newton_schulz import GRAM_RESTART, KELLER_COEFFICIENTS, resolv
 # The reference coefficient sets, written out from their publications (not read from the code under test):
 # Keller Jordan's quintic (https://kellerjordan.github.io/posts/muon/), the same at each of the 5 steps, input
 # divided by its Frobenius norm; Polar Express (Amsel, Persson, Musco, Gower, arXiv:2505.16932), the first 5
-# of the paper's per-step quintics, each p(x) -> p(x / 1.01) (a / 1.01, b / 1.01^3, c / 1.01^5), input
-# divided by 1.01 times its Frobenius norm.
-_PAPER_POLAR_EXPRESS = (
+# of the paper's per-step quintics (all 8 in PUBLISHED_POLAR_EXPRESS), each p(x) -> p(x / 1.01) (a / 1.01,
+# b / 1.01^3, c / 1.01^5), input divided by 1.01 times its Frobenius norm.
+PUBLISHED_POLAR_EXPRESS = (
     (8.28721201814563, -23.595886519098837, 17.300387312530933),
     (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
     (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
     (3.3184196573706015, -2.488488024314874, 0.51004894012372),
     (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    (1.875, -1.25, 0.375),
 )
+_PAPER_POLAR_EXPRESS = PUBLISHED_POLAR_EXPRESS[:5]
 KELLER = (((3.4445, -4.775, 2.0315),) * 5, 1.0)
 POLAR_EXPRESS = (tuple((a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in _PAPER_POLAR_EXPRESS), 1.01)
 SETS = {"keller": KELLER, "polar_express": POLAR_EXPRESS}
