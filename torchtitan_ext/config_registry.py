@@ -238,6 +238,22 @@ def debug_adamw_pc_per_forward() -> Trainer.Config:
     return _config("debug", "adamw", pc=True, pc_mode="parametrize")
 
 
+def _renamed(old: str, new: str):
+    def config() -> Trainer.Config:
+        raise ValueError(
+            f"Config {old!r} was renamed: PC runs once per step on the FSDP2 shards by default now. Use --config "
+            f"{new} (or {new}_per_forward for the PC map in every forward)."
+        )
+
+    config.__name__ = old
+    return config
+
+
+# names of an earlier release, kept only to say what replaced them
+debug_muon_pc_sharded = _renamed("debug_muon_pc_sharded", "debug_muon_pc")
+debug_adamw_pc_sharded = _renamed("debug_adamw_pc_sharded", "debug_adamw_pc")
+
+
 def llama2_271m_adamw() -> Trainer.Config:
     return _config("271M", "adamw", pc=False)
 

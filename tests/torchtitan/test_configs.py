@@ -205,3 +205,15 @@ def test_pc_mode_is_validated_and_carried_to_the_layers():
     ):
         modes = {cfg.pc_mode for _, cfg, *_ in config().model_spec.model.traverse(PCLinear.Config)}
         assert modes == {mode}, config.__name__
+
+
+@pytest.mark.parametrize(
+    "old,new", [("debug_muon_pc_sharded", "debug_muon_pc"), ("debug_adamw_pc_sharded", "debug_adamw_pc")]
+)
+def test_renamed_configs_name_their_replacement(old, new):
+    from torchtitan_ext import config_registry
+
+    with pytest.raises(
+        ValueError, match=rf"Config '{old}' was renamed.*--config {new} \(or {new}_per_forward"
+    ):
+        getattr(config_registry, old)()
