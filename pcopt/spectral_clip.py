@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 AUTHORS_CLIP_STEPS = 10
-# pcopt.optim.Spectra's default (an int, it checks it with check_steps); spectral_clip's default is "auto".
+# spectral_clip_flops' default count; spectral_clip and pcopt.optim.Spectra default to "auto".
 DEFAULT_CLIP_STEPS = AUTHORS_CLIP_STEPS
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,

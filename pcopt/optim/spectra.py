@@ -34,7 +34,8 @@ from pcopt.optim._distributed import map_full_matrices
 from pcopt.optim._muon import Muon
 from pcopt.optim._pc_state import attach_pc_state
 from pcopt.spectral_clip import (
-    DEFAULT_CLIP_STEPS,
+    AUTHORS_CLIP_STEPS,
+    auto_clip_steps,
     check_steps,
     check_threshold,
     resolve_clip_dtype,
@@ -135,8 +136,14 @@ class Spectra(Optimizer):
             rule, >2-D ones as ``(shape[0], -1)`` matrices; the published runs use this).
         pattern: a regex searched in parameter names; the matching parameters are clipped (instead of
             ``apply_to``).
-        steps, dtype: Newton-Schulz iterations (default 10) and their dtype (default None:
+        steps, dtype: Newton-Schulz iterations and their dtype (default None:
             :func:`pcopt.hardware.preferred_dtype` of the parameters' device, bf16 where native, else fp32).
+            ``steps="auto"`` (default): once per clip, as many as the largest ``||X||_F / c`` of all clipped
+            matrices needs for every singular value to converge to the clip dtype's precision
+            (:func:`pcopt.spectral_clip.auto_clip_steps`; ``||X||_F >= sigma_max``), one host sync per optimizer
+            step for all matrices together (plus one all-reduce of a vector per mesh dim under FSDP2). An int
+            fixes the count; the SPECTRA authors use 10, which leaves the small singular values of a matrix with
+            ``sigma_max / c`` above ~50 under-clipped (docs/spectra.md).
         shape_factor: multiply the clipped update by ``alpha`` (default True, as published). With
             ``alpha > 1`` (tall matrices) the update is scaled by ``alpha`` even where nothing is clipped.
         warmup_steps: for the first ``warmup_steps`` steps, ``c_k = c * base_lr / lr_k`` (so ``c_k * lr_k``
@@ -179,7 +186,7 @@ class Spectra(Optimizer):
         model: nn.Module | None = None,
         apply_to: ApplyToT = "hidden",
         pattern: str | None = None,
-        steps: int = DEFAULT_CLIP_STEPS,
+        steps: int | Literal["auto"] = "auto",
         dtype: torch.dtype | str | None = None,
         shape_factor: bool = True,
         warmup_steps: int = 0,
@@ -208,7 +215,7 @@ class Spectra(Optimizer):
                 "Spectra with c=None and pre_clip=None clips nothing. Pass c (post-clipping, e.g. 10.0) and/or "
                 "pre_clip (gradient pre-clipping, e.g. 0.1), or use the base optimizer alone."
             )
-        self.steps = check_steps(steps)
+        self.steps = "auto" if isinstance(steps, str) and steps == "auto" else check_steps(steps)
         self.dtype = None if dtype is None else resolve_clip_dtype(dtype, torch.float32)
         if not isinstance(shape_factor, bool):
             raise TypeError(f"Spectra: shape_factor must be a bool, got {type(shape_factor).__name__}.")
@@ -266,7 +273,7 @@ class Spectra(Optimizer):
         attach_pc_state(self, pc_state, "Spectra")
         self._grads_clipped = False
         logger.info(
-            "Spectra over %s: %d parameters clipped (apply_to=%s), c=%s, pre_clip=%s, steps=%d, dtype=%s",
+            "Spectra over %s: %d parameters clipped (apply_to=%s), c=%s, pre_clip=%s, steps=%s, dtype=%s",
             type(optimizer).__name__, len(self._selected), self.apply_to, self.c, self.pre_clip, self.steps,
             self.dtype,
         )  # fmt: skip
@@ -417,7 +424,34 @@ class Spectra(Optimizer):
     def _clip_dtype(self, p: Tensor) -> torch.dtype:
         return self.dtype if self.dtype is not None else preferred_dtype(p.device)
 
-    def _clip(self, params: list[Tensor], locals_: list[Tensor], c: float) -> list[Tensor]:
+    def _steps(self, items: list[tuple[Tensor, Tensor, float]]) -> int:
+        """The Newton-Schulz steps of one clip of ``(param, local block, c)`` items: ``self.steps`` if fixed, else
+        from the largest ``||X||_F / c`` (an upper bound of ``sigma_max / c``), with one host sync.
+
+        The squared norms are summed in float64 over each DTensor's mesh (a replicated mesh dim counts its shard
+        more than once: a larger bound, still a bound), so every rank and the unsharded model get the same count.
+        """
+        if self.steps != "auto":
+            return self.steps
+        mats = [(p, x, c) for p, x, c in items if p.ndim >= 2 and 0.0 < c < math.inf]
+        if not mats:
+            return AUTHORS_CLIP_STEPS
+        sq = torch.stack(
+            [torch.linalg.vector_norm(x, dtype=torch.float64) ** 2 / (c * c) for _, x, c in mats]
+        )
+        by_mesh: dict[Any, list[int]] = {}
+        for i, (p, _, _) in enumerate(mats):
+            if _is_dtensor(p) and p.device_mesh.size() > 1:
+                by_mesh.setdefault(p.device_mesh, []).append(i)
+        for mesh, idx in by_mesh.items():
+            part = sq[idx]
+            for dim in range(mesh.ndim):
+                torch.distributed.all_reduce(part, group=mesh.get_group(dim))
+            sq[idx] = part
+        finest = min((self._clip_dtype(p) for p, _, _ in mats), key=lambda d: torch.finfo(d).eps)
+        return auto_clip_steps(1.0 + float(sq.max()), finest)  # the one host sync
+
+    def _clip(self, params: list[Tensor], locals_: list[Tensor], c: float, steps: int) -> list[Tensor]:
         """``H_c`` of each tensor (local blocks of DTensors come back as local blocks), in the tensors' dtype."""
         out: list[Tensor | None] = [None] * len(params)
         mats = [i for i, p in enumerate(params) if p.ndim >= 2]
@@ -439,14 +473,14 @@ class Spectra(Optimizer):
         two_d = [i for i in mats if params[i].ndim == 2]
         flat = [i for i in mats if params[i].ndim > 2]
         for i in flat:
-            out[i] = spectral_clip(locals_[i].reshape(locals_[i].shape[0], -1), c, steps=self.steps,
+            out[i] = spectral_clip(locals_[i].reshape(locals_[i].shape[0], -1), c, steps=steps,
                                    dtype=self._clip_dtype(params[i])).view_as(locals_[i])  # fmt: skip
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i in two_d:
             by_dtype.setdefault(self._clip_dtype(params[i]), []).append(i)
         for dtype, idx in by_dtype.items():
-            fn = partial(spectral_clip, c=c, steps=self.steps, dtype=dtype)
-            cost = partial(spectral_clip_flops, steps=self.steps)
+            fn = partial(spectral_clip, c=c, steps=steps, dtype=dtype)
+            cost = partial(spectral_clip_flops, steps=steps)
             results = map_full_matrices(
                 [params[i] for i in idx], [locals_[i].to(dtype) for i in idx], fn, cost
             )
@@ -473,7 +507,9 @@ class Spectra(Optimizer):
             for p in g["params"]
             if id(p) in self._selected and p.grad is not None
         ]
-        for p, h in zip(params, self._clip(params, [_local(p.grad) for p in params], self.pre_clip)):
+        grads = [_local(p.grad) for p in params]
+        steps = self._steps([(p, g, self.pre_clip) for p, g in zip(params, grads)])
+        for p, h in zip(params, self._clip(params, grads, self.pre_clip, steps)):
             _local(p.grad).copy_(h)
         self._grads_clipped = True
 
@@ -500,12 +536,17 @@ class Spectra(Optimizer):
                 if params:
                     todo.append((group, params, [p.detach().clone() for p in params]))
         self.optimizer.step()
+        work = []
         for group, params, before in todo:
             lr, wd = _float(group["lr"]), _float(group.get("weight_decay", 0.0))
-            c = self.threshold(group)
             updates = [(_local(x0) - _local(p)) / lr - wd * _local(x0) for p, x0 in zip(params, before)]
+            work.append((params, updates, lr, self.threshold(group)))
+        steps = self._steps([(p, u, c) for params, updates, _, c in work for p, u in zip(params, updates)])
+        for params, updates, lr, c in work:
             # c = 0 (the end of a decay to final_scale = 0): the clipped update is zero, only the decay remains
-            clipped = [torch.zeros_like(u) for u in updates] if c == 0.0 else self._clip(params, updates, c)
+            clipped = (
+                [torch.zeros_like(u) for u in updates] if c == 0.0 else self._clip(params, updates, c, steps)
+            )
             for p, u, h in zip(params, updates, clipped):
                 alpha = _shape_factor(p.shape) if self.shape_factor else 1.0
                 _local(p).add_((u - h) if alpha == 1.0 else (u - alpha * h), alpha=lr)
