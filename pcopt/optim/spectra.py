@@ -35,6 +35,7 @@ from pcopt.optim._muon import Muon
 from pcopt.optim._pc_state import attach_pc_state
 from pcopt.spectral_clip import (
     AUTHORS_CLIP_STEPS,
+    auto_clip_dtype,
     auto_clip_steps,
     check_steps,
     check_threshold,
@@ -421,8 +422,11 @@ class Spectra(Optimizer):
                 return self.c * (self.final_scale + (1 - self.final_scale) * shape)
         return self.c
 
-    def _clip_dtype(self, p: Tensor) -> torch.dtype:
-        return self.dtype if self.dtype is not None else preferred_dtype(p.device)
+    def _clip_dtype(self, p: Tensor, steps: int | None = None) -> torch.dtype:
+        """The iteration dtype of ``p``'s clip: ``dtype`` or the device's preferred one; with ``steps`` chosen
+        automatically, fp32 instead of a 16-bit dtype past ``BF16_STABLE_STEPS`` (``auto_clip_dtype``)."""
+        dtype = self.dtype if self.dtype is not None else preferred_dtype(p.device)
+        return dtype if steps is None or self.steps != "auto" else auto_clip_dtype(steps, dtype)
 
     def _steps(self, items: list[tuple[Tensor, Tensor, float]]) -> int:
         """The Newton-Schulz steps of one clip of ``(param, local block, c)`` items: ``self.steps`` if fixed, else
@@ -449,7 +453,9 @@ class Spectra(Optimizer):
                 torch.distributed.all_reduce(part, group=mesh.get_group(dim))
             sq[idx] = part
         finest = min((self._clip_dtype(p) for p, _, _ in mats), key=lambda d: torch.finfo(d).eps)
-        return auto_clip_steps(1.0 + float(sq.max()), finest)  # the one host sync
+        a_max = 1.0 + float(sq.max())  # the one host sync
+        steps = auto_clip_steps(a_max, finest)
+        return auto_clip_steps(a_max, auto_clip_dtype(steps, finest))  # fp32's count if it runs in fp32
 
     def _clip(self, params: list[Tensor], locals_: list[Tensor], c: float, steps: int) -> list[Tensor]:
         """``H_c`` of each tensor (local blocks of DTensors come back as local blocks), in the tensors' dtype."""
@@ -474,10 +480,10 @@ class Spectra(Optimizer):
         flat = [i for i in mats if params[i].ndim > 2]
         for i in flat:
             out[i] = spectral_clip(locals_[i].reshape(locals_[i].shape[0], -1), c, steps=steps,
-                                   dtype=self._clip_dtype(params[i])).view_as(locals_[i])  # fmt: skip
+                                   dtype=self._clip_dtype(params[i], steps)).view_as(locals_[i])  # fmt: skip
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i in two_d:
-            by_dtype.setdefault(self._clip_dtype(params[i]), []).append(i)
+            by_dtype.setdefault(self._clip_dtype(params[i], steps), []).append(i)
         for dtype, idx in by_dtype.items():
             fn = partial(spectral_clip, c=c, steps=steps, dtype=dtype)
             cost = partial(spectral_clip_flops, steps=steps)

@@ -249,3 +249,24 @@ def test_bad_inputs():
         pcopt.spectral_clip([[1.0, 2.0]], 1.0)
     with pytest.raises(TypeError, match=r"real floating tensor, got dtype torch\.int64"):
         pcopt.spectral_clip(torch.ones(2, 2, dtype=torch.int64), 1.0)
+
+
+def test_auto_steps_past_the_bf16_limit_run_in_fp32():
+    """A near-singular 256 x 256 (+-1 entries) at c = 0.5 needs ~20 automatic steps; the coupled iteration in bf16
+    diverges there (NaN after 20 explicit bf16 steps), so the "auto" count runs it in fp32: finite, and within
+    bf16's output rounding (2^-8) of a float64 SVD soft clip, where the explicit bf16 count is not finite."""
+    from pcopt.spectral_clip import BF16_STABLE_STEPS, auto_clip_steps
+
+    torch.manual_seed(0)
+    X = torch.randn(256, 256).sign()
+    a = 1 + float(torch.linalg.matrix_norm(X.double(), 2)) ** 2 / 0.25
+    assert auto_clip_steps(a, torch.bfloat16) > BF16_STABLE_STEPS
+    u, s, vh = torch.linalg.svd(X.double())
+    ref = (u * (s / torch.sqrt(1 + s**2 / 0.25))) @ vh
+    got = pcopt.spectral_clip(X.bfloat16(), 0.5)  # dtype None: the input's, bf16
+    assert got.dtype == torch.bfloat16
+    assert float((got.double() - ref).norm() / ref.norm()) < 2**-8
+    # what it avoids: an explicit count that long, kept in bf16, diverges (rounding-driven, so the test asks only
+    # for "no longer a clip": non-finite, or off by more than the result itself)
+    bad = pcopt.spectral_clip(X, 0.5, steps=25, dtype=torch.bfloat16).double()
+    assert not torch.isfinite(bad).all() or float((bad - ref).norm() / ref.norm()) > 1
