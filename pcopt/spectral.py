@@ -175,7 +175,10 @@ def power_iteration_(
         starts = None
         if init is not None:
             starts = [
-                (torch.stack([init[0][i] for i in idx]).to(dtype), torch.stack([init[1][i] for i in idx]).to(dtype))
+                (
+                    torch.stack([init[0][i] for i in idx]).to(dtype),
+                    torch.stack([init[1][i] for i in idx]).to(dtype),
+                )
                 for idx in members
             ]
             bads = [_heal(g, *st) for g, st in zip(groups, starts)]

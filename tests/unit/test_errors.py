@@ -326,7 +326,9 @@ PC_LAYOUT_ERRORS = [
     ),
     (
         "PC state saved with another degree",
-        lambda: pcopt.precondition(nn.Linear(4, 6, bias=False), degree=5).load_state_dict(_pc_state_dict(degree=9)),
+        lambda: pcopt.precondition(nn.Linear(4, 6, bias=False), degree=5).load_state_dict(
+            _pc_state_dict(degree=9)
+        ),
         RuntimeError,
         r"trained with degree 9, eps 1e-07.*preconditioned with degree 5, eps 1e-07.*pcopt\.PCOptions",
     ),
