@@ -33,3 +33,9 @@ def is_fsdp_module(module: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - torch built without distributed
         return False
     return isinstance(module, FSDPModule)
+
+
+def shards(placement) -> bool:
+    """Whether a DTensor placement splits a tensor dim: ``Shard``, or the ``_StridedShard`` FSDP2 uses on a dim that
+    tensor parallelism already shards (which is not a ``Shard`` subclass and answers ``is_shard()`` with False)."""
+    return placement.is_shard() or type(placement).__name__ == "_StridedShard"

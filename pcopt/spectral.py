@@ -9,12 +9,15 @@ iteration is therefore O(m + n) per matrix; the weight itself is never gathered.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from pcopt._tensor import shards
 
 __all__ = ["all_reduce_", "normalize", "power_iteration_", "sigma_estimate", "init_singular_vectors"]
 
@@ -46,7 +49,7 @@ def sigma_estimate(W: Tensor, u: Tensor, v: Tensor) -> Tensor:
 
 def _local_view(weight: Tensor) -> tuple[Tensor, tuple, tuple, tuple[int, ...]]:
     """Return (local block, slices into the global tensor, mesh dims that shard it, global shape)."""
-    from torch.distributed.tensor import DTensor, Partial, Shard
+    from torch.distributed.tensor import DTensor, Partial
 
     if not isinstance(weight, DTensor):
         return weight.detach(), tuple(slice(None) for _ in weight.shape), (), tuple(weight.shape)
@@ -58,10 +61,48 @@ def _local_view(weight: Tensor) -> tuple[Tensor, tuple, tuple, tuple[int, ...]]:
             "pcopt power iteration got a DTensor weight with a Partial placement; expected Shard or Replicate "
             f"placements, got {placements}. Redistribute the weight before refreshing."
         )
+    sharded_dims = tuple(i for i, p in enumerate(placements) if shards(p))
+    if any(
+        shards(p) and not p.is_shard() for p in placements
+    ):  # FSDP over tensor parallel: not one contiguous slice
+        dims = {p.dim for p in placements if shards(p)}
+        if len(dims) != 1:
+            raise NotImplementedError(
+                f"pcopt power iteration got a DTensor weight placed as {placements}: strided shards are supported "
+                "when every sharded mesh dim splits the same tensor dim (FSDP on the dim tensor parallelism shards)."
+            )
+        dim = dims.pop()
+        index = [slice(None)] * weight.ndim
+        index[dim] = shard_indices(tuple(weight.shape), dim, weight.device_mesh, tuple(placements))
+        return weight.to_local().detach(), tuple(index), sharded_dims, tuple(weight.shape)
     shape, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, placements)
     index = tuple(slice(o, o + s) for o, s in zip(offset, shape))
-    sharded_dims = tuple(i for i, p in enumerate(placements) if isinstance(p, Shard))
     return weight.to_local().detach(), index, sharded_dims, tuple(weight.shape)
+
+
+@functools.cache
+def shard_indices(shape: tuple[int, ...], dim: int, mesh, placements: tuple) -> Tensor:
+    """This rank's global indices along ``dim`` of a tensor of ``shape`` placed as ``placements``, every sharded mesh
+    dim splitting ``dim`` (``Shard`` or ``_StridedShard``, whose local rows are interleaved, not one slice).
+
+    A CPU tensor, computed once per layout (no communication: ``distribute_tensor`` without a source rank only
+    slices).
+    """
+    from torch.distributed.tensor import distribute_tensor
+
+    view = [1] * len(shape)
+    view[dim] = shape[dim]
+    ar = torch.arange(shape[dim]).view(view)
+    return distribute_tensor(ar, mesh, placements, src_data_rank=None).to_local().reshape(-1).cpu()
+
+
+def _index_key(index: tuple) -> tuple:
+    """A hashable form of a local block's index (slices by bounds, index tensors by identity: they are cached)."""
+    return tuple((s.start, s.stop) if isinstance(s, slice) else ("indices", id(s)) for s in index)
+
+
+def _on(index: tuple, device: torch.device) -> tuple:
+    return tuple(s if isinstance(s, slice) else s.to(device) for s in index)
 
 
 def all_reduce_(flat: Tensor, mesh, mesh_dims: tuple[int, ...]) -> None:
@@ -86,7 +127,7 @@ class _Group:
     W: Tensor  # (B, ..., m_loc, n_loc) local blocks in the iteration dtype
     U: Tensor  # (B, ..., m)
     V: Tensor  # (B, ..., n)
-    index: tuple  # (batch slices..., row slice, col slice) of the local block in the global tensor
+    index: tuple  # (batch slices..., rows, cols) of the local block in the global tensor: slices or index tensors
     full: bool  # the local block is the whole matrix (no scatter into the full vector)
 
 
@@ -160,7 +201,7 @@ def power_iteration_(
         mesh = w.device_mesh if mesh_dims else None
         key = (mesh, mesh_dims, dtype)  # meshes compare by value: equal meshes share one all-reduce
         full = tuple(local.shape) == tuple(shape)
-        sub = (tuple(local.shape), tuple((s.start, s.stop) for s in index), full, local.device)
+        sub = (tuple(local.shape), _index_key(index), full, local.device)
         table.setdefault(key, (mesh, {}))[1].setdefault(sub, []).append(i)
         locals_.append((local, index))
     counts: list[Tensor | None] = [None] * len(weights)
@@ -170,7 +211,7 @@ def power_iteration_(
             W = torch.stack([locals_[i][0] for i in idx]).to(dtype)
             U = torch.stack([us[i] for i in idx]).to(dtype)
             V = torch.stack([vs[i] for i in idx]).to(dtype)
-            groups.append(_Group(W, U, V, locals_[idx[0]][1], full))
+            groups.append(_Group(W, U, V, _on(locals_[idx[0]][1], U.device), full))
             members.append(idx)
         starts = None
         if init is not None:

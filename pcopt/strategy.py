@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from pcopt._tensor import is_dtensor, is_fsdp_module, local_tensor
+from pcopt._tensor import is_dtensor, is_fsdp_module, local_tensor, shards
 from pcopt.layer import PCHolder, PCSlot, PolynomialPC
 from pcopt.polynomials import gram_polynomial, gram_polynomial_vjp, horner_chain
 from pcopt.registration import preconditioners, unregister
@@ -110,7 +110,9 @@ def _larger_dim(shape: tuple[int, ...]) -> int:
 def shard_placement_fn(model: nn.Module) -> Callable[[nn.Parameter], Any]:
     """A ``shard_placement_fn`` for ``fully_shard`` that shards every PC matrix of ``model`` on its larger dim.
 
-    Other parameters get FSDP2's default (``Shard(0)``). FSDP2 requires dims other than 0 to divide evenly by
+    A matrix that tensor parallelism already shards (a 2-D DTensor with a ``Shard`` placement) is sharded on that
+    same dim, PC or not (FSDP2 then places it as ``_StridedShard``), so that all of a PC matrix's shards split
+    one dim and its small-side Gram is a sum of local Grams. Other parameters get FSDP2's default (``Shard(0)``). FSDP2 requires dims other than 0 to divide evenly by
     the shard count. :func:`set_strategy` passes it to ``shard``.
     """
     from torch.distributed.tensor import Shard
@@ -125,6 +127,10 @@ def shard_placement_fn(model: nn.Module) -> Callable[[nn.Parameter], Any]:
             table[id(param)] = Shard(_larger_dim(tuple(param.shape)))
 
     def placement(param: nn.Parameter):
+        if is_dtensor(param) and param.ndim == 2:  # tensor parallel first: shard the dim it shards
+            dims = [p.dim for p in param.placements if shards(p)]
+            if dims:
+                return Shard(dims[0])
         return table.get(id(param))
 
     return placement
@@ -250,16 +256,17 @@ def _bind(
         from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
 
         mesh, placements = w.device_mesh, tuple(w.placements)
-        shard_dims = {p.dim for p in placements if p.is_shard()}
+        shard_dims = {p.dim for p in placements if shards(p)}
         if (
             any(isinstance(p, Partial) for p in placements)
             or len(shard_dims) > 1
-            or any(p.is_shard() and type(p).__name__ != "Shard" for p in placements)
+            or any(shards(p) and type(p).__name__ not in ("Shard", "_StridedShard") for p in placements)
         ):
             raise ValueError(
                 f"set_strategy: {fqn} is placed as {placements}; the once-per-step strategy needs every sharded "
-                "mesh dim to shard the same tensor dim with plain Shard placements (FSDP2 or HSDP). Pass "
-                "shard_placement_fn=placement_fn (the second argument of shard) to fully_shard."
+                "mesh dim to shard the same tensor dim (FSDP2, HSDP, or FSDP2 over tensor parallelism on the dim "
+                "the tensor-parallel plan shards). Pass shard_placement_fn=placement_fn (the second argument of "
+                "shard) to fully_shard."
             )
         raw = nn.Parameter(
             DTensor.from_local(local, mesh, placements, shape=w.shape, stride=w.stride()), requires_grad=True
@@ -268,7 +275,7 @@ def _bind(
             local_tensor(pc.gamma.detach()).to(local.device), mesh, [Replicate()] * mesh.ndim
         )
         pc.gamma = nn.Parameter(gamma, requires_grad=pc.gamma.requires_grad)
-        mesh_dims = tuple(i for i, p in enumerate(placements) if p.is_shard())
+        mesh_dims = tuple(i for i, p in enumerate(placements) if shards(p))
         dim = shard_dims.pop() if shard_dims else _larger_dim(tuple(w.shape))
     else:  # one device: the raw parameter keeps its identity (an optimizer built before keeps working)
         raw = w

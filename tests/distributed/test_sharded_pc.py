@@ -56,10 +56,21 @@ def _model(seed=0, degree=5, **kw):
     return model
 
 
-def _shard_fn(**kwargs):
+def _shard_fn(tp_mesh=None, **kwargs):
+    """FSDP2 over every layer and the root; with ``tp_mesh``, Llama's tensor-parallel plan first (wv, w1, w3
+    column-wise, wo, w2 row-wise), as torchtitan applies it before FSDP2."""
+
     def shard(model, placement_fn):
         from torch.distributed.fsdp import fully_shard
 
+        if tp_mesh is not None:
+            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+            plan = {"attention.wv": ColwiseParallel(), "attention.wo": RowwiseParallel(),
+                    "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
+                    "feed_forward.w2": RowwiseParallel()}  # fmt: skip
+            for layer in model.layers:
+                parallelize_module(layer, tp_mesh, plan)
         for layer in model.layers:
             fully_shard(layer, shard_placement_fn=placement_fn, **kwargs)
         fully_shard(model, shard_placement_fn=placement_fn, **kwargs)
@@ -72,9 +83,9 @@ def _once(model, shard=None):
     return pcopt.PCState(model)
 
 
-def _sharded(seed=0, degree=5, **kwargs):
+def _sharded(seed=0, degree=5, tp_mesh=None, **kwargs):
     model = _model(seed, degree)
-    return model, _once(model, _shard_fn(**kwargs))
+    return model, _once(model, _shard_fn(tp_mesh, **kwargs))
 
 
 def _trainable(model):
@@ -130,9 +141,15 @@ def _equality(rank, world, layout="fsdp"):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
-    kwargs = {}
+    kwargs, dp, dp_size = {}, rank, world  # dp: which slice of the batch this rank trains on
     if layout == "hsdp":  # 2 replicas x 2 shards: placements (Replicate(), Shard(d))
         kwargs["mesh"] = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp_replicate", "dp_shard"))
+    if (
+        layout == "fsdp_tp"
+    ):  # FSDP 2 x TP 2: placements (_StridedShard(d), Shard(d)); a TP group shares a batch
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+        kwargs.update(mesh=mesh["dp"], tp_mesh=mesh["tp"])
+        dp, dp_size = mesh["dp"].get_local_rank(), 2
     for accum in (1, 4):
         for kind in ("adamw", "muon"):
             ref = _model()
@@ -140,6 +157,7 @@ def _equality(rank, world, layout="fsdp"):
             w2 = model.layers[0].feed_forward.w2
             assert isinstance(w2.weight, DTensor) and w2.weight.placements[-1].is_shard(1)
             assert layout != "hsdp" or w2.weight.placements[0].is_replicate()
+            assert layout != "fsdp_tp" or type(w2.weight.placements[0]).__name__ == "_StridedShard"
             assert w2.parametrizations.weight.original.placements == w2.weight.placements
             assert model.layers[0].feed_forward.w1.parametrizations.weight.original.placements[-1].is_shard(0)
             ref_opts = _optimizers(ref, ref.named_parameters(), kind)
@@ -148,9 +166,9 @@ def _equality(rank, world, layout="fsdp"):
             torch.manual_seed(10 + accum)
             for step in range(2):
                 for _ in range(accum):
-                    x = torch.randn(2 * world, 6, DIM)
+                    x = torch.randn(2 * dp_size, 6, DIM)
                     ref(x).pow(2).mean().div(accum).backward()
-                    model(x[rank * 2 : (rank + 1) * 2]).pow(2).mean().div(accum).backward()
+                    model(x[dp * 2 : (dp + 1) * 2]).pow(2).mean().div(accum).backward()
                 pc.after_backward()
                 assert all(w.grad is None for w in pcopt.effective_parameters(model))
                 for name, p in _trainable(model):
@@ -178,6 +196,14 @@ def test_sharded_matches_unsharded_parametrize_grads_and_steps():
     """Raw-weight and gamma gradients, the weights after AdamW / Muon steps, u, v and W_eff equal the
     unsharded per-micro-batch parametrize path (accumulation 1 and 4, two steps, <= 1e-5 relative)."""
     run_distributed(_equality)
+
+
+@pytest.mark.slow
+def test_fsdp_over_tensor_parallel_matches_unsharded_parametrize_grads_and_steps():
+    """The same on 4 ranks as FSDP 2 x TP 2 with Llama's tensor-parallel plan: FSDP2 shards each PC matrix on the
+    dim TP shards (w1/w3 rows, w2/wo columns: _StridedShard over Shard), so its small-side Gram is a sum of local
+    Grams over both mesh dims and the polynomial applies locally."""
+    run_distributed(_equality, "fsdp_tp", world_size=4)
 
 
 @pytest.mark.slow
