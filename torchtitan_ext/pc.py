@@ -249,11 +249,14 @@ def parallelize_llama_pc(
                 "weight, which FSDP2 hands it only on that backend. Pass --parallelism.spmd_backend "
                 "partial_dtensor."
             )
-        if parallel_dims.tp_enabled or parallel_dims.cp_enabled:
+        pc_modes = {m._pc_config.pc_mode for m in model.modules() if isinstance(m, PCLinear)}
+        if parallel_dims.cp_enabled or (parallel_dims.tp_enabled and pc_modes & {"parametrize"}):
             raise ValueError(
-                f"The PC layer supports data parallelism (FSDP2/HSDP) and pipeline parallelism only, got "
-                f"tensor_parallel_degree={parallel_dims.tp}, context_parallel_degree={parallel_dims.cp}: "
-                "the polynomial needs the whole matrix. Set both degrees to 1."
+                f"The PC layer runs under data parallelism (FSDP2/HSDP), tensor parallelism with PC once per step "
+                f"(mode 'auto' or 'sharded') and pipeline parallelism per forward; got "
+                f"tensor_parallel_degree={parallel_dims.tp}, context_parallel_degree={parallel_dims.cp}, PC mode "
+                f"{sorted(pc_modes)}. Set context_parallel_degree to 1, and use a _pc config (not _per_forward) "
+                "with tensor parallelism."
             )
         fqns = attach_pc(model)
         logger.info("PC layer attached to %d matrices before FSDP: %s ...", len(fqns), fqns[:4])

@@ -52,11 +52,15 @@ MODEL_ONLY = ["dataloader", "optimizer", "lr_scheduler"]  # resume the model par
 # ---------------------------------------------------------------------------------------------------
 # Small models and checkpoints (1 layer of the debug model, one process)
 # ---------------------------------------------------------------------------------------------------
-def _model(pc: bool, targets: str | None = ALL_TARGETS, *, meta: bool = False) -> torch.nn.Module:
+def _model(
+    pc: bool, targets: str | None = ALL_TARGETS, *, meta: bool = False, mode: str = "auto"
+) -> torch.nn.Module:
     cfg = None
     if pc:
         cfg = (
-            PCConverter.Config(degree=5) if targets is None else PCConverter.Config(degree=5, targets=targets)
+            PCConverter.Config(degree=5, mode=mode)
+            if targets is None
+            else PCConverter.Config(degree=5, targets=targets, mode=mode)
         )
     spec = llama2_model("debug", pc=cfg)
     spec.model.layers = spec.model.layers[:1]
@@ -144,7 +148,7 @@ def _parallelize_with_tp():
         dp_replicate=1, dp_shard=1, cp=1, tp=2, pp=1, ep=1, world_size=2, spmd_backend="partial_dtensor"
     )
     parallelize_llama_pc(
-        _model(pc=True, meta=True),
+        _model(pc=True, meta=True, mode="parametrize"),  # per forward: the map needs the whole matrix
         parallel_dims=pd,
         training=TrainingConfig(),
         parallelism=ParallelismConfig(spmd_backend="partial_dtensor", tensor_parallel_degree=2),
@@ -264,10 +268,11 @@ ERRORS = [
         marks=pytest.mark.skipif(TORCH_2_14, reason="checked by torchtitan on torch >= 2.14"),
     ),
     (
-        "PC with tensor parallelism",
+        "PC per forward with tensor parallelism",
         lambda c, t: _parallelize_with_tp(),
         ValueError,
-        r"PC layer supports data parallelism .* got tensor_parallel_degree=2.* Set both degrees to 1",
+        r"tensor parallelism with PC once per step .* got tensor_parallel_degree=2, context_parallel_degree=1, "
+        r"PC mode \['parametrize'\]\. .*use a _pc config \(not _per_forward\) with tensor parallelism",
     ),
     (
         "unknown optimizer name",
