@@ -44,6 +44,7 @@ __all__ = [
     "spectral_clip_flops",
     "auto_clip_steps",
     "auto_clip_dtype",
+    "auto_clip_plan",
     "BF16_STABLE_STEPS",
     "DEFAULT_CLIP_STEPS",
     "AUTHORS_CLIP_STEPS",
@@ -127,6 +128,14 @@ def _vector_clip(g: Tensor, c: float) -> Tensor:
     return g * vector_clip_scale(g, c).to(g.dtype)
 
 
+def auto_clip_plan(a_max: float, dtype: torch.dtype) -> tuple[int, torch.dtype]:
+    """``(steps, dtype)`` of an automatically chosen clip for the bound ``a_max``: :func:`auto_clip_steps` in
+    ``dtype``, or, when that is too many for a 16-bit iteration (:func:`auto_clip_dtype`), fp32 and fp32's count."""
+    steps = auto_clip_steps(a_max, dtype)
+    dtype = auto_clip_dtype(steps, dtype)
+    return auto_clip_steps(a_max, dtype), dtype
+
+
 def auto_clip_steps(a_max: float, dtype: torch.dtype = torch.float32) -> int:
     """Fewest coupled steps for a bound ``a_max >= lambda_max(I + X X^T / c^2)`` (see the module docstring).
 
@@ -153,11 +162,9 @@ def _matrix_clip(X: Tensor, c: float, steps: int | None, dtype: torch.dtype) -> 
     bound = torch.minimum(S.abs().sum(dim=-1).amax(dim=-1), torch.linalg.matrix_norm(S))  # (...,)
     a = (1 + bound / (c * c)).unsqueeze(-1).unsqueeze(-1)
     if steps is None:  # "auto": one host sync for the whole batch
-        a_max = a.max().item()
-        steps = auto_clip_steps(a_max, dtype)
-        if auto_clip_dtype(steps, dtype) != dtype:  # too many steps for a 16-bit iteration: fp32 from here on
-            dtype = auto_clip_dtype(steps, dtype)
-            steps = auto_clip_steps(a_max, dtype)
+        steps, plan_dtype = auto_clip_plan(a.max().item(), dtype)
+        if plan_dtype != dtype:  # too many steps for a 16-bit iteration: fp32 from here on
+            dtype = plan_dtype
             W = W.to(dtype)
             S = W @ W.mT
             a = a.to(dtype)

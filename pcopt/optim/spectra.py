@@ -36,7 +36,7 @@ from pcopt.optim._pc_state import attach_pc_state
 from pcopt.spectral_clip import (
     AUTHORS_CLIP_STEPS,
     auto_clip_dtype,
-    auto_clip_steps,
+    auto_clip_plan,
     check_steps,
     check_threshold,
     resolve_clip_dtype,
@@ -453,9 +453,8 @@ class Spectra(Optimizer):
                 torch.distributed.all_reduce(part, group=mesh.get_group(dim))
             sq[idx] = part
         finest = min((self._clip_dtype(p) for p, _, _ in mats), key=lambda d: torch.finfo(d).eps)
-        a_max = 1.0 + float(sq.max())  # the one host sync
-        steps = auto_clip_steps(a_max, finest)
-        return auto_clip_steps(a_max, auto_clip_dtype(steps, finest))  # fp32's count if it runs in fp32
+        steps, _ = auto_clip_plan(1.0 + float(sq.max()), finest)  # the one host sync; fp32's count if fp32
+        return steps
 
     def _clip(self, params: list[Tensor], locals_: list[Tensor], c: float, steps: int) -> list[Tensor]:
         """``H_c`` of each tensor (local blocks of DTensors come back as local blocks), in the tensors' dtype."""
