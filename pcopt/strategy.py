@@ -54,7 +54,7 @@ from pcopt._tensor import is_dtensor, is_fsdp_module, local_tensor, shards
 from pcopt.layer import PCHolder, PCSlot, PolynomialPC
 from pcopt.polynomials import gram_polynomial, gram_polynomial_vjp, horner_chain
 from pcopt.registration import preconditioners, unregister
-from pcopt.spectral import all_reduce_, sigma_estimate
+from pcopt.spectral import all_reduce_, shard_indices, sigma_estimate
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +112,9 @@ def shard_placement_fn(model: nn.Module) -> Callable[[nn.Parameter], Any]:
 
     A matrix that tensor parallelism already shards (a 2-D DTensor with a ``Shard`` placement) is sharded on that
     same dim, PC or not (FSDP2 then places it as ``_StridedShard``), so that all of a PC matrix's shards split
-    one dim and its small-side Gram is a sum of local Grams. Other parameters get FSDP2's default (``Shard(0)``). FSDP2 requires dims other than 0 to divide evenly by
-    the shard count. :func:`set_strategy` passes it to ``shard``.
+    one dim and its small-side Gram is a sum of local Grams. Other parameters get FSDP2's default
+    (``Shard(0)``). FSDP2 requires dims other than 0 to divide evenly by the shard count. :func:`set_strategy`
+    passes it to ``shard``.
     """
     from torch.distributed.tensor import Shard
 
@@ -253,7 +254,7 @@ def _bind(
     w = module._parameters[name]
     local = local_tensor(w).detach().clone()
     if is_dtensor(w):
-        from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
+        from torch.distributed.tensor import DTensor, Partial, Replicate
 
         mesh, placements = w.device_mesh, tuple(w.placements)
         shard_dims = {p.dim for p in placements if shards(p)}
@@ -288,9 +289,7 @@ def _bind(
     slot.dim, slot.mesh, slot.mesh_dims, slot.compute_dtype = dim, mesh, mesh_dims, compute_dtype
     slot.placements = tuple(w.placements) if is_dtensor(w) else None
     if mesh_dims:
-        size = w.shape[dim]
-        ar = torch.arange(size).view((size, 1) if dim == 0 else (1, size))
-        slot.index = distribute_tensor(ar, mesh, placements, src_data_rank=None).to_local().reshape(-1).cpu()
+        slot.index = shard_indices(tuple(w.shape), dim, mesh, placements)
     holder = module._modules.get("parametrizations")
     if not isinstance(holder, PCHolder):
         holder = PCHolder()
