@@ -240,8 +240,8 @@ def parallelize_llama_pc(
 ):
     """torchtitan's ``parallelize_llama`` with the PC layer attached first and gloo reductions fixed."""
     check_spmd_backend(parallelism.spmd_backend)
-    has_pc = any(isinstance(m, PCLinear) for m in model.modules())
-    if has_pc:
+    modes = {m._pc_config.pc_mode for m in model.modules() if isinstance(m, PCLinear)}
+    if modes:
         if parallelism.spmd_backend != "partial_dtensor":
             raise ValueError(
                 f"The PC layer needs parallelism.spmd_backend='partial_dtensor' (got "
@@ -249,18 +249,16 @@ def parallelize_llama_pc(
                 "weight, which FSDP2 hands it only on that backend. Pass --parallelism.spmd_backend "
                 "partial_dtensor."
             )
-        pc_modes = {m._pc_config.pc_mode for m in model.modules() if isinstance(m, PCLinear)}
-        if parallel_dims.cp_enabled or (parallel_dims.tp_enabled and pc_modes & {"parametrize"}):
+        if parallel_dims.cp_enabled or (parallel_dims.tp_enabled and modes & {"parametrize"}):
             raise ValueError(
                 f"The PC layer runs under data parallelism (FSDP2/HSDP), tensor parallelism with PC once per step "
                 f"(mode 'auto' or 'sharded') and pipeline parallelism per forward; got "
                 f"tensor_parallel_degree={parallel_dims.tp}, context_parallel_degree={parallel_dims.cp}, PC mode "
-                f"{sorted(pc_modes)}. Set context_parallel_degree to 1, and use a _pc config (not _per_forward) "
+                f"{sorted(modes)}. Set context_parallel_degree to 1, and use a _pc config (not _per_forward) "
                 "with tensor parallelism."
             )
         fqns = attach_pc(model)
         logger.info("PC layer attached to %d matrices before FSDP: %s ...", len(fqns), fqns[:4])
-    modes = {m._pc_config.pc_mode for m in model.modules() if isinstance(m, PCLinear)}
     kwargs = dict(
         parallel_dims=parallel_dims,
         training=training,
