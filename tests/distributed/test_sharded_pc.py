@@ -445,3 +445,99 @@ def _misuse(rank, world):
 @pytest.mark.slow
 def test_misuse_errors_and_smaller_dim_sharding():
     run_distributed(_misuse)
+
+
+class _GroupComms(_Comms):
+    """:class:`_Comms` that also records the size of each collective's process group."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        if name.startswith("c10d::allreduce_"):
+            pg = next(a for a in args if isinstance(a, torch.ScriptObject))
+            sizes = [t.numel() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            self.calls.append((name, sizes, dist.ProcessGroup.unbox(pg).size()))
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def _collectives_2d_layout(rank, world, layout):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("a", "b"))
+    if layout == "hsdp":  # (Replicate(), Shard(d)): the Grams are summed over the 2 shards of a replica
+        model, pc = _sharded(mesh=mesh)
+        dp, dp_size, group_size = rank, world, world // 2
+    else:  # FSDP 2 x TP 2, (_StridedShard(d), Shard(d)): summed over all 4 ranks, in one all-reduce
+        model, pc = _sharded(mesh=mesh["a"], tp_mesh=mesh["b"])
+        dp, dp_size, group_size = mesh["a"].get_local_rank(), 2, world
+    weights = [model.get_parameter(f) for f in _names(model)]
+    slots = [(tuple(w.shape), w.placements[-1].dim) for w in weights]
+    # expected shape groups, from the placements alone: matrices of one shape sharded on the same dim
+    groups: dict[tuple, list[int]] = {}
+    for shape, d in slots:
+        groups.setdefault((shape, d), []).append(shape[1 - d] ** 2)  # the Gram is (other side)^2
+    assert len(groups) < len(slots)  # same-shape matrices exist, so batching is exercised
+    torch.manual_seed(0)
+    x = torch.randn(2 * dp_size, 6, DIM)[dp * 2 : (dp + 1) * 2]
+    model(x).pow(2).mean().backward()
+
+    with _GroupComms() as back:
+        pc.after_backward()
+    # pull-back: one all-reduce per shape group over the whole sharding group, of [Grams, W^T dL/dW_eff, sigmas]
+    assert [(n, g) for n, _, g in back.calls] == [("c10d::allreduce_", group_size)] * len(groups), back.calls
+    assert [s for _, s, _ in back.calls] == [[sum(2 * q + 1 for q in nns)] for nns in groups.values()], (
+        back.calls
+    )
+
+    for p in model.parameters():
+        if p.grad is not None:
+            p.data.add_(p.grad, alpha=-1e-3)
+    with _GroupComms() as step:
+        pc.after_step()
+    assert all(n == "c10d::allreduce_" and g == group_size for n, _, g in step.calls), step.calls
+    grams = [s for _, s, _ in step.calls if s[0] > sum(max(s) for s, _ in slots)]
+    vectors = [s for _, s, _ in step.calls if s[0] <= sum(max(s) for s, _ in slots)]
+    assert grams == [[sum(q + 1 for q in nns)] for nns in groups.values()], (
+        grams
+    )  # the map: one per shape group
+    # the power iteration: every matrix's full-length partial vector in one all-reduce per half-step
+    iters = pcopt.preconditioners(model)[0][1].num_power_iterations
+    half = [[sum(s[1] for s, _ in slots)], [sum(s[0] for s, _ in slots)]]  # W^T u (length n), then W v (m)
+    assert vectors == half * iters, (vectors, iters)
+    return 4 * sum(s[0] for _, s, _ in back.calls + step.calls)  # bytes sent into all-reduces (fp32)
+
+
+def _mesh_groups(rank, world):
+    """:func:`pcopt.spectral.mesh_group` of two dims that are not the whole world, on a named mesh (flattened by
+    DeviceMesh) and an unnamed one (``new_group``): the sum of each rank's number is the sum over its group."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+    from pcopt.spectral import all_reduce_, mesh_group
+
+    named = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("r", "s", "t"))
+    unnamed = DeviceMesh("cpu", torch.arange(world).view(2, 1, 2))
+    for mesh in (named, unnamed):
+        for dims in ((0, 1), (1, 2), (0, 1, 2)):
+            flat = torch.tensor([float(rank), 1.0])
+            all_reduce_(flat, mesh, dims)
+            coord = mesh.get_coordinate()
+            peers = mesh.mesh[tuple(slice(None) if d in dims else c for d, c in enumerate(coord))].reshape(-1)
+            assert flat.tolist() == [float(peers.sum()), float(peers.numel())], (dims, flat, peers)
+            assert mesh_group(mesh, dims) is mesh_group(mesh, dims)  # created once
+    assert mesh_group(named, (0, 1, 2)) is dist.group.WORLD
+    with pytest.raises(ValueError, match="not distinct dims"):
+        mesh_group(named, (0, 0))
+
+
+def _collectives_2d(rank, world):
+    sent = {layout: _collectives_2d_layout(rank, world, layout) for layout in ("fsdp_tp", "hsdp")}
+    assert sent["fsdp_tp"] > 0 and sent["hsdp"] > 0
+    _mesh_groups(rank, world)
+
+
+@pytest.mark.slow
+def test_collective_counts_on_2d_meshes():
+    """FSDP 2 x TP 2 and HSDP 2 x 2 on 4 ranks: one Gram all-reduce per shape group in the pull-back and one in the
+    map, each over the whole sharding group (4 ranks under FSDP x TP, the 2 shards under HSDP) with the exact element
+    counts, plus one vector all-reduce per power-iteration half-step; the flattened groups of 2 dims are right."""
+    run_distributed(_collectives_2d, world_size=4)
