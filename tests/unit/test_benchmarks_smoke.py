@@ -196,3 +196,26 @@ def test_muon_step_peers_smoke(capsys):
     for name, r in ran.items():
         assert 0 < r["diff"] <= 0.055, (name, r["diff"])
         assert r["wall"] > 0 and r["flops"] > 0
+
+
+def test_pc_layouts_smoke(capsys):
+    """``benchmarks/pc_layouts.py --smoke`` on 4 gloo ranks: per layout the PC step's FLOPs and all-reduced bytes
+    per rank follow docs/scale.md's formula (bytes exactly: every element of the Grams, sigmas and power-iteration
+    vectors), the Grams are summed over the whole
+    sharding group (4 ranks; the 2 shards of a replica under HSDP) in one all-reduce per shape group."""
+    from benchmarks import pc_layouts
+
+    res = pc_layouts.main(["--smoke"])
+    table = capsys.readouterr().out
+    for layout in pc_layouts.LAYOUTS:
+        r, f = res[layout], res[layout]["formula"]
+        assert f"| {layout} |" in table, layout
+        # the formula leaves out sigma = u^T A v (2 m n / P per matrix, in the pull-back and the map) and the
+        # elementwise scalings: 0.5% of these sizes, less at larger n
+        assert f["flops"] <= r["flops"] <= 1.01 * f["flops"], (layout, r["flops"], f["flops"])
+        assert r["bytes"] == f["bytes"] and r["ring_bytes"] == f["ring_bytes"], (layout, r, f)
+        assert r["groups"] == ([2] if layout == "hsdp" else [4]), (layout, r["groups"])
+        # 1 layer: w1/w3 stacked and w2, one Gram all-reduce each in the pull-back and the map, and 2 vector
+        # all-reduces per power iteration (10) for all three matrices
+        assert r["all_reduces"] == 2 + 2 + 2 * 10, (layout, r["all_reduces"])
+        assert r["time"] > 0
