@@ -1,10 +1,10 @@
 """Everything to measure on a CUDA GPU in one run (under 8 minutes on one H200), printed as markdown tables.
 
-    python -m benchmarks.gpu [--data outputs/corpora/python-docs.jsonl] [--only step,linear,ns,probe]
+    python -m benchmarks.gpu [--data outputs/corpora/python-docs.jsonl] [--only step,linear,ns,muon,probe]
     python -m benchmarks.gpu --smoke      # the same code paths on the CPU with tiny shapes, in seconds (CI)
 
 Needs only torch and the repository (no torchtitan, no datasets): GPU images carry torch 2.11 and no network.
-Four sections, each a table with the device named:
+Five sections, each a table with the device named:
 
 * ``step``: one training step of ``pcopt.demo.TinyLlama`` at the Llama-1B shape (dim 2048, 18 layers, FFN
   5632, vocab 32000), 4 x 4096 tokens per micro-batch, bf16 autocast with fp32 master weights, for fused
@@ -13,7 +13,11 @@ Four sections, each a table with the device named:
 * ``linear``: one PC'd Linear at 1B and 8B shapes, 8192 tokens per micro-batch: fwd+bwd plain, per-forward
   PC, once-per-step PC over 1 and 4 micro-batches (pull-back and map included), the pull-back
   (``after_backward``) and refresh + map (``after_step``) alone, and the FLOP model of ``docs/scale.md``.
-* ``ns``: Newton-Schulz throughput against the same GPU's bf16 matmul (``benchmarks/newton_schulz.py``).
+* ``ns``: Newton-Schulz throughput against the same GPU's bf16 matmul (``benchmarks/newton_schulz.py``), for
+  single shapes, and for the Llama-1B shape groups in torch's iteration and in build_optimizer's (Gram,
+  block-triangular symmetric products); one symmetric product blocked against full, by size.
+* ``muon``: one Muon optimizer step over the 126 Llama-1B hidden matrices: torch.optim.Muon, pcopt with
+  torch's arguments, build_optimizer's Muon; time, FLOPs and share of bf16 matmul throughput.
 * ``probe``: token efficiency at 25M parameters (dim 512, 8 layers, byte-level), about one epoch of
   ``--data`` (a ``.jsonl``/``.txt`` corpus; the embedded sample if absent), AdamW / AdamW+PC / Muon / Muon+PC
   at the same learning rate per optimizer, PC in the once-per-step strategy: validation loss and step time.
@@ -35,13 +39,14 @@ import torch
 from torch import nn
 
 import pcopt
-from benchmarks.newton_schulz import GPU_SHAPES
+from benchmarks.muon_step import matrix_shapes, single_process
+from benchmarks.newton_schulz import GPU_SHAPES, symmetric_products
 from benchmarks.newton_schulz import run as newton_schulz_run
 from benchmarks.pc_cost import build, formula, training_step
 from pcopt import recipes
 from pcopt.hardware import describe, preferred_dtype
 
-SECTIONS = ("step", "linear", "ns", "probe")
+SECTIONS = ("step", "linear", "ns", "muon", "probe")
 ARMS_PROBED = ("adamw", "adamw_pc", "muon", "muon_pc")
 STRATEGIES = ("none", "per_forward", "once_per_step")
 OPTIMIZERS = ("adamw", "muon")
@@ -53,6 +58,11 @@ LINEAR_SHAPES = [(2048, 2048), (5632, 2048), (4096, 4096), (14336, 4096)]
 SMOKE_LINEAR_SHAPES = [(48, 32), (32, 96)]
 PROBE_MODEL = dict(vocab=256, dim=512, n_layers=8, n_heads=8, hidden=1408)  # 25.2M parameters
 SMOKE_PROBE_MODEL = dict(vocab=256, dim=32, n_layers=1, n_heads=2, hidden=64)
+# (batch, rows, cols) of the Llama-1B hidden matrices per shape group (18 layers): wq wk wv wo, w1 w3, w2
+NS_GROUPS_1B = [(72, 2048, 2048), (36, 5632, 2048), (18, 2048, 5632)]
+SMOKE_NS_GROUPS = [(4, 32, 32), (2, 88, 32)]
+# the Muon-step arms (benchmarks/muon_step.py): torch, pcopt with torch's arguments, build_optimizer's Muon
+MUON_ARMS = ("torch", "pcopt", "build_optimizer")
 
 
 class _Report:
@@ -233,16 +243,65 @@ def section_linear(args, device, report) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ Newton-Schulz
-def section_ns(args, device, report) -> list[dict]:
+def section_ns(args, device, report) -> dict:
     report("## Newton-Schulz (5 Keller steps) against the same device's matmul")
     shapes = [(1, 64, 64), (2, 64, 32)] if args.smoke else GPU_SHAPES
     mm_sizes = (64,) if args.smoke else (4096, 8192)
+    rounds = 1 if args.smoke else 10
     dtype = "bf16" if device.type == "cuda" or preferred_dtype(device) == torch.bfloat16 else "fp32"
-    rows = newton_schulz_run(device, dtype, shapes, mm_sizes, rounds=1 if args.smoke else 10)
+    rows = newton_schulz_run(device, dtype, shapes, mm_sizes, rounds)
     report.table(
         ["batch x rows x cols", "NS ms", "share of matmul throughput"],
         [[" x ".join(map(str, r["shape"])), f"{r['ns_ms']:.2f}", f"{r['fraction']:.0%}"] for r in rows],
     )
+    report()
+    report("Llama-1B shape groups, stacked as pcopt stacks them: torch's iteration against build_optimizer's "
+           "(Gram on rectangular matrices, block-triangular symmetric products from 512 on); share = the "
+           "variant's own FLOPs per second over the matmul's")  # fmt: skip
+    groups = SMOKE_NS_GROUPS if args.smoke else NS_GROUPS_1B
+    standard = newton_schulz_run(device, dtype, groups, mm_sizes, rounds)
+    lean = newton_schulz_run(device, dtype, groups, mm_sizes, rounds, "gram", None)
+    report.table(
+        ["group", "standard ms", "share", "build_optimizer's ms", "share", "time ratio", "FLOP ratio"],
+        [[" x ".join(map(str, a["shape"])), f"{a['ns_ms']:.2f}", f"{a['fraction']:.0%}", f"{b['ns_ms']:.2f}",
+          f"{b['fraction']:.0%}", f"{b['ns_ms'] / a['ns_ms']:.2f}", f"{b['flops'] / a['flops']:.3f}"]
+         for a, b in zip(standard, lean)],
+    )  # fmt: skip
+    report()
+    report(
+        "One symmetric n x n product, 2 x 2 block-triangular against full (pcopt.optim's SYMMETRIC_MIN_SIZE)"
+    )
+    sizes = [16, 32] if args.smoke else [256, 512, 1024, 2048, 4096, 8192]
+    sym = symmetric_products(device, dtype, sizes, rounds)
+    report.table(
+        ["n", "full ms", "blocked ms", "time ratio", "FLOP ratio"],
+        [[r["n"], f"{r['full_ms']:.3f}", f"{r['blocked_ms']:.3f}", f"{r['time_ratio']:.2f}",
+          f"{r['flop_ratio']:.2f}"] for r in sym],
+    )  # fmt: skip
+    return {"shapes": rows, "groups_standard": standard, "groups_build_optimizer": lean, "symmetric": sym}
+
+
+# ------------------------------------------------------------------------------------------------ Muon step
+def section_muon(args, device, report) -> list[dict]:
+    dim, hidden, layers = (16, 44, 1) if args.smoke else (2048, 5632, 18)
+    shapes = matrix_shapes(dim, hidden, layers)
+    report(f"## Muon optimizer step: {len(shapes)} hidden matrices of Llama-1B (dim {dim}, FFN {hidden}, "
+           f"{layers} layers), bf16 Newton-Schulz, 5 Keller steps, median of {args.reps} interleaved steps")  # fmt: skip
+    kwargs = {"lr": 0.02, "weight_decay": 0.1, "adjust_lr_fn": "match_rms_adamw"}
+    t = single_process(shapes, args.reps, kwargs, MUON_ARMS, device=device)
+    n_ref = 64 if args.smoke else 8192
+    a, b = (torch.randn(n_ref, n_ref, device=device, dtype=torch.bfloat16) for _ in range(2))
+    peak = 2 * n_ref**3 / (_median_ms(lambda: torch.mm(a, b), device, reps=5) / 1e3)
+    rows = []
+    for arm in MUON_ARMS:
+        rows.append({"arm": arm, "ms": t[arm] * 1e3, "ratio": t[arm] / t["torch"], "flops": t[arm + " flops"],
+                     "flop_ratio": t[arm + " flops"] / t["torch flops"],
+                     "share": t[arm + " flops"] / t[arm] / peak})  # fmt: skip
+    report.table(
+        ["arm", "step ms", "x torch.optim.Muon", "GFLOP", "FLOPs x torch", "share of bf16 matmul throughput"],
+        [[r["arm"], f"{r['ms']:.1f}", f"{r['ratio']:.2f}", f"{r['flops'] / 1e9:.0f}", f"{r['flop_ratio']:.3f}",
+          f"{r['share']:.0%}"] for r in rows],
+    )  # fmt: skip
     return rows
 
 
@@ -336,7 +395,8 @@ def main(argv=None) -> dict:
     report(f"# pcopt GPU benchmarks on {describe(device)}, torch {torch.__version__}")
     report()
     result: dict = {"device": describe(device), "torch": torch.__version__, "args": vars(args)}
-    sections = {"step": section_step, "linear": section_linear, "ns": section_ns, "probe": section_probe}
+    sections = {"step": section_step, "linear": section_linear, "ns": section_ns, "muon": section_muon,
+                "probe": section_probe}  # fmt: skip
     t_start = time.perf_counter()
     for name in args.only:
         t0 = time.perf_counter()

@@ -114,14 +114,18 @@ def _thread_clock(fn):
     return run, cpu
 
 
-def single_process(shapes, steps: int, kwargs: dict, arms=tuple(SINGLE_ARMS)) -> dict[str, float]:
-    """Median wall time, median thread CPU time and FlopCounterMode FLOPs of one step, per arm (interleaved)."""
+def single_process(
+    shapes, steps: int, kwargs: dict, arms=tuple(SINGLE_ARMS), device: torch.device | str = "cpu"
+) -> dict[str, float]:
+    """Median wall time, median thread CPU time and FlopCounterMode FLOPs of one step, per arm (interleaved),
+    on ``device`` (CUDA: synchronized around each step; the same weights and gradients as on the CPU)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    device = torch.device(device)
     torch.manual_seed(0)
-    base = Matrices(shapes)
+    base = Matrices(shapes).to(device)
     gen = torch.Generator().manual_seed(1)
-    grads = [torch.randn(p.shape, generator=gen) for p in base.parameters()]
+    grads = [torch.randn(p.shape, generator=gen).to(device) for p in base.parameters()]
     steppers, clocks, flops = {}, {}, {}
     for name in arms:
         cls, extra = SINGLE_ARMS[name]
@@ -134,7 +138,7 @@ def single_process(shapes, steps: int, kwargs: dict, arms=tuple(SINGLE_ARMS)) ->
             opt.step()
         flops[name] = counter.get_total_flops()
         steppers[name], clocks[name] = _thread_clock(opt.step)
-    wall = _interleaved(steppers, steps)
+    wall = _interleaved(steppers, steps, torch.cuda.synchronize if device.type == "cuda" else lambda: None)
     out = {}
     for name in arms:
         out[name] = wall[name]

@@ -63,6 +63,12 @@ def _adjust_lr(lr: float, adjust_lr_fn: str | None, shape: Sequence[int]) -> flo
     return lr * 0.2 * math.sqrt(max(rows, cols))
 
 
+def _symmetric_blocks(algorithm: str) -> int | None:
+    """``"gram"`` is the FLOP-lean path: block-triangular symmetric products where they pay (by size);
+    ``"standard"`` keeps torch's full products (bitwise torch.optim.Muon)."""
+    return None if algorithm == "gram" else 1
+
+
 def _validate_options(options: MutableMapping[str, Any], *, warn: bool = True) -> None:
     """Raise ``ValueError`` for invalid Muon hyperparameters (constructor defaults or a param group).
 
@@ -317,10 +323,13 @@ Muon.__doc__ = r"""Implements Muon (MomentUm Orthogonalized by Newton-Schulz), c
             (chunked to bound memory); None (default) does so off CPUs, and on CPUs only for small matrices
             (up to 2^17 elements, in cache-sized chunks; large ones run one at a time, which is faster there,
             see docs/muon.md); False runs the per-matrix reference loop. All give the same bits.
-        ns_algorithm (str, optional): ``"standard"`` (default, as torch) or ``"gram"``: Gram Newton-Schulz on
-            rectangular matrices (iterates on the small ``min(m, n)`` square Gram matrix, restarting once in
-            bf16; the same polynomial of the update, fewer FLOPs; square matrices keep the standard
-            iteration). The default of :func:`pcopt.optim.build_optimizer`.
+        ns_algorithm (str, optional): ``"standard"`` (default, as torch) or ``"gram"``, the FLOP-lean path:
+            Gram Newton-Schulz on rectangular matrices (iterates on the small ``min(m, n)`` square Gram
+            matrix, restarting once in bf16; square matrices keep the standard iteration), and, on matrices
+            whose small side is at least 512, every symmetric product (``X X^T``, ``A^2``, the Gram
+            iteration's) computed as the 3 blocks on and above the diagonal of a 2 x 2 tiling (0.75x its
+            FLOPs). The same polynomial of the update; not bitwise torch's. The default of
+            :func:`pcopt.optim.build_optimizer`.
         batched_weights (bool, optional): False (default, as torch) refuses parameters that are not 2-D;
             True treats a ``(..., m, n)`` parameter (MoE experts ``(E, m, n)``) as a batch of matrices and
             orthogonalizes each 2-D slice on its own (lr adjusted by ``(m, n)``). Plain tensors only.
@@ -470,8 +479,14 @@ def _muon_impl(
         dtype=dtype,
         norm_factor=norm_factor,
         algorithm=algorithm,
+        symmetric_blocks=_symmetric_blocks(algorithm),
     )
-    cost = partial(newton_schulz_flops, ns_steps=ns_steps, algorithm=algorithm)
+    cost = partial(
+        newton_schulz_flops,
+        ns_steps=ns_steps,
+        algorithm=algorithm,
+        symmetric_blocks=_symmetric_blocks(algorithm),
+    )
     if any(_is_dtensor(p) != _is_dtensor(g) for p, g in zip(params, grads)):
         raise RuntimeError(
             "Muon got a DTensor parameter with a plain-tensor gradient (or the reverse); "

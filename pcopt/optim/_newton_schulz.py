@@ -28,6 +28,14 @@ arithmetic). In low precision ``R_k`` is never recomputed from ``X``, so its rou
 instead of being washed out each step; ``gram_restart`` lists the steps before which ``X`` is formed
 (``X_k = Q_k X_0``) and ``R`` recomputed from it, which resets that drift at the price of ``2 (2 n^2 m)``
 FLOPs per restart.
+
+Symmetric products (``symmetric_blocks=k > 1``). ``X X^T``, ``A^2`` and every ``n x n`` product of the Gram
+iteration (``Z Q``, ``R Z``, ``Z (R Z)``: polynomials of one Gram matrix commute) are symmetric, so only the
+``k (k + 1) / 2`` blocks on and above the diagonal of a ``k x k`` tiling of the result are multiplied (one
+matmul per block row) and the blocks below are mirrored from them: ``(k + 1) / (2k)`` of the product's FLOPs
+(0.75 for ``k = 2``), the rest of the iteration unchanged. The result is exactly symmetric; in exact arithmetic
+it equals the full product. ``None`` picks 2 for matrices whose small side is at least
+``SYMMETRIC_MIN_SIZE`` (below that, half-size matmuls lose more speed than they save FLOPs) and 1 otherwise.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ __all__ = [
     "newton_schulz_flops",
     "NS_ALGORITHMS",
     "GRAM_RESTART",
+    "SYMMETRIC_MIN_SIZE",
     "resolve_coefficients",
     "resolve_dtype",
 ]
@@ -93,6 +102,12 @@ NS_ALGORITHMS = ("standard", "gram")
 # as close to the float64 polynomial as the standard bf16 iteration (tests/unit/test_newton_schulz.py).
 # fp32/fp64 iterate without restarts.
 GRAM_RESTART: tuple[int, ...] = (3,)
+# symmetric_blocks=None: 2 x 2 block-triangular symmetric products from this small side on. Measured on one CPU
+# thread (benchmarks/newton_schulz.py --symmetric, time of the blocked A^2 over the full one, FLOPs 0.75): AMD
+# EPYC fp32 AVX2 1.89 at 128, 1.01 at 256, 0.94 at 384, 0.82 at 512 and 1024; AVX-512 bf16 0.87 at 512. Below
+# 512 the half-size matmuls run too far below the matmul peak to gain. Not measured on a GPU, where small
+# matmuls are launch-bound and the crossover can only be higher.
+SYMMETRIC_MIN_SIZE = 512
 
 _DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
@@ -177,34 +192,73 @@ def resolve_algorithm(ns_algorithm: str) -> str:
     return ns_algorithm
 
 
-def _use_gram(shape: Sequence[int], ns_steps: int, restart: Sequence[int]) -> bool:
+def _use_gram(shape: Sequence[int], ns_steps: int, restart: Sequence[int], blocks: int) -> bool:
     """Gram NS only where it needs fewer FLOPs than the standard iteration (rectangular enough)."""
-    return newton_schulz_flops(shape, ns_steps, "gram", restart) < newton_schulz_flops(shape, ns_steps)
+    gram = newton_schulz_flops(shape, ns_steps, "gram", restart, symmetric_blocks=blocks)
+    return gram < newton_schulz_flops(shape, ns_steps, symmetric_blocks=blocks)
 
 
-def _standard(X: Tensor, coefficients: Sequence[tuple[float, float, float]]) -> Tensor:
+def resolve_symmetric_blocks(symmetric_blocks: int | None, shape: Sequence[int]) -> int:
+    """The number of block rows of the symmetric products of a ``shape`` matrix (``None``: by size)."""
+    if symmetric_blocks is None:
+        return 2 if min(shape[-2:]) >= SYMMETRIC_MIN_SIZE else 1
+    if isinstance(symmetric_blocks, bool) or not isinstance(symmetric_blocks, int) or symmetric_blocks < 1:
+        raise ValueError(
+            f"Invalid symmetric_blocks: {symmetric_blocks!r}. Expected None (by size), 1 (full products, "
+            "as torch) or an integer k > 1 (only the blocks on and above the diagonal of a k x k tiling)."
+        )
+    return symmetric_blocks
+
+
+def _edges(n: int, blocks: int) -> list[int]:
+    blocks = min(blocks, n)
+    return [n * i // blocks for i in range(blocks + 1)]
+
+
+def _symmetric(A: Tensor, B: Tensor, blocks: int, C: Tensor | None = None, beta=1.0, alpha=1.0) -> Tensor:
+    """``beta C + alpha A B`` for ``(b, n, n)`` results that are symmetric in exact arithmetic (see the module
+    docstring): the blocks on and above the diagonal are computed, one matmul per block row, the rest mirrored."""
+    if blocks == 1:
+        return torch.bmm(A, B) if C is None else torch.baddbmm(C, A, B, beta=beta, alpha=alpha)
+    n = A.size(-2)
+    out = A.new_empty(A.size(0), n, n)
+    edges = _edges(n, blocks)
+    for r0, r1 in zip(edges, edges[1:]):
+        block = out[:, r0:r1, r0:]  # the first block row is contiguous: written in place
+        if C is None:
+            torch.bmm(A[:, r0:r1], B[:, :, r0:], out=block)
+        else:
+            torch.baddbmm(C[:, r0:r1, r0:], A[:, r0:r1], B[:, :, r0:], beta=beta, alpha=alpha, out=block)
+        if r0:
+            out[:, r0:r1, :r0] = out[:, :r0, r0:r1].mT
+    return out
+
+
+def _standard(X: Tensor, coefficients: Sequence[tuple[float, float, float]], blocks: int = 1) -> Tensor:
     for a, b, c in coefficients:
-        A = torch.bmm(X, X.mT)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        A = _symmetric(X, X.mT, blocks)
+        B = _symmetric(A, A, blocks, A, beta=b, alpha=c)
         X = torch.baddbmm(X, B, X, beta=a)
     return X
 
 
-def _gram(X: Tensor, coefficients: Sequence[tuple[float, float, float]], restart: Sequence[int]) -> Tensor:
+def _gram(
+    X: Tensor, coefficients: Sequence[tuple[float, float, float]], restart: Sequence[int], blocks: int = 1
+) -> Tensor:
     """Gram Newton-Schulz on a wide ``(b, n, m)`` batch (see the module docstring)."""
-    R = torch.bmm(X, X.mT)
+    R = _symmetric(X, X.mT, blocks)
     Q: Tensor | None = None
     last = len(coefficients) - 1
     for k, (a, b, c) in enumerate(coefficients):
         if k > 0 and k in restart:
             X = torch.bmm(Q, X)
-            R = torch.bmm(X, X.mT)
+            R = _symmetric(X, X.mT, blocks)
             Q = None
-        Z = torch.baddbmm(R, R, R, beta=b, alpha=c)
+        Z = _symmetric(R, R, blocks, R, beta=b, alpha=c)
         Z.diagonal(dim1=-2, dim2=-1).add_(a)
-        Q = Z if Q is None else torch.bmm(Z, Q)
+        Q = Z if Q is None else _symmetric(Z, Q, blocks)
         if k < last and k + 1 not in restart:
-            R = torch.bmm(Z, torch.bmm(R, Z))
+            R = _symmetric(Z, _symmetric(R, Z, blocks), blocks)
     return torch.bmm(Q, X)
 
 
@@ -217,6 +271,7 @@ def newton_schulz(
     norm_factor: float = 1.0,
     algorithm: str = "standard",
     gram_restart: Sequence[int] | None = None,
+    symmetric_blocks: int | None = 1,
     stack: bool = True,
 ) -> Tensor:
     """Orthogonalize every matrix of ``G`` (shape ``(..., m, n)``) by Newton-Schulz; returns ``dtype``.
@@ -225,7 +280,9 @@ def newton_schulz(
     ``max(norm_factor * ||X||_F, eps)``. The result has the shape of ``G``. ``algorithm="gram"`` iterates on
     the Gram matrix where that needs fewer FLOPs (rectangular matrices; square ones use the standard
     iteration), restarting before the steps in ``gram_restart`` (None: ``GRAM_RESTART`` for 16-bit dtypes,
-    no restart for fp32/fp64). ``stack=False`` loops over the matrices of
+    no restart for fp32/fp64). ``symmetric_blocks=k > 1`` computes only the blocks on and above the diagonal
+    of every symmetric product (``None``: 2 from ``SYMMETRIC_MIN_SIZE`` on, else 1; 1, the default, runs
+    torch's kernels). ``stack=False`` loops over the matrices of
     the batch (same bits per matrix; the faster choice on CPUs, see docs/muon.md).
     """
     if G.ndim < 2:
@@ -233,31 +290,44 @@ def newton_schulz(
             f"newton_schulz expects a matrix or a batch of matrices, got shape {tuple(G.shape)}."
         )
     resolve_algorithm(algorithm)
+    blocks = resolve_symmetric_blocks(symmetric_blocks, G.shape)
     if gram_restart is None:
         gram_restart = GRAM_RESTART if dtype.itemsize <= 2 else ()
     if not stack and G.ndim > 2 and math.prod(G.shape[:-2]) > 1:
         flat = G.reshape(-1, *G.shape[-2:])
         kw = dict(
-            eps=eps, dtype=dtype, norm_factor=norm_factor, algorithm=algorithm, gram_restart=gram_restart
+            eps=eps,
+            dtype=dtype,
+            norm_factor=norm_factor,
+            algorithm=algorithm,
+            gram_restart=gram_restart,
+            symmetric_blocks=blocks,
         )
         return torch.stack([newton_schulz(g, coefficients, **kw) for g in flat]).reshape(G.shape)  # type: ignore[arg-type]
     tall = G.size(-2) > G.size(-1)
-    X = G.to(dtype)
-    if tall:
-        X = X.mT
+    X = G.mT if tall else G
     # Always one contiguous (b, m, n) batch: every matrix then goes through the same kernels whatever the
-    # batch size, so a result never depends on which other matrices it was batched with.
-    X = X.reshape(-1, *X.shape[-2:]).contiguous()
+    # batch size, so a result never depends on which other matrices it was batched with. The cast and the
+    # transposition are one copy; a copy is then normalized in place (never the caller's G).
+    X = X.reshape(-1, *X.shape[-2:])
+    copied = X.dtype != dtype or not X.is_contiguous()
+    X = X.to(dtype, memory_format=torch.contiguous_format)
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
     if norm_factor != 1.0:
         norm = norm * norm_factor
-    X = X / norm.clamp(min=eps)
-    if algorithm == "gram" and _use_gram(G.shape, len(coefficients), gram_restart):
-        X = _gram(X, coefficients, gram_restart)
+    X = X.div_(norm.clamp(min=eps)) if copied else X / norm.clamp(min=eps)
+    if algorithm == "gram" and _use_gram(G.shape, len(coefficients), gram_restart, blocks):
+        X = _gram(X, coefficients, gram_restart, blocks)
     else:
-        X = _standard(X, coefficients)
+        X = _standard(X, coefficients, blocks)
     X = X.reshape(*G.shape[:-2], *X.shape[-2:])
     return X.mT if tall else X
+
+
+def _product_flops(n: int, inner: int, blocks: int) -> int:
+    """FLOPs of an ``n x n`` result with inner dimension ``inner``, ``blocks`` block rows (see ``_symmetric``)."""
+    edges = _edges(n, blocks)
+    return sum(2 * (r1 - r0) * inner * (n - r0) for r0, r1 in zip(edges, edges[1:]))
 
 
 def newton_schulz_flops(
@@ -265,6 +335,8 @@ def newton_schulz_flops(
     ns_steps: int,
     algorithm: str = "standard",
     gram_restart: Sequence[int] = GRAM_RESTART,
+    *,
+    symmetric_blocks: int | None = 1,
 ) -> int:
     """Matmul FLOPs of ``ns_steps`` Newton-Schulz steps on one ``(m, n)`` matrix (multiply-add = 2 FLOPs).
 
@@ -272,14 +344,17 @@ def newton_schulz_flops(
     ``2 s^2 l``. Gram (``algorithm="gram"``, as run: only where it is cheaper): ``2 s^2 l`` for each Gram
     matrix and each product ``Q X`` (one of each, plus one of each per restart), ``2 s^3`` for each of the
     ``s x s`` products (a square per step, ``Z Q`` after a phase's first step, ``Z (R Z)`` before a step
-    that is not a restart).
+    that is not a restart). With ``symmetric_blocks=k``, every product but ``A X`` / ``Q X`` costs
+    ``(k + 1) / (2k)`` of that (exactly: the blocks on and above the diagonal).
     """
     s, l_ = sorted(int(d) for d in shape[-2:])
-    standard = ns_steps * (4 * s * s * l_ + 2 * s**3)
+    k = resolve_symmetric_blocks(symmetric_blocks, shape)
+    gram_sl, square, apply_sl = _product_flops(s, l_, k), _product_flops(s, s, k), 2 * s * s * l_
+    standard = ns_steps * (gram_sl + square + apply_sl)
     if algorithm != "gram":
         return standard
-    restarts = sorted({k for k in gram_restart if 0 < k < ns_steps})
+    restarts = sorted({r for r in gram_restart if 0 < r < ns_steps})
     phases = len(restarts) + 1
     small = ns_steps + (ns_steps - phases) + 2 * (ns_steps - phases)
-    gram = phases * 2 * (2 * s * s * l_) + small * 2 * s**3
+    gram = phases * (gram_sl + apply_sl) + small * square
     return min(gram, standard)

@@ -149,7 +149,8 @@ def test_pc_cost_benchmark_smoke(tmp_path):
 def test_gpu_script_smoke(tmp_path):
     """``benchmarks/gpu.py --smoke`` runs every section's code path on the CPU (the GPU run is the same code
     with the Llama-1B/8B shapes): every optimizer x strategy x accumulation row of the model step, both
-    strategies on one Linear, Newton-Schulz, and all four probe arms, with no row reporting an error."""
+    strategies on one Linear, Newton-Schulz (single shapes, shape groups in both variants, symmetric products),
+    the Muon step, and all four probe arms, with no row reporting an error."""
     from benchmarks.gpu import ARMS_PROBED
     from benchmarks.gpu import main as gpu
 
@@ -162,6 +163,16 @@ def test_gpu_script_smoke(tmp_path):
         assert "error" not in r and min(v for k, v in r.items() if k.endswith("_ms")) > 0, r
     assert [r["arm"] for r in result["probe"]] == list(ARMS_PROBED)
     assert all(torch.isfinite(torch.tensor(r["val_loss"])) for r in result["probe"])
+    # build_optimizer's variant: no fewer FLOPs on the square group (too small for symmetric blocks), fewer
+    # (Gram) on the rectangular one
+    (square, rect), (square_lean, rect_lean) = (
+        result["ns"]["groups_standard"],
+        result["ns"]["groups_build_optimizer"],
+    )
+    assert square_lean["flops"] == square["flops"] and rect_lean["flops"] < rect["flops"]
+    assert [r["flop_ratio"] for r in result["ns"]["symmetric"]] == [0.75, 0.75]  # (k + 1) / (2k), k = 2
+    assert [r["arm"] for r in result["muon"]] == ["torch", "pcopt", "build_optimizer"]
+    assert all(r["ms"] > 0 for r in result["muon"]) and result["muon"][1]["flop_ratio"] == 1.0
     report = (tmp_path / "gpu.md").read_text()
     assert report.startswith("# pcopt GPU benchmarks on cpu")
-    assert report.count("## ") == 4 and (tmp_path / "gpu.json").exists()
+    assert report.count("## ") == 5 and (tmp_path / "gpu.json").exists()

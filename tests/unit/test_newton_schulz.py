@@ -15,7 +15,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pcopt.optim import Muon, newton_schulz, newton_schulz_flops
-from pcopt.optim._newton_schulz import GRAM_RESTART, KELLER_COEFFICIENTS, resolve_coefficients
+from pcopt.optim._newton_schulz import (
+    GRAM_RESTART,
+    KELLER_COEFFICIENTS,
+    SYMMETRIC_MIN_SIZE,
+    resolve_coefficients,
+)
 
 # The reference coefficient sets, written out from their publications (not read from the code under test):
 # Keller Jordan's quintic (https://kellerjordan.github.io/posts/muon/), the same at each of the 5 steps, input
@@ -109,19 +114,99 @@ def test_gram_runs_only_where_cheaper_and_counts_match_flop_counter():
 
 
 # ---------------------------------------------------------------------------------------------------
+# Symmetric products computed as block triangles are the full products
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(45, 132), (132, 45), (41, 41)])
+@pytest.mark.parametrize("algorithm", ["standard", "gram"])
+@pytest.mark.parametrize("blocks", [2, 3])
+def test_symmetric_blocks_equal_full_products_in_float64(shape, algorithm, blocks):
+    triples, f = POLAR_EXPRESS
+    G = torch.randn(3, *shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    kw = dict(dtype=torch.float64, norm_factor=f, algorithm=algorithm, gram_restart=(3,))
+    full = newton_schulz(G, triples, symmetric_blocks=1, **kw)
+    with FlopCounterMode(display=False) as counter:
+        sym = newton_schulz(G, triples, symmetric_blocks=blocks, **kw)
+    # A mirrored entry (j, i) is the computed (i, j): the same dot product, summed in another order, so the two
+    # differ by float64 rounding of one product (<= 132 * 2^-53 * 1.3^2, as in the Gram test above), which the
+    # steps amplify by < 2.6e3 (Polar Express): < 1e-10 per product, over <= 17 products.
+    torch.testing.assert_close(sym, full, rtol=0, atol=1e-8)
+    assert not torch.equal(sym, full)  # other kernels ran: the comparison is not vacuous
+    assert counter.get_total_flops() == 3 * newton_schulz_flops(  # 3 matrices
+        shape, 5, algorithm, (3,), symmetric_blocks=blocks
+    )
+
+
+def test_symmetric_block_flops_closed_form_and_size_rule():
+    n, m = 64, 176  # even n, 2 x 2 blocks: 3 of 4 blocks of every product but A X / Q X
+    assert newton_schulz_flops((n, m), 5, symmetric_blocks=2) == 5 * (
+        3 * n * n * m // 2 + 3 * n**3 // 2 + 2 * n * n * m
+    )
+    assert (
+        newton_schulz_flops((n, m), 5, "gram", (3,), symmetric_blocks=2)
+        == 2 * (3 * n * n * m // 2 + 2 * n * n * m) + 14 * 3 * n**3 // 2
+    )
+    # None: 2 x 2 blocks from a small side of SYMMETRIC_MIN_SIZE on (the size rule of Muon's "gram"), full below
+    n = SYMMETRIC_MIN_SIZE
+    assert newton_schulz_flops((3 * n, n), 5, symmetric_blocks=None) == newton_schulz_flops(
+        (3 * n, n), 5, symmetric_blocks=2
+    )
+    assert newton_schulz_flops((3 * n, n - 1), 5, symmetric_blocks=None) == newton_schulz_flops(
+        (3 * n, n - 1), 5
+    )
+
+
+def test_symmetric_blocks_batching_gives_the_same_bits():
+    G = torch.randn(4, 40, 96, generator=torch.Generator().manual_seed(4))
+    triples, _ = KELLER
+    for algorithm in ("standard", "gram"):
+        stacked = newton_schulz(G, triples, algorithm=algorithm, symmetric_blocks=2)
+        one_by_one = newton_schulz(G, triples, algorithm=algorithm, symmetric_blocks=2, stack=False)
+        assert torch.equal(stacked, one_by_one)
+        assert torch.equal(
+            stacked[1:3], newton_schulz(G[1:3], triples, algorithm=algorithm, symmetric_blocks=2)
+        )
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_symmetric_blocks_rejects_non_positive_integers(bad):
+    with pytest.raises(ValueError, match=r"Invalid symmetric_blocks: .*Expected None \(by size\), 1"):
+        newton_schulz(torch.randn(8, 8), KELLER[0], symmetric_blocks=bad)
+
+
+@pytest.mark.parametrize("algorithm, blocks", [("standard", 1), ("gram", 2)])
+def test_muon_step_flops_follow_its_algorithm(algorithm, blocks):
+    """Muon's "gram" runs Gram NS with block-triangular products on a 512 x 1024 matrix; "standard" torch's
+    full products (fp32: the same routing as bf16, without the restart, and fast on CPUs without native bf16)."""
+    p = nn.Parameter(
+        torch.randn(SYMMETRIC_MIN_SIZE, 2 * SYMMETRIC_MIN_SIZE, generator=torch.Generator().manual_seed(5))
+    )
+    p.grad = torch.randn_like(p)
+    opt = Muon([p], lr=0.02, ns_algorithm=algorithm, ns_dtype=torch.float32)
+    opt.step()  # the first step may run one-off checks (pcopt.hardware); the second is counted
+    with FlopCounterMode(display=False) as counter:
+        opt.step()
+    want = newton_schulz_flops(p.shape, 5, algorithm, (), symmetric_blocks=blocks)
+    assert counter.get_total_flops() == want
+    assert algorithm == "standard" or want < 0.75 * newton_schulz_flops(p.shape, 5)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Quality guard: singular values of the bf16 update against the float64 SVD
 # ---------------------------------------------------------------------------------------------------
 VARIANTS = [
-    ("keller", "standard"),
-    ("polar_express", "standard"),
-    ("keller", "gram"),
-    ("polar_express", "gram"),
+    ("keller", "standard", 1),
+    ("polar_express", "standard", 1),
+    ("keller", "gram", 1),
+    ("polar_express", "gram", 1),
+    ("keller", "standard", 2),  # block-triangular symmetric products (Muon's "gram" from 512 on)
+    ("keller", "gram", 2),
+    ("polar_express", "gram", 2),
 ]
 
 
-@pytest.mark.parametrize("name, algorithm", VARIANTS)
+@pytest.mark.parametrize("name, algorithm, blocks", VARIANTS)
 @pytest.mark.parametrize("spectrum", ["gaussian", "logspace 1..100"])
-def test_bf16_singular_values_stay_in_the_polynomials_band(name, algorithm, spectrum):
+def test_bf16_singular_values_stay_in_the_polynomials_band(name, algorithm, blocks, spectrum):
     """The update's singular vectors are the polar factor's, and its singular values lie in the band that
     the composed polynomial maps the input's normalized singular values to (exact arithmetic), widened by
     bf16 rounding.
@@ -138,7 +223,9 @@ def test_bf16_singular_values_stay_in_the_polynomials_band(name, algorithm, spec
         G = torch.randn(n, m, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     else:
         G = _spectrum_matrix(n, m, torch.logspace(0, 2, n, dtype=torch.float64))
-    out = newton_schulz(G.float(), triples, norm_factor=f, algorithm=algorithm).double()  # bf16, as Muon
+    out = newton_schulz(
+        G.float(), triples, norm_factor=f, algorithm=algorithm, symmetric_blocks=blocks
+    ).double()  # bf16, as Muon
     image = _polynomial_image(G, triples, f)
     lo, hi = image.min().item(), image.max().item()
     allowance = 2**-8 * 1.3 * math.sqrt(n) * (1 + 1.7)
