@@ -33,6 +33,7 @@ from pcopt.optim._combined import ROUTING_KEY, CombinedOptimizer
 from pcopt.optim._distributed import map_full_matrices
 from pcopt.optim._muon import Muon
 from pcopt.optim._pc_state import attach_pc_state
+from pcopt.spectral import all_reduce_
 from pcopt.spectral_clip import (
     AUTHORS_CLIP_STEPS,
     auto_clip_dtype,
@@ -447,10 +448,9 @@ class Spectra(Optimizer):
         for i, (p, _, _) in enumerate(mats):
             if _is_dtensor(p) and p.device_mesh.size() > 1:
                 by_mesh.setdefault(p.device_mesh, []).append(i)
-        for mesh, idx in by_mesh.items():
+        for mesh, idx in by_mesh.items():  # one all-reduce per mesh, over all its dims at once
             part = sq[idx]
-            for dim in range(mesh.ndim):
-                torch.distributed.all_reduce(part, group=mesh.get_group(dim))
+            all_reduce_(part, mesh, tuple(range(mesh.ndim)))
             sq[idx] = part
         finest = min((self._clip_dtype(p) for p, _, _ in mats), key=lambda d: torch.finfo(d).eps)
         steps, _ = auto_clip_plan(1.0 + float(sq.max()), finest)  # the one host sync; fp32's count if fp32

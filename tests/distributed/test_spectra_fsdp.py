@@ -116,3 +116,59 @@ def _run(rank: int, world_size: int) -> None:
 
 def test_spectra_fsdp2_equals_unsharded_and_clips_once():
     run_distributed(_run, world_size=2)
+
+
+def _run_2d(rank: int, world_size: int) -> None:
+    """Spectra (auto steps) over Muon on a 2 x 2 mesh, on the placements FSDP x TP produces and more."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    import pcopt.optim.spectra as spectra_module
+    from pcopt.optim import Spectra
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    S0, S1, SS = Shard(0), Shard(1), _StridedShard(0, split_factor=2)
+    # No Replicate: a replicated dim counts its block twice in the ||X||_F bound (documented), which may choose
+    # more steps than the unsharded run. Uneven and empty blocks (SHAPES) on purpose.
+    placements = [(S0, S1), (SS, S0), (S1, S0), (S0, S0), (S1, S1), (S0, S1), (SS, S0)]
+    gen = torch.Generator().manual_seed(7)
+    fulls = [torch.randn(SHAPES[i], generator=gen) for i in range(len(placements))]
+    params = [
+        nn.Parameter(distribute_tensor(w, mesh, pl, src_data_rank=None)) for w, pl in zip(fulls, placements)
+    ]
+    refs = [nn.Parameter(w.clone()) for w in fulls]
+    opt, ref_opt = (
+        Spectra(_base("muon", ps), c=0.5, apply_to="2d", dtype=torch.float32) for ps in (params, refs)
+    )
+    reduces: list[int] = []
+    original = spectra_module.all_reduce_
+
+    def counting(flat, mesh_, dims):
+        reduces.append(len(dims))
+        return original(flat, mesh_, dims)
+
+    spectra_module.all_reduce_ = counting
+    try:
+        for _ in range(2):
+            grads = [torch.randn(w.shape, generator=gen) for w in fulls]
+            for p, g, pl in zip(params, grads, placements):
+                p.grad = distribute_tensor(g, mesh, pl, src_data_rank=None)
+            for p, g in zip(refs, grads):
+                p.grad = g.clone()
+            reduces.clear()
+            opt.step()
+            assert reduces == [2], reduces  # the step count: one all-reduce for the whole 2-D mesh
+            ref_opt.step()
+    finally:
+        spectra_module.all_reduce_ = original
+    for i, (p, ref) in enumerate(zip(params, refs)):
+        full = p.full_tensor()
+        assert torch.equal(full, ref), (i, placements[i], (full - ref).abs().max().item())
+    dist.barrier()
+
+
+@pytest.mark.slow
+def test_spectra_on_2d_meshes_equals_unsharded_with_one_all_reduce_for_the_steps():
+    run_distributed(_run_2d, world_size=4)
