@@ -69,6 +69,29 @@ def _symmetric_blocks(algorithm: str) -> int | None:
     return None if algorithm == "gram" else 1
 
 
+def _check_split(p: Tensor, split_sizes: tuple[int, ...]) -> None:
+    """``ValueError`` unless ``p`` is a plain 2-D tensor whose rows ``split_sizes`` partitions."""
+    if _is_dtensor(p) or p.ndim != 2 or sum(split_sizes) != p.shape[0]:
+        raise ValueError(
+            f"Muon(split_sizes={split_sizes}) splits the rows of plain 2-D weights into blocks of those sizes "
+            f"(summing to the row count); got a {'DTensor' if _is_dtensor(p) else 'tensor'} of shape "
+            f"{tuple(p.shape)}. Give each fused weight a param group whose split_sizes sum to its rows, and keep "
+            "such weights unsharded (or split them into separate parameters)."
+        )
+
+
+def _split_rows(
+    split_sizes: tuple[int, ...], params: list[Tensor], grads: list[Tensor], bufs: list[Tensor]
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Row-block views of each parameter, gradient and momentum buffer: every block is then a matrix of its own
+    (its own Newton-Schulz and lr adjustment by its shape), updated in place through the views."""
+    out: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+    for tensors in zip(params, grads, bufs):
+        for dest, t in zip(out, tensors):
+            dest.extend(t.split(list(split_sizes), dim=0))
+    return out
+
+
 def _validate_options(options: MutableMapping[str, Any], *, warn: bool = True) -> None:
     """Raise ``ValueError`` for invalid Muon hyperparameters (constructor defaults or a param group).
 
@@ -110,6 +133,17 @@ def _validate_options(options: MutableMapping[str, Any], *, warn: bool = True) -
             f"Invalid batched_weights: {options['batched_weights']!r}. Expected True (orthogonalize each 2-D "
             "slice of a (..., m, n) weight) or False (only 2-D parameters, as torch.optim.Muon)."
         )
+    split = options["split_sizes"]
+    if split is not None and (
+        not isinstance(split, (tuple, list))
+        or not split
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in split)
+    ):
+        raise ValueError(
+            f"Invalid split_sizes: {split!r}. Expected None (each matrix whole, as torch.optim.Muon) or a "
+            "sequence of positive ints, the row counts of the blocks a fused weight stacks (e.g. "
+            "(q_dim, kv_dim, kv_dim) for a fused QKV weight, (head_dim,) * n_heads per head)."
+        )
     if options["foreach"] is not None and not isinstance(options["foreach"], bool):
         raise ValueError(
             f"Invalid foreach: {options['foreach']!r}. Expected None (stack same-shaped matrices except on "
@@ -135,6 +169,7 @@ class Muon(Optimizer):
         foreach: bool | None = None,
         ns_algorithm: NsAlgorithmT = "standard",
         batched_weights: bool = False,
+        split_sizes: Sequence[int] | None = None,
         pc_state=None,
     ) -> None:
         defaults = {
@@ -151,6 +186,7 @@ class Muon(Optimizer):
             "foreach": foreach,
             "ns_algorithm": ns_algorithm,
             "batched_weights": batched_weights,
+            "split_sizes": None if split_sizes is None else tuple(split_sizes),
         }
         _validate_options(defaults, warn=False)
         super().__init__(params, defaults)
@@ -167,9 +203,13 @@ class Muon(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if isinstance(group.get("split_sizes"), list):
+            group["split_sizes"] = tuple(group["split_sizes"])
         try:
             _validate_options(group)
             for p in group["params"]:
+                if group["split_sizes"] is not None:
+                    _check_split(p, group["split_sizes"])
                 if group["batched_weights"] and p.ndim > 2:
                     if _is_dtensor(p):
                         raise ValueError(
@@ -197,6 +237,7 @@ class Muon(Optimizer):
             group.setdefault("foreach", None)
             group.setdefault("ns_algorithm", "standard")
             group.setdefault("batched_weights", False)
+            group.setdefault("split_sizes", None)
 
     def _init_group(
         self,
@@ -250,6 +291,10 @@ class Muon(Optimizer):
             grads: list[Tensor] = []
             momentum_buffers: list[Tensor] = []
             self._init_group(group, params, grads, momentum_buffers)
+            if group["split_sizes"] is not None:
+                params, grads, momentum_buffers = _split_rows(
+                    group["split_sizes"], params, grads, momentum_buffers
+                )
             muon(
                 params,
                 grads,
@@ -330,6 +375,11 @@ Muon.__doc__ = r"""Implements Muon (MomentUm Orthogonalized by Newton-Schulz), c
             iteration's) computed as the 3 blocks on and above the diagonal of a 2 x 2 tiling (0.75x its
             FLOPs). The same polynomial of the update; not bitwise torch's. The default of
             :func:`pcopt.optim.build_optimizer`.
+        split_sizes (sequence of int, optional): None (default, as torch) orthogonalizes each matrix whole; row
+            counts summing to the rows of every parameter of the group treat a fused weight as the blocks it
+            stacks: ``(q_dim, kv_dim, kv_dim)`` for a fused QKV weight, ``(head_dim,) * n_heads`` for per-head
+            Muon. Each block gets its own Newton-Schulz and its lr adjusted by its own shape, exactly as if it
+            were a separate parameter (the momentum buffer stays one tensor). Plain 2-D tensors only.
         batched_weights (bool, optional): False (default, as torch) refuses parameters that are not 2-D;
             True treats a ``(..., m, n)`` parameter (MoE experts ``(E, m, n)``) as a batch of matrices and
             orthogonalizes each 2-D slice on its own (lr adjusted by ``(m, n)``). Plain tensors only.

@@ -308,6 +308,53 @@ def test_batched_weights_equal_torch_muon_on_each_slice(foreach):
     assert not torch.equal(w.detach()[0], torch.randn(E, m, n, generator=torch.Generator().manual_seed(0))[0])
 
 
+@pytest.mark.parametrize("split", [(4, 8, 8), (5,) * 4])  # fused QKV with GQA-sized K/V; per head
+@pytest.mark.parametrize("foreach", [None, False])
+def test_split_sizes_equal_torch_muon_on_each_block(split, foreach):
+    """A fused weight with split_sizes is the matrices it stacks: torch.optim.Muon on the row blocks as separate
+    parameters gives the same bits (each block its own Newton-Schulz and its own lr adjustment), over steps."""
+    gen = torch.Generator().manual_seed(0)
+    w = nn.Parameter(torch.randn(sum(split), 16, generator=gen))
+    other = nn.Parameter(torch.randn(6, 16, generator=gen))  # a plain matrix in another group
+    ref = [nn.Parameter(b.clone()) for b in w.detach().split(list(split))]
+    ref_other = nn.Parameter(other.detach().clone())
+    ours = Muon([{"params": [w], "split_sizes": list(split)}, {"params": [other]}], lr=0.05,
+                adjust_lr_fn="match_rms_adamw", foreach=foreach)  # fmt: skip
+    theirs = torch.optim.Muon([*ref, ref_other], lr=0.05, adjust_lr_fn="match_rms_adamw")
+    assert ours.param_groups[0]["split_sizes"] == split and ours.param_groups[1]["split_sizes"] is None
+    for _ in range(3):
+        g, h = torch.randn(w.shape, generator=gen), torch.randn(other.shape, generator=gen)
+        w.grad, other.grad = g.clone(), h.clone()
+        for p, b in zip(ref, g.split(list(split))):
+            p.grad = b.clone()
+        ref_other.grad = h.clone()
+        ours.step()
+        theirs.step()
+    assert torch.equal(w.detach(), torch.cat([p.detach() for p in ref]))
+    assert torch.equal(other.detach(), ref_other.detach())
+    assert ours.state[w]["momentum_buffer"].shape == w.shape  # one buffer per parameter, as checkpoints hold
+    # and not the whole-matrix update: the option changes the result
+    a, b = (nn.Parameter(torch.ones(sum(split), 16)) for _ in range(2))
+    a.grad, b.grad = g.clone(), g.clone()
+    Muon([{"params": [a], "split_sizes": split}], lr=0.05).step()
+    Muon([b], lr=0.05).step()
+    assert not torch.allclose(a, b, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "split, shape, message",
+    [
+        ((4, 4), (9, 3), r"split_sizes=\(4, 4\)\) splits the rows .* got a tensor of shape \(9, 3\)"),
+        ((3, 3), (2, 3, 6), r"got a tensor of shape \(2, 3, 6\)"),
+        ((0, 6), (6, 3), r"Invalid split_sizes: \(0, 6\)\. Expected None .* positive ints"),
+        (3, (6, 3), r"Invalid split_sizes: 3\. Expected None"),
+    ],
+)
+def test_split_sizes_refuse_what_they_cannot_split(split, shape, message):
+    with pytest.raises(ValueError, match=message):
+        Muon([{"params": [nn.Parameter(torch.zeros(shape))], "split_sizes": split}])
+
+
 def test_batched_weights_off_refuses_3d_like_torch():
     with pytest.raises(ValueError, match=r"Muon only supports 2D parameters.*batched_weights=True"):
         Muon([nn.Parameter(torch.zeros(2, 3, 4))])
