@@ -305,13 +305,15 @@ def newton_schulz(
         )
         return torch.stack([newton_schulz(g, coefficients, **kw) for g in flat]).reshape(G.shape)  # type: ignore[arg-type]
     tall = G.size(-2) > G.size(-1)
-    X = G.mT if tall else G
-    # Always one contiguous (b, m, n) batch: every matrix then goes through the same kernels whatever the
-    # batch size, so a result never depends on which other matrices it was batched with. The cast and the
-    # transposition are one copy; a copy is then normalized in place (never the caller's G).
+    # As torch.optim.Muon: cast (a copy), then a tall matrix as the transposed view of that copy, not a contiguous
+    # transpose. The matmuls then see torch's operand layout, which some CPUs' bf16 kernels need for the same bits
+    # (without native bf16, a transposed-operand product rounds otherwise than a contiguous one). One (b, m, n)
+    # batch with the same strides per matrix whatever b: a result never depends on what it was batched with.
+    X = G.to(dtype)
+    if tall:
+        X = X.mT
     X = X.reshape(-1, *X.shape[-2:])
-    copied = X.dtype != dtype or not X.is_contiguous()
-    X = X.to(dtype, memory_format=torch.contiguous_format)
+    copied = X.untyped_storage().data_ptr() != G.untyped_storage().data_ptr()  # never normalize G in place
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
     if norm_factor != 1.0:
         norm = norm * norm_factor
