@@ -301,3 +301,38 @@ def test_checkpoint_moves_from_2_fsdp_ranks_to_1_process_and_back(sharded, workd
             pre = key[: -len("original")] + "0."
             sa, sb = (pcopt.spectral.sigma_estimate(t[key], t[pre + "u"], t[pre + "v"]) for t in (ta, tb))
             assert abs(float(sa / sb) - 1) <= STATE_BOUND, (key, float(sa), float(sb))
+
+
+@pytest.mark.slow
+def test_adamw_pc_resumes_on_fsdp_x_tp_and_on_hsdp(workdir):
+    """``debug_adamw_pc`` (PC + AdamW, once per step) on both 4-rank 2-D layouts. Each resumes the step-2 DCP
+    checkpoint of an FSDP-only run with the same number of data-parallel ranks (so the same data and the same state:
+    FSDP 2 -> FSDP 2 x TP 2, FSDP 4 -> HSDP 2 x 2) and continues to step 4. The two runs then differ in summation
+    order only (TP splits the matmuls' reductions; HSDP all-reduces the gradients in two stages), so the losses and
+    grad norms stay within the bound that covers another CPU kind's summation order (test_train_runs.
+    GOLDEN_LOSS_BOUND, 2e-3, derived there; measured: 1e-4 in loss and grad norm on FSDP x TP, 2e-4 on HSDP).
+    Starting from scratch instead would compare different initial draws: on a CPU mesh each rank draws its local
+    block of a weight from the same seeded generator (module docstring). 4 runs of 4 steps: about 4 minutes."""
+    from tests.torchtitan.test_train_runs import GOLDEN_GNORM_BOUND, GOLDEN_LOSS_BOUND
+
+    ckpt = ("--checkpoint.enable", "--checkpoint.interval", "2")
+    layouts = {
+        "fsdp_tp": (2, ("--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "2")),
+        "hsdp": (4, ("--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "2")),
+    }  # fmt: skip
+    for name, (dp, layout) in layouts.items():
+        base = torchrun("debug_adamw_pc", workdir / f"adamw_fsdp{dp}", "--training.steps", "4", *ckpt,
+                        "--parallelism.data_parallel_shard_degree", str(dp), nproc=dp).check()  # fmt: skip
+        dump = workdir / f"adamw_{name}"
+        (dump / "checkpoint").mkdir(parents=True)
+        shutil.copytree(base.dump / "checkpoint" / "step-2", dump / "checkpoint" / "step-2")
+        run = torchrun("debug_adamw_pc", dump, "--training.steps", "4", *ckpt, *layout, nproc=4).check()
+        assert "Training starts at step 3" in run.log, run.log[-3000:]
+        assert "PC layer once per step on the FSDP2 shards: 24 weights" in run.log, run.log[-3000:]
+        assert sorted(run.steps) == [3, 4], run.steps
+        assert base.losses[4] < base.losses[1] - 0.3, base.losses  # the reference itself trains
+        for step in (3, 4):
+            (loss, gnorm), (ref_loss, ref_gnorm) = run.steps[step], base.steps[step]
+            assert abs(loss - ref_loss) <= GOLDEN_LOSS_BOUND and abs(gnorm - ref_gnorm) <= GOLDEN_GNORM_BOUND, (
+                name, step, run.steps, base.steps,
+            )  # fmt: skip
