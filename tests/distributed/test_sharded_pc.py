@@ -56,9 +56,9 @@ def _model(seed=0, degree=5, **kw):
     return model
 
 
-def _shard_fn(tp_mesh=None, **kwargs):
+def _shard_fn(tp_mesh=None, fsdp=True, **kwargs):
     """FSDP2 over every layer and the root; with ``tp_mesh``, Llama's tensor-parallel plan first (wv, w1, w3
-    column-wise, wo, w2 row-wise), as torchtitan applies it before FSDP2."""
+    column-wise, wo, w2 row-wise), as torchtitan applies it before FSDP2; ``fsdp=False``: tensor parallel only."""
 
     def shard(model, placement_fn):
         from torch.distributed.fsdp import fully_shard
@@ -71,6 +71,8 @@ def _shard_fn(tp_mesh=None, **kwargs):
                     "feed_forward.w2": RowwiseParallel()}  # fmt: skip
             for layer in model.layers:
                 parallelize_module(layer, tp_mesh, plan)
+        if not fsdp:
+            return
         for layer in model.layers:
             fully_shard(layer, shard_placement_fn=placement_fn, **kwargs)
         fully_shard(model, shard_placement_fn=placement_fn, **kwargs)
@@ -150,6 +152,9 @@ def _equality(rank, world, layout="fsdp"):
         mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
         kwargs.update(mesh=mesh["dp"], tp_mesh=mesh["tp"])
         dp, dp_size = mesh["dp"].get_local_rank(), 2
+    if layout == "tp":  # tensor parallel only, 1-D mesh: colwise Shard(0), rowwise Shard(1); one shared batch
+        kwargs.update(tp_mesh=init_device_mesh("cpu", (world,), mesh_dim_names=("tp",)), fsdp=False)
+        dp, dp_size = 0, 1
     for accum in (1, 4):
         for kind in ("adamw", "muon"):
             ref = _model()
@@ -158,6 +163,7 @@ def _equality(rank, world, layout="fsdp"):
             assert isinstance(w2.weight, DTensor) and w2.weight.placements[-1].is_shard(1)
             assert layout != "hsdp" or w2.weight.placements[0].is_replicate()
             assert layout != "fsdp_tp" or type(w2.weight.placements[0]).__name__ == "_StridedShard"
+            assert layout != "tp" or len(w2.weight.placements) == 1
             assert w2.parametrizations.weight.original.placements == w2.weight.placements
             assert model.layers[0].feed_forward.w1.parametrizations.weight.original.placements[-1].is_shard(0)
             ref_opts = _optimizers(ref, ref.named_parameters(), kind)
@@ -204,6 +210,12 @@ def test_fsdp_over_tensor_parallel_matches_unsharded_parametrize_grads_and_steps
     dim TP shards (w1/w3 rows, w2/wo columns: _StridedShard over Shard), so its small-side Gram is a sum of local
     Grams over both mesh dims and the polynomial applies locally."""
     run_distributed(_equality, "fsdp_tp", world_size=4)
+
+
+def test_tensor_parallel_only_matches_unsharded_parametrize_grads_and_steps():
+    """The same on 2 ranks with tensor parallelism alone (a 1-D mesh): column-wise weights are Shard(0), row-wise
+    Shard(1), everything else a plain replicated tensor; the Grams are summed over the TP group."""
+    run_distributed(_equality, "tp")
 
 
 @pytest.mark.slow
