@@ -39,6 +39,13 @@ is a dependency of pcopt.
 
     OMP_NUM_THREADS=1 python -m benchmarks.muon_step --peers --dims 512 --layers 18   # the 126-matrix set
     python -m benchmarks.muon_step --peers --smoke                                      # tiny shapes, seconds
+    python -m benchmarks.muon_step --peers --ranks 2 --dims 256 --layers 4              # data-parallel, 2 ranks
+
+``--peers --ranks N`` runs them on N gloo ranks in the data-parallel layout that KellerJordan's distributed
+``Muon`` supports (every rank holds every full matrix and the averaged gradient): torch.optim.Muon and pcopt on
+plain tensors (every rank orthogonalizes every matrix), pcopt on ``Replicate()`` DTensors (each matrix once in
+the world, 2 all-to-alls), and KellerJordan's ``Muon`` (a share of the matrices per rank, then all-gathers),
+with the collectives per step. The FSDP2 layouts against torch on shards are ``--part fsdp`` / ``--part mesh``.
 """
 
 from __future__ import annotations
@@ -606,6 +613,134 @@ def peers(shapes, steps: int, kwargs: dict, names=tuple(PEERS)) -> dict[str, dic
     return results
 
 
+# --peers --ranks N: the data-parallel (DDP) layout, where every rank holds every full matrix and gradient
+class _Chain:
+    """Several optimizers stepped as one."""
+
+    def __init__(self, optimizers):
+        self.optimizers = optimizers
+
+    def step(self):
+        for opt in self.optimizers:
+            opt.step()
+
+
+def _ddp_arms(mesh, kwargs):
+    """name -> (optimizer factory(params), parameter kind, lr scale). "replicated": each matrix a DTensor with
+    ``Replicate()`` on the data-parallel mesh, which pcopt orthogonalizes once in the world (owner per matrix)."""
+
+    def keller_jordan(params):
+        try:
+            import muon as kj
+        except ImportError as e:
+            raise PeerUnavailable(f"not installed ({e.msg}); pip install muon-optimizer") from None
+        if not hasattr(kj, "SingleDeviceMuon"):
+            raise PeerUnavailable(
+                f"the installed 'muon' module ({getattr(kj, '__file__', '?')}) is not muon-optimizer"
+            )
+        # its all-gathers need the world_size matrices of one round to share a shape: one optimizer per shape
+        by_shape: dict[tuple, list] = {}
+        for p in params:
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        opts = [kj.Muon(ps, lr=kwargs["lr"], weight_decay=kwargs["weight_decay"], momentum=0.95)
+                for ps in by_shape.values()]  # fmt: skip
+        return _Chain(opts)
+
+    def titan(params):
+        return _peer_torchtitan(params, kwargs)
+
+    return {
+        "torch.optim.Muon (every rank, every matrix)": (lambda ps: torch.optim.Muon(ps, **kwargs), "plain", _scale_match_rms_adamw),
+        "pcopt Muon, torch's args, plain tensors": (lambda ps: Muon(ps, **kwargs), "plain", _scale_match_rms_adamw),
+        "pcopt Muon, torch's args, Replicate DTensors": (lambda ps: Muon(ps, **kwargs), "replicated", _scale_match_rms_adamw),
+        "pcopt Muon, ns_algorithm='gram', Replicate DTensors": (lambda ps: Muon(ps, **kwargs, ns_algorithm="gram"), "replicated", _scale_match_rms_adamw),
+        "muon-optimizer Muon (KellerJordan, DDP)": (keller_jordan, "plain", _scale_original),
+        "torchtitan 0.3 DistMuon": (titan, "plain", _scale_match_rms_adamw),
+        "microsoft/dion Muon": (lambda ps: _peer_dion(ps, kwargs), "plain", _scale_match_rms_adamw),
+    }  # fmt: skip
+
+
+def _ddp_peers_worker(rank: int, world_size: int, port: int, shapes, steps: int, kwargs: dict, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("dp",))
+        gen = torch.Generator().manual_seed(
+            1
+        )  # the same weights and (already averaged) gradients on every rank
+        weights = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        refs = [reference_update(g) for g in grads]
+        lr, wd = kwargs["lr"], kwargs["weight_decay"]
+        results: dict[str, dict] = {}
+        steppers = {}
+        for name, (factory, kind, scale) in _ddp_arms(mesh, kwargs).items():
+            if kind == "plain":
+                params = [nn.Parameter(w.clone()) for w in weights]
+                for p, g in zip(params, grads):
+                    p.grad = g.clone()
+            else:
+                params = [nn.Parameter(distribute_tensor(w.clone(), mesh, [Replicate()])) for w in weights]
+                for p, g in zip(params, grads):
+                    p.grad = distribute_tensor(g.clone(), mesh, [Replicate()])
+            try:
+                opt = factory(params)
+            except PeerUnavailable as e:
+                results[name] = {"why": str(e)}
+                continue
+            with _CommMeter() as comm:
+                opt.step()
+            diff = 0.0
+            for p, w0, ref in zip(params, weights, refs):
+                w1 = p.detach().full_tensor() if kind == "replicated" else p.detach()
+                update = (w0 * (1 - lr * wd) - w1) / scale(lr, p.shape)
+                diff = max(diff, (update.double() - ref).abs().max().item())
+            results[name] = {"diff": diff, "comm": comm.counts}
+            steppers[name] = opt.step
+        t = _interleaved(steppers, steps, sync=dist.barrier)
+        t_all = torch.tensor([t[k] for k in steppers], dtype=torch.float64)
+        dist.all_reduce(t_all, op=dist.ReduceOp.MAX)  # a step is as slow as its slowest rank
+        for k, v in zip(steppers, t_all.tolist()):
+            results[k]["wall"] = v
+        if rank == 0:
+            out.put(results)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_peers(shapes, steps: int, kwargs: dict, world_size: int = 2) -> dict[str, dict]:
+    """The peers on ``world_size`` gloo ranks in the data-parallel layout: step time of the slowest rank,
+    collectives per step (CommDebugMode) and max |update - float64 update|, or why a peer cannot run."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.SimpleQueue()
+    mp.start_processes(_ddp_peers_worker, args=(world_size, port, shapes, steps, kwargs, out),
+                       nprocs=world_size, start_method="spawn")  # fmt: skip
+    return out.get()
+
+
+def _print_ddp_peers_table(dim: int, hidden: int, n_matrices: int, world_size: int, res: dict) -> None:
+    t0 = res["torch.optim.Muon (every rank, every matrix)"]["wall"]
+    print(f"dim {dim} / FFN {hidden}, {n_matrices} matrices, {world_size} gloo ranks (1 thread each), data-parallel "
+          "layout (every rank holds every matrix); time of the slowest rank; ratio = arm / torch.optim.Muon")  # fmt: skip
+    print("| implementation | step | ratio | collectives per step | max diff vs float64 |")
+    print("|---|---|---|---|---|")
+    for name, r in res.items():
+        if "why" in r:
+            print(f"| {name} | - | - | - | cannot run here: {r['why']} |")
+            continue
+        comm = ", ".join(f"{v} {k}" for k, v in sorted(r["comm"].items())) or "none"
+        print(f"| {name} | {r['wall'] * 1e3:.1f} ms | {r['wall'] / t0:.2f} | {comm} | {r['diff']:.2e} |")
+    print()
+
+
 def _print_peers_table(dim: int, hidden: int, n_matrices: int, res: dict) -> None:
     t0 = res["torch.optim.Muon"]
     print(f"dim {dim} / FFN {hidden}, {n_matrices} matrices, one process; ratio = arm / torch.optim.Muon (this run); "
@@ -637,6 +772,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peers", action="store_true",
                         help="one process: torch.optim.Muon, pcopt (torch args), build_optimizer and the peer "
                         "packages that import here, with time, FLOPs and difference from a float64 step")  # fmt: skip
+    parser.add_argument("--ranks", type=int, default=1,
+                        help="with --peers: 1 (one process) or N gloo ranks in the data-parallel layout")  # fmt: skip
     parser.add_argument(
         "--smoke",
         action="store_true",
@@ -655,7 +792,11 @@ def main(argv: list[str] | None = None) -> None:
         for dim in args.dims:
             hidden = dim * 11 // 4
             shapes = matrix_shapes(dim, hidden, args.layers)
-            _print_peers_table(dim, hidden, len(shapes), peers(shapes, args.steps, kwargs))
+            if args.ranks > 1:
+                res = ddp_peers(shapes, args.steps, kwargs, args.ranks)
+                _print_ddp_peers_table(dim, hidden, len(shapes), args.ranks, res)
+            else:
+                _print_peers_table(dim, hidden, len(shapes), peers(shapes, args.steps, kwargs))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (single process), 1 thread per rank "
           f"(FSDP2); {args.layers} layers x (wq, wk, wv, wo, w1, w2, w3); median of {args.steps} interleaved steps")  # fmt: skip

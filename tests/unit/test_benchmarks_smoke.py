@@ -198,6 +198,26 @@ def test_muon_step_peers_smoke(capsys):
         assert r["wall"] > 0 and r["flops"] > 0
 
 
+def test_muon_step_ddp_peers_smoke():
+    """``--peers --ranks 2``: the data-parallel layout on 2 gloo ranks. pcopt on Replicate DTensors makes the
+    exact update of pcopt on plain tensors (each matrix once in the world) with 2 all-to-alls per step, the
+    per-rank arms make none, and a peer that cannot run says why."""
+    from benchmarks import muon_step
+
+    shapes = muon_step.matrix_shapes(16, 44, 1)
+    kwargs = {"lr": 0.02, "weight_decay": 0.1, "adjust_lr_fn": "match_rms_adamw"}
+    res = muon_step.ddp_peers(shapes, 1, kwargs, world_size=2)
+    plain, replicated = (
+        res[f"pcopt Muon, torch's args, {k}"] for k in ("plain tensors", "Replicate DTensors")
+    )
+    assert replicated["diff"] == plain["diff"] == res["torch.optim.Muon (every rank, every matrix)"]["diff"]
+    assert replicated["comm"] == {"alltoall_base_": 2} and plain["comm"] == {}
+    assert res["torchtitan 0.3 DistMuon"]["why"] and res["microsoft/dion Muon"]["why"]
+    for name, r in res.items():
+        if "why" not in r:  # the bound of test_muon_step_peers_smoke (same shapes, bf16 Newton-Schulz)
+            assert 0 < r["diff"] <= 0.055 and r["wall"] > 0, (name, r)
+
+
 def test_pc_layouts_smoke(capsys):
     """``benchmarks/pc_layouts.py --smoke`` on 4 gloo ranks: per layout the PC step's FLOPs and all-reduced bytes
     per rank follow docs/scale.md's formula (bytes exactly: every element of the Grams, sigmas and power-iteration
