@@ -425,26 +425,22 @@ def _mesh_worker(rank: int, world_size: int, port: int, shapes, kinds, steps: in
         dist.destroy_process_group()
 
 
-def meshes(shapes, kinds, steps: int, kwargs: dict, world_size: int = 4) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.SimpleQueue()
-    mp.start_processes(_mesh_worker, args=(world_size, port, shapes, kinds, steps, kwargs, out),
-                       nprocs=world_size, start_method="spawn")  # fmt: skip
+def _spawn(worker, world_size: int, *args):
+    """Run ``worker(rank, world_size, port, *args, out)`` on ``world_size`` spawned gloo ranks; rank 0's result."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(worker, args=(world_size, port, *args, out), nprocs=world_size, start_method="spawn")
     return out.get()
+
+
+def meshes(shapes, kinds, steps: int, kwargs: dict, world_size: int = 4) -> dict:
+    return _spawn(_mesh_worker, world_size, shapes, kinds, steps, kwargs)
 
 
 def fsdp(shapes, steps: int, kwargs: dict, world_size: int = 2) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.SimpleQueue()
-    mp.start_processes(_fsdp_worker, args=(world_size, port, shapes, steps, kwargs, out), nprocs=world_size,
-                       start_method="spawn")  # fmt: skip
-    return out.get()
+    return _spawn(_fsdp_worker, world_size, shapes, steps, kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -470,6 +466,16 @@ def reference_update(
         s = x @ x.mT
         x = a * x + (b * s + c * s @ s) @ x
     return x.mT if tall else x
+
+
+def _update_diff(before, after, refs, lr: float, wd: float, scale) -> float:
+    """Max |update - float64 update| of one step from ``before`` to ``after``, the update recovered as
+    ``(W0 (1 - lr wd) - W1) / scale(lr, shape)`` with the arm's own lr scale."""
+    diff = 0.0
+    for w0, w1, ref in zip(before, after, refs):
+        update = (w0 * (1 - lr * wd) - w1) / scale(lr, w0.shape)
+        diff = max(diff, (update.double() - ref).abs().max().item())
+    return diff
 
 
 def _scale_match_rms_adamw(lr: float, shape) -> float:
@@ -598,10 +604,7 @@ def peers(shapes, steps: int, kwargs: dict, names=tuple(PEERS)) -> dict[str, dic
             continue
         before = [p.detach().clone() for p in params]
         opt.step()
-        diff = 0.0
-        for p, w0, ref in zip(params, before, refs):
-            update = (w0 * (1 - lr * wd) - p.detach()) / scale(lr, p.shape)
-            diff = max(diff, (update.double() - ref).abs().max().item())
+        diff = _update_diff(before, [p.detach() for p in params], refs, lr, wd, scale)
         with FlopCounterMode(display=False) as counter:
             opt.step()
         results[name] = {"diff": diff, "flops": counter.get_total_flops(), "note": note}
@@ -694,12 +697,8 @@ def _ddp_peers_worker(rank: int, world_size: int, port: int, shapes, steps: int,
                 continue
             with _CommMeter() as comm:
                 opt.step()
-            diff = 0.0
-            for p, w0, ref in zip(params, weights, refs):
-                w1 = p.detach().full_tensor() if kind == "replicated" else p.detach()
-                update = (w0 * (1 - lr * wd) - w1) / scale(lr, p.shape)
-                diff = max(diff, (update.double() - ref).abs().max().item())
-            results[name] = {"diff": diff, "comm": comm.counts}
+            after = [p.detach().full_tensor() if kind == "replicated" else p.detach() for p in params]
+            results[name] = {"diff": _update_diff(weights, after, refs, lr, wd, scale), "comm": comm.counts}
             steppers[name] = opt.step
         t = _interleaved(steppers, steps, sync=dist.barrier)
         t_all = torch.tensor([t[k] for k in steppers], dtype=torch.float64)
@@ -716,14 +715,7 @@ def _ddp_peers_worker(rank: int, world_size: int, port: int, shapes, steps: int,
 def ddp_peers(shapes, steps: int, kwargs: dict, world_size: int = 2) -> dict[str, dict]:
     """The peers on ``world_size`` gloo ranks in the data-parallel layout: step time of the slowest rank,
     collectives per step (CommDebugMode) and max |update - float64 update|, or why a peer cannot run."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.SimpleQueue()
-    mp.start_processes(_ddp_peers_worker, args=(world_size, port, shapes, steps, kwargs, out),
-                       nprocs=world_size, start_method="spawn")  # fmt: skip
-    return out.get()
+    return _spawn(_ddp_peers_worker, world_size, shapes, steps, kwargs)
 
 
 def _print_ddp_peers_table(dim: int, hidden: int, n_matrices: int, world_size: int, res: dict) -> None:
