@@ -63,7 +63,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from pcopt.hardware import describe
+from pcopt.hardware import describe, preferred_dtype
 from pcopt.optim import Muon
 
 
@@ -617,6 +617,11 @@ def peers(shapes, steps: int, kwargs: dict, names=tuple(PEERS)) -> dict[str, dic
 
 
 # --peers --ranks N: the data-parallel (DDP) layout, where every rank holds every full matrix and gradient
+def _preferred_name() -> str:
+    """The Newton-Schulz dtype build_optimizer picks on this CPU (bf16 only where it is native)."""
+    return str(preferred_dtype("cpu")).removeprefix("torch.")
+
+
 class _Chain:
     """Several optimizers stepped as one."""
 
@@ -657,6 +662,8 @@ def _ddp_arms(mesh, kwargs):
         "pcopt Muon, torch's args, plain tensors": (lambda ps: Muon(ps, **kwargs), "plain", _scale_match_rms_adamw),
         "pcopt Muon, torch's args, Replicate DTensors": (lambda ps: Muon(ps, **kwargs), "replicated", _scale_match_rms_adamw),
         "pcopt Muon, ns_algorithm='gram', Replicate DTensors": (lambda ps: Muon(ps, **kwargs, ns_algorithm="gram"), "replicated", _scale_match_rms_adamw),
+        f"pcopt Muon, build_optimizer's settings (gram, {_preferred_name()}), Replicate DTensors": (
+            lambda ps: Muon(ps, **kwargs, ns_algorithm="gram", ns_dtype=preferred_dtype("cpu")), "replicated", _scale_match_rms_adamw),
         "muon-optimizer Muon (KellerJordan, DDP)": (keller_jordan, "plain", _scale_original),
         "torchtitan 0.3 DistMuon": (titan, "plain", _scale_match_rms_adamw),
         "microsoft/dion Muon": (lambda ps: _peer_dion(ps, kwargs), "plain", _scale_match_rms_adamw),
