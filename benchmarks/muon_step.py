@@ -490,15 +490,21 @@ class PeerUnavailable(Exception):
     """A peer that cannot run here; the message says why."""
 
 
-def _peer_keller_jordan(params, kwargs):
+def _keller_jordan_module():
+    """KellerJordan's muon-optimizer package (its module is named "muon"), or why it cannot be used."""
     try:
-        import muon as kj  # KellerJordan's muon-optimizer package (the module is named "muon")
+        import muon as kj
     except ImportError as e:
         raise PeerUnavailable(f"not installed ({e.msg}); pip install muon-optimizer") from None
     if not hasattr(kj, "SingleDeviceMuon"):
         raise PeerUnavailable(
             f"the installed 'muon' module ({getattr(kj, '__file__', '?')}) is not muon-optimizer"
         )
+    return kj
+
+
+def _peer_keller_jordan(params, kwargs):
+    kj = _keller_jordan_module()
     # its own lr rule (lr * sqrt(max(1, A/B))), bf16 Newton-Schulz with the Keller coefficients, Nesterov
     opt = kj.SingleDeviceMuon(params, lr=kwargs["lr"], weight_decay=kwargs["weight_decay"], momentum=0.95)
     return opt, _scale_original
@@ -638,14 +644,7 @@ def _ddp_arms(mesh, kwargs):
     ``Replicate()`` on the data-parallel mesh, which pcopt orthogonalizes once in the world (owner per matrix)."""
 
     def keller_jordan(params):
-        try:
-            import muon as kj
-        except ImportError as e:
-            raise PeerUnavailable(f"not installed ({e.msg}); pip install muon-optimizer") from None
-        if not hasattr(kj, "SingleDeviceMuon"):
-            raise PeerUnavailable(
-                f"the installed 'muon' module ({getattr(kj, '__file__', '?')}) is not muon-optimizer"
-            )
+        kj = _keller_jordan_module()
         # its all-gathers need the world_size matrices of one round to share a shape: one optimizer per shape
         by_shape: dict[tuple, list] = {}
         for p in params:
@@ -725,37 +724,39 @@ def ddp_peers(shapes, steps: int, kwargs: dict, world_size: int = 2) -> dict[str
     return _spawn(_ddp_peers_worker, world_size, shapes, steps, kwargs)
 
 
+def _print_rows(header: list[str], res: dict, cells) -> None:
+    """A markdown table: one row per arm, ``cells(result)`` after its name; a peer that cannot run says why."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name, r in res.items():
+        rest = ["-"] * (len(header) - 2) + [f"cannot run here: {r['why']}"] if "why" in r else cells(r)
+        print("| " + " | ".join([name, *rest]) + " |")
+    print()
+
+
 def _print_ddp_peers_table(dim: int, hidden: int, n_matrices: int, world_size: int, res: dict) -> None:
     t0 = res["torch.optim.Muon (every rank, every matrix)"]["wall"]
     print(f"dim {dim} / FFN {hidden}, {n_matrices} matrices, {world_size} gloo ranks (1 thread each), data-parallel "
           "layout (every rank holds every matrix); time of the slowest rank; ratio = arm / torch.optim.Muon")  # fmt: skip
-    print("| implementation | step | ratio | collectives per step | max diff vs float64 |")
-    print("|---|---|---|---|---|")
-    for name, r in res.items():
-        if "why" in r:
-            print(f"| {name} | - | - | - | cannot run here: {r['why']} |")
-            continue
-        comm = ", ".join(f"{v} {k}" for k, v in sorted(r["comm"].items())) or "none"
-        print(f"| {name} | {r['wall'] * 1e3:.1f} ms | {r['wall'] / t0:.2f} | {comm} | {r['diff']:.2e} |")
-    print()
+    _print_rows(
+        ["implementation", "step", "ratio", "collectives per step", "max diff vs float64"],
+        res,
+        lambda r: [f"{r['wall'] * 1e3:.1f} ms", f"{r['wall'] / t0:.2f}",
+                   ", ".join(f"{v} {k}" for k, v in sorted(r["comm"].items())) or "none", f"{r['diff']:.2e}"],
+    )  # fmt: skip
 
 
 def _print_peers_table(dim: int, hidden: int, n_matrices: int, res: dict) -> None:
     t0 = res["torch.optim.Muon"]
     print(f"dim {dim} / FFN {hidden}, {n_matrices} matrices, one process; ratio = arm / torch.optim.Muon (this run); "
           "diff = max |update - float64 Muon update| over all matrices (update = orthogonalized momentum, before lr)")  # fmt: skip
-    print("| implementation | wall | ratio | CPU time | ratio | GFLOP | ratio | max diff vs float64 | note |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, r in res.items():
-        if "why" in r:
-            print(f"| {name} | - | - | - | - | - | - | - | cannot run here: {r['why']} |")
-            continue
-        print("| " + " | ".join([
-            name, f"{r['wall'] * 1e3:.1f} ms", f"{r['wall'] / t0['wall']:.2f}",
-            f"{r['cpu'] * 1e3:.1f} ms", f"{r['cpu'] / t0['cpu']:.2f}",
-            f"{r['flops'] / 1e9:.2f}", f"{r['flops'] / t0['flops']:.3f}", f"{r['diff']:.2e}", r["note"],
-        ]) + " |")  # fmt: skip
-    print()
+    _print_rows(
+        ["implementation", "wall", "ratio", "CPU time", "ratio", "GFLOP", "ratio", "max diff vs float64", "note"],
+        res,
+        lambda r: [f"{r['wall'] * 1e3:.1f} ms", f"{r['wall'] / t0['wall']:.2f}", f"{r['cpu'] * 1e3:.1f} ms",
+                   f"{r['cpu'] / t0['cpu']:.2f}", f"{r['flops'] / 1e9:.2f}", f"{r['flops'] / t0['flops']:.3f}",
+                   f"{r['diff']:.2e}", r["note"]],
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
