@@ -53,16 +53,14 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
-import socket
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from benchmarks._ranks import run_on_ranks
 from pcopt.hardware import describe, preferred_dtype
 from pcopt.optim import Muon
 
@@ -184,69 +182,60 @@ def _gather_rows(local: torch.Tensor, p) -> torch.Tensor:
     ).full_tensor()
 
 
-def _fsdp_worker(rank: int, world_size: int, port: int, shapes, steps: int, kwargs: dict, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        from torch.distributed.fsdp import fully_shard
-        from torch.distributed.tensor import DTensor
+def _fsdp_worker(rank: int, world_size: int, shapes, steps: int, kwargs: dict) -> dict:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
 
-        torch.manual_seed(0)
-        base = Matrices(shapes)
-        reference = copy.deepcopy(base)
-        models = {k: copy.deepcopy(base) for k in ("pcopt", "torch", "gather")}
-        for m in models.values():
-            for lin in m.mats:
-                fully_shard(lin)
-            fully_shard(m)
-        gen = torch.Generator().manual_seed(1)
-        grads = [torch.randn(s, generator=gen) for s in shapes]
-        for m in models.values():
-            for p, g in zip(m.parameters(), grads):
-                chunk = -(-g.shape[0] // world_size)
-                start = min(rank * chunk, g.shape[0])
-                p.grad = DTensor.from_local(g[start : start + chunk].clone(), p.device_mesh, p.placements,
-                                            shape=g.shape, stride=g.stride())  # fmt: skip
-        for p, g in zip(reference.parameters(), grads):
-            p.grad = g.clone()
-        ours = Muon(models["pcopt"].parameters(), **kwargs)
-        theirs = torch.optim.Muon(models["torch"].parameters(), **kwargs)
-        gather_params = list(models["gather"].parameters())
-        gather_bufs = [torch.zeros_like(p.to_local()) for p in gather_params]
+    torch.manual_seed(0)
+    base = Matrices(shapes)
+    reference = copy.deepcopy(base)
+    models = {k: copy.deepcopy(base) for k in ("pcopt", "torch", "gather")}
+    for m in models.values():
+        for lin in m.mats:
+            fully_shard(lin)
+        fully_shard(m)
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    for m in models.values():
+        for p, g in zip(m.parameters(), grads):
+            chunk = -(-g.shape[0] // world_size)
+            start = min(rank * chunk, g.shape[0])
+            p.grad = DTensor.from_local(g[start : start + chunk].clone(), p.device_mesh, p.placements,
+                                        shape=g.shape, stride=g.stride())  # fmt: skip
+    for p, g in zip(reference.parameters(), grads):
+        p.grad = g.clone()
+    ours = Muon(models["pcopt"].parameters(), **kwargs)
+    theirs = torch.optim.Muon(models["torch"].parameters(), **kwargs)
+    gather_params = list(models["gather"].parameters())
+    gather_bufs = [torch.zeros_like(p.to_local()) for p in gather_params]
 
-        # exactness after one step, against pcopt Muon on the unsharded matrices
-        Muon(reference.parameters(), **kwargs).step()
-        ours.step()
-        theirs.step()
-        diffs = {}
-        for k in ("pcopt", "torch"):
-            diffs[k] = max((p.full_tensor() - r).abs().max().item()
-                           for p, r in zip(models[k].parameters(), reference.parameters()))  # fmt: skip
+    # exactness after one step, against pcopt Muon on the unsharded matrices
+    Muon(reference.parameters(), **kwargs).step()
+    ours.step()
+    theirs.step()
+    diffs = {}
+    for k in ("pcopt", "torch"):
+        diffs[k] = max((p.full_tensor() - r).abs().max().item()
+                       for p, r in zip(models[k].parameters(), reference.parameters()))  # fmt: skip
 
-        def gather():
-            _explicit_gather_step(gather_params, gather_bufs, kwargs)
+    def gather():
+        _explicit_gather_step(gather_params, gather_bufs, kwargs)
 
-        single = _single_rank_stepper(reference, kwargs)
-        t = _interleaved(
-            {"pcopt": ours.step, "torch": theirs.step, "gather": gather, "single": single},
-            steps,
-            sync=dist.barrier,
-        )
-        t_all = torch.tensor([t["pcopt"], t["torch"], t["gather"], t["single"]], dtype=torch.float64)
-        dist.all_reduce(t_all, op=dist.ReduceOp.MAX)  # a step is as slow as its slowest rank
-        if rank == 0:
-            out.put(
-                {
-                    "pcopt": t_all[0].item(),
-                    "torch": t_all[1].item(),
-                    "gather": t_all[2].item(),
-                    "single": t_all[3].item(),
-                    "diffs": diffs,
-                }
-            )
-    finally:
-        dist.destroy_process_group()
+    single = _single_rank_stepper(reference, kwargs)
+    t = _interleaved(
+        {"pcopt": ours.step, "torch": theirs.step, "gather": gather, "single": single},
+        steps,
+        sync=dist.barrier,
+    )
+    t_all = torch.tensor([t["pcopt"], t["torch"], t["gather"], t["single"]], dtype=torch.float64)
+    dist.all_reduce(t_all, op=dist.ReduceOp.MAX)  # a step is as slow as its slowest rank
+    return {
+        "pcopt": t_all[0].item(),
+        "torch": t_all[1].item(),
+        "gather": t_all[2].item(),
+        "single": t_all[3].item(),
+        "diffs": diffs,
+    }
 
 
 def _single_rank_stepper(module: nn.Module, kwargs: dict):
@@ -343,104 +332,84 @@ def _duplicated_ns_step(params, bufs, kwargs, ns):
                 local.add_(mine, alpha=-_adjust_lr(lr, kwargs.get("adjust_lr_fn"), p.shape))
 
 
-def _mesh_worker(rank: int, world_size: int, port: int, shapes, kinds, steps: int, kwargs: dict, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        from functools import partial
+def _mesh_worker(rank: int, world_size: int, shapes, kinds, steps: int, kwargs: dict) -> dict:
+    from functools import partial
 
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
 
-        from pcopt.optim import newton_schulz
+    from pcopt.optim import newton_schulz
 
-        meshes = {
-            "fsdp": init_device_mesh("cpu", (world_size,), mesh_dim_names=("dp",)),
-            "hsdp": init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("replicate", "shard")),
-            "fsdp_tp": init_device_mesh("cpu", (world_size // 2, 2), mesh_dim_names=("dp", "tp")),
-        }
-        ns = partial(
-            newton_schulz, coefficients=[(3.4445, -4.775, 2.0315)] * 5, dtype=torch.bfloat16
-        )  # Muon's default
-        gen = torch.Generator().manual_seed(0)
-        weights = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
-        grads = [torch.randn(s, generator=gen) for s in shapes]
-        reference = Matrices(shapes)
-        with torch.no_grad():
-            for p, w, g in zip(reference.parameters(), weights, grads):
-                p.copy_(w)
-                p.grad = g.clone()
-        ref_after = [nn.Parameter(w.clone()) for w in weights]
-        for p, g in zip(ref_after, grads):
+    meshes = {
+        "fsdp": init_device_mesh("cpu", (world_size,), mesh_dim_names=("dp",)),
+        "hsdp": init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("replicate", "shard")),
+        "fsdp_tp": init_device_mesh("cpu", (world_size // 2, 2), mesh_dim_names=("dp", "tp")),
+    }
+    ns = partial(
+        newton_schulz, coefficients=[(3.4445, -4.775, 2.0315)] * 5, dtype=torch.bfloat16
+    )  # Muon's default
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    reference = Matrices(shapes)
+    with torch.no_grad():
+        for p, w, g in zip(reference.parameters(), weights, grads):
+            p.copy_(w)
             p.grad = g.clone()
-        Muon(ref_after, **kwargs).step()
-        results = {}
-        for layout, mesh in meshes.items():
+    ref_after = [nn.Parameter(w.clone()) for w in weights]
+    for p, g in zip(ref_after, grads):
+        p.grad = g.clone()
+    Muon(ref_after, **kwargs).step()
+    results = {}
+    for layout, mesh in meshes.items():
 
-            def sharded(layout=layout, mesh=mesh):
-                ps = []
-                for w, g, kind in zip(weights, grads, kinds):
-                    pl = _layout_placements(layout, kind)
-                    p = nn.Parameter(distribute_tensor(w.clone(), mesh, pl, src_data_rank=None))
-                    p.grad = distribute_tensor(g.clone(), mesh, pl, src_data_rank=None)
-                    ps.append(p)
-                return ps
+        def sharded(layout=layout, mesh=mesh):
+            ps = []
+            for w, g, kind in zip(weights, grads, kinds):
+                pl = _layout_placements(layout, kind)
+                p = nn.Parameter(distribute_tensor(w.clone(), mesh, pl, src_data_rank=None))
+                p.grad = distribute_tensor(g.clone(), mesh, pl, src_data_rank=None)
+                ps.append(p)
+            return ps
 
-            ours_params, dup_params = sharded(), sharded()
-            ours = Muon(ours_params, **kwargs)
-            dup_bufs = [torch.zeros_like(p.to_local()) for p in dup_params]
+        ours_params, dup_params = sharded(), sharded()
+        ours = Muon(ours_params, **kwargs)
+        dup_bufs = [torch.zeros_like(p.to_local()) for p in dup_params]
 
-            def dup(dup_params=dup_params, dup_bufs=dup_bufs):
-                _duplicated_ns_step(dup_params, dup_bufs, kwargs, ns)
+        def dup(dup_params=dup_params, dup_bufs=dup_bufs):
+            _duplicated_ns_step(dup_params, dup_bufs, kwargs, ns)
 
-            with _CommMeter() as ours_comm:  # first step: exactness and communication
-                ours.step()
-            with _CommMeter() as dup_comm:
-                dup()
-            diffs = {
-                k: max((p.full_tensor() - r).abs().max().item() for p, r in zip(ps, ref_after))
-                for k, ps in (("pcopt", ours_params), ("duplicated", dup_params))
-            }
-            dup_bytes = sum(  # what every rank receives in the all-gathers: the matrix minus its own block
-                (p.numel() - p.to_local().numel()) * 2 for p in dup_params
-            )
-            single = _single_rank_stepper(reference, kwargs)
-            t = _interleaved(
-                {"pcopt": ours.step, "duplicated": dup, "single": single}, steps, sync=dist.barrier
-            )
-            t_all = torch.tensor([t["pcopt"], t["duplicated"], t["single"]], dtype=torch.float64)
-            dist.all_reduce(t_all, op=dist.ReduceOp.MAX)
-            b = torch.tensor([ours_comm.bytes, dup_bytes], dtype=torch.float64)
-            dist.all_reduce(b, op=dist.ReduceOp.MAX)  # the busiest rank
-            results[layout] = {
-                "pcopt": t_all[0].item(), "duplicated": t_all[1].item(), "single": t_all[2].item(),
-                "diffs": diffs, "comm": ours_comm.counts, "dup_comm": dup_comm.counts,
-                "bytes": b[0].item(), "dup_bytes": b[1].item(),
-            }  # fmt: skip
-        if rank == 0:
-            out.put(results)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(worker, world_size: int, *args):
-    """Run ``worker(rank, world_size, port, *args, out)`` on ``world_size`` spawned gloo ranks; rank 0's result."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    out = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(worker, args=(world_size, port, *args, out), nprocs=world_size, start_method="spawn")
-    return out.get()
+        with _CommMeter() as ours_comm:  # first step: exactness and communication
+            ours.step()
+        with _CommMeter() as dup_comm:
+            dup()
+        diffs = {
+            k: max((p.full_tensor() - r).abs().max().item() for p, r in zip(ps, ref_after))
+            for k, ps in (("pcopt", ours_params), ("duplicated", dup_params))
+        }
+        dup_bytes = sum(  # what every rank receives in the all-gathers: the matrix minus its own block
+            (p.numel() - p.to_local().numel()) * 2 for p in dup_params
+        )
+        single = _single_rank_stepper(reference, kwargs)
+        t = _interleaved({"pcopt": ours.step, "duplicated": dup, "single": single}, steps, sync=dist.barrier)
+        t_all = torch.tensor([t["pcopt"], t["duplicated"], t["single"]], dtype=torch.float64)
+        dist.all_reduce(t_all, op=dist.ReduceOp.MAX)
+        b = torch.tensor([ours_comm.bytes, dup_bytes], dtype=torch.float64)
+        dist.all_reduce(b, op=dist.ReduceOp.MAX)  # the busiest rank
+        results[layout] = {
+            "pcopt": t_all[0].item(), "duplicated": t_all[1].item(), "single": t_all[2].item(),
+            "diffs": diffs, "comm": ours_comm.counts, "dup_comm": dup_comm.counts,
+            "bytes": b[0].item(), "dup_bytes": b[1].item(),
+        }  # fmt: skip
+    return results
 
 
 def meshes(shapes, kinds, steps: int, kwargs: dict, world_size: int = 4) -> dict:
-    return _spawn(_mesh_worker, world_size, shapes, kinds, steps, kwargs)
+    return run_on_ranks(_mesh_worker, shapes, kinds, steps, kwargs, world_size=world_size)
 
 
 def fsdp(shapes, steps: int, kwargs: dict, world_size: int = 2) -> dict:
-    return _spawn(_fsdp_worker, world_size, shapes, steps, kwargs)
+    return run_on_ranks(_fsdp_worker, shapes, steps, kwargs, world_size=world_size)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -669,59 +638,49 @@ def _ddp_arms(mesh, kwargs):
     }  # fmt: skip
 
 
-def _ddp_peers_worker(rank: int, world_size: int, port: int, shapes, steps: int, kwargs: dict, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import Replicate, distribute_tensor
+def _ddp_peers_worker(rank: int, world_size: int, shapes, steps: int, kwargs: dict) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
 
-        mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("dp",))
-        gen = torch.Generator().manual_seed(
-            1
-        )  # the same weights and (already averaged) gradients on every rank
-        weights = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
-        grads = [torch.randn(s, generator=gen) for s in shapes]
-        refs = [reference_update(g) for g in grads]
-        lr, wd = kwargs["lr"], kwargs["weight_decay"]
-        results: dict[str, dict] = {}
-        steppers = {}
-        for name, (factory, kind, scale) in _ddp_arms(mesh, kwargs).items():
-            if kind == "plain":
-                params = [nn.Parameter(w.clone()) for w in weights]
-                for p, g in zip(params, grads):
-                    p.grad = g.clone()
-            else:
-                params = [nn.Parameter(distribute_tensor(w.clone(), mesh, [Replicate()])) for w in weights]
-                for p, g in zip(params, grads):
-                    p.grad = distribute_tensor(g.clone(), mesh, [Replicate()])
-            try:
-                opt = factory(params)
-            except PeerUnavailable as e:
-                results[name] = {"why": str(e)}
-                continue
-            with _CommMeter() as comm:
-                opt.step()
-            after = [p.detach().full_tensor() if kind == "replicated" else p.detach() for p in params]
-            results[name] = {"diff": _update_diff(weights, after, refs, lr, wd, scale), "comm": comm.counts}
-            steppers[name] = opt.step
-        t = _interleaved(steppers, steps, sync=dist.barrier)
-        t_all = torch.tensor([t[k] for k in steppers], dtype=torch.float64)
-        dist.all_reduce(t_all, op=dist.ReduceOp.MAX)  # a step is as slow as its slowest rank
-        for k, v in zip(steppers, t_all.tolist()):
-            results[k]["wall"] = v
-        if rank == 0:
-            out.put(results)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("dp",))
+    gen = torch.Generator().manual_seed(1)  # the same weights and (already averaged) gradients on every rank
+    weights = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    refs = [reference_update(g) for g in grads]
+    lr, wd = kwargs["lr"], kwargs["weight_decay"]
+    results: dict[str, dict] = {}
+    steppers = {}
+    for name, (factory, kind, scale) in _ddp_arms(mesh, kwargs).items():
+        if kind == "plain":
+            params = [nn.Parameter(w.clone()) for w in weights]
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+        else:
+            params = [nn.Parameter(distribute_tensor(w.clone(), mesh, [Replicate()])) for w in weights]
+            for p, g in zip(params, grads):
+                p.grad = distribute_tensor(g.clone(), mesh, [Replicate()])
+        try:
+            opt = factory(params)
+        except PeerUnavailable as e:
+            results[name] = {"why": str(e)}
+            continue
+        with _CommMeter() as comm:
+            opt.step()
+        after = [p.detach().full_tensor() if kind == "replicated" else p.detach() for p in params]
+        results[name] = {"diff": _update_diff(weights, after, refs, lr, wd, scale), "comm": comm.counts}
+        steppers[name] = opt.step
+    t = _interleaved(steppers, steps, sync=dist.barrier)
+    t_all = torch.tensor([t[k] for k in steppers], dtype=torch.float64)
+    dist.all_reduce(t_all, op=dist.ReduceOp.MAX)  # a step is as slow as its slowest rank
+    for k, v in zip(steppers, t_all.tolist()):
+        results[k]["wall"] = v
+    return results
 
 
 def ddp_peers(shapes, steps: int, kwargs: dict, world_size: int = 2) -> dict[str, dict]:
     """The peers on ``world_size`` gloo ranks in the data-parallel layout: step time of the slowest rank,
     collectives per step (CommDebugMode) and max |update - float64 update|, or why a peer cannot run."""
-    return _spawn(_ddp_peers_worker, world_size, shapes, steps, kwargs)
+    return run_on_ranks(_ddp_peers_worker, shapes, steps, kwargs, world_size=world_size)
 
 
 def _print_rows(header: list[str], res: dict, cells) -> None:

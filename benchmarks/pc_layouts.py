@@ -17,22 +17,18 @@ every layout.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import socket
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 import pcopt
+from benchmarks._ranks import run_on_ranks
 
 LAYOUTS = ("fsdp", "hsdp", "fsdp_tp")
 WORLD = 4
@@ -182,32 +178,13 @@ def formula(layout: str, args) -> dict:
     return {"flops": flops, "bytes": 4 * elements, "ring_bytes": 4 * elements * 2 * (P - 1) / P}
 
 
-def _worker(rank: int, world: int, port: int, args, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        res = {layout: _measure(layout, args) for layout in LAYOUTS}
-        if rank == 0:
-            Path(out).write_text(json.dumps(res))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, args) -> dict:
+    return {layout: _measure(layout, args) for layout in LAYOUTS}
 
 
 def run(args) -> dict:
     """Measure every layout on 4 spawned gloo ranks; returns rank 0's numbers and the formula's."""
-    import tempfile
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "res.json")
-        mp.start_processes(
-            _worker, args=(WORLD, port, args, out), nprocs=WORLD, join=True, start_method="spawn"
-        )
-        res = json.loads(Path(out).read_text())
+    res = run_on_ranks(_worker, args, world_size=WORLD)
     for layout in LAYOUTS:
         res[layout]["formula"] = formula(layout, args)
     return res

@@ -27,20 +27,18 @@ mode is its count minus ``linear``'s. Time (median of ``--repeat``) is that of t
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 import pcopt
+from benchmarks._ranks import run_on_ranks
 
 SHAPES = {"271m": (2816, 1024), "1b": (5632, 2048), "8b": (14336, 4096)}  # (hidden, dim) of feed_forward.w1
 MODES = ("linear", "per-micro-batch", "sharded")
@@ -175,54 +173,48 @@ def _formula(mode, shape, args, world):
     return 2 * n / (world * T * M) + 4 * (k - 2) * n * n / (3 * m * T * M)
 
 
-def _worker(rank, world, port, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        rows = []
-        for name in args.shapes.split(","):
-            shape = SHAPES[name]
-            res = {mode: _measure(mode, shape, args, rank) for mode in MODES}
-            base = res["linear"]
-            for mode in MODES[1:]:
-                r = res[mode]
-                rows.append(
-                    (
-                        name,
-                        f"{shape[0]}x{shape[1]}",
-                        mode,
-                        (r["flops"] - base["flops"]) / 1e9,
-                        (r["flops"] - base["flops"]) / base["flops"],
-                        _formula(mode, shape, args, world),
-                        (r["comm"] - base["comm"]) / 2**20,
-                        base["comm"] / 2**20,
-                        (r["saved"] - base["saved"]) / 2**20,
-                        base["saved"] / 2**20,
-                        r["time"],
-                        r["time"] / base["time"],
-                    )
+def _worker(rank: int, world: int, args) -> None:
+    rows = []
+    for name in args.shapes.split(","):
+        shape = SHAPES[name]
+        res = {mode: _measure(mode, shape, args, rank) for mode in MODES}
+        base = res["linear"]
+        for mode in MODES[1:]:
+            r = res[mode]
+            rows.append(
+                (
+                    name,
+                    f"{shape[0]}x{shape[1]}",
+                    mode,
+                    (r["flops"] - base["flops"]) / 1e9,
+                    (r["flops"] - base["flops"]) / base["flops"],
+                    _formula(mode, shape, args, world),
+                    (r["comm"] - base["comm"]) / 2**20,
+                    base["comm"] / 2**20,
+                    (r["saved"] - base["saved"]) / 2**20,
+                    base["saved"] / 2**20,
+                    r["time"],
+                    r["time"] / base["time"],
                 )
-            if rank == 0:
-                print(f"# done {name}", flush=True)
+            )
         if rank == 0:
+            print(f"# done {name}", flush=True)
+    if rank == 0:
+        print(
+            f"\nPC cost per rank and optimizer step: {world} gloo ranks, T={args.tokens} tokens per "
+            f"micro-batch per rank, M={args.micro_batches} micro-batches, degree {args.degree}, fp32, "
+            f"{args.threads} thread(s) per rank. 'x linear' = PC cost / the plain Linear's fwd+bwd.\n"
+        )
+        print(
+            "| shape | W (m x n) | mode | PC GFLOP | x linear (FLOPs) | formula | PC MiB sent | linear MiB "
+            "sent | PC MiB saved fwd | linear MiB saved | PC map time s | x linear step (time) |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
             print(
-                f"\nPC cost per rank and optimizer step: {world} gloo ranks, T={args.tokens} tokens per "
-                f"micro-batch per rank, M={args.micro_batches} micro-batches, degree {args.degree}, fp32, "
-                f"{args.threads} thread(s) per rank. 'x linear' = PC cost / the plain Linear's fwd+bwd.\n"
+                f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.1f} | {r[4]:.3f} | {r[5]:.3f} | {r[6]:.1f} | "
+                f"{r[7]:.1f} | {r[8]:.1f} | {r[9]:.1f} | {r[10]:.2f} | {r[11]:.2f} |"
             )
-            print(
-                "| shape | W (m x n) | mode | PC GFLOP | x linear (FLOPs) | formula | PC MiB sent | linear MiB "
-                "sent | PC MiB saved fwd | linear MiB saved | PC map time s | x linear step (time) |"
-            )
-            print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-            for r in rows:
-                print(
-                    f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.1f} | {r[4]:.3f} | {r[5]:.3f} | {r[6]:.1f} | "
-                    f"{r[7]:.1f} | {r[8]:.1f} | {r[9]:.1f} | {r[10]:.2f} | {r[11]:.2f} |"
-                )
-    finally:
-        dist.destroy_process_group()
 
 
 def bf16_accuracy() -> None:
@@ -278,12 +270,7 @@ def main(argv=None) -> None:
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown:
         p.error(f"unknown shapes {unknown}; expected a comma-separated subset of {sorted(SHAPES)}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(
-        _worker, args=(args.world_size, port, args), nprocs=args.world_size, join=True, start_method="spawn"
-    )
+    run_on_ranks(_worker, args, world_size=args.world_size, threads=args.threads)
 
 
 if __name__ == "__main__":
