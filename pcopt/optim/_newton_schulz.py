@@ -215,22 +215,33 @@ def _edges(n: int, blocks: int) -> list[int]:
     return [n * i // blocks for i in range(blocks + 1)]
 
 
+def _mm(A: Tensor, B: Tensor, out: Tensor | None = None) -> Tensor:
+    """``A @ B`` through torch's kernel for the rank: ``mm`` for one matrix (as torch.optim.Muon), ``bmm`` for a batch."""
+    return torch.mm(A, B, out=out) if A.ndim == 2 else torch.bmm(A, B, out=out)
+
+
+def _addmm(C: Tensor, A: Tensor, B: Tensor, beta=1.0, alpha=1.0, out: Tensor | None = None) -> Tensor:
+    """``beta C + alpha A @ B``: ``addmm`` for one matrix, ``baddbmm`` for a batch."""
+    fn = torch.addmm if A.ndim == 2 else torch.baddbmm
+    return fn(C, A, B, beta=beta, alpha=alpha, out=out)
+
+
 def _symmetric(A: Tensor, B: Tensor, blocks: int, C: Tensor | None = None, beta=1.0, alpha=1.0) -> Tensor:
     """``beta C + alpha A B`` for ``(b, n, n)`` results that are symmetric in exact arithmetic (see the module
     docstring): the blocks on and above the diagonal are computed, one matmul per block row, the rest mirrored."""
     if blocks == 1:
-        return torch.bmm(A, B) if C is None else torch.baddbmm(C, A, B, beta=beta, alpha=alpha)
+        return _mm(A, B) if C is None else _addmm(C, A, B, beta=beta, alpha=alpha)
     n = A.size(-2)
-    out = A.new_empty(A.size(0), n, n)
+    out = A.new_empty(*A.shape[:-2], n, n)
     edges = _edges(n, blocks)
     for r0, r1 in zip(edges, edges[1:]):
-        block = out[:, r0:r1, r0:]  # the first block row is contiguous: written in place
+        block = out[..., r0:r1, r0:]  # the first block row is contiguous: written in place
         if C is None:
-            torch.bmm(A[:, r0:r1], B[:, :, r0:], out=block)
+            _mm(A[..., r0:r1, :], B[..., r0:], out=block)
         else:
-            torch.baddbmm(C[:, r0:r1, r0:], A[:, r0:r1], B[:, :, r0:], beta=beta, alpha=alpha, out=block)
+            _addmm(C[..., r0:r1, r0:], A[..., r0:r1, :], B[..., r0:], beta=beta, alpha=alpha, out=block)
         if r0:
-            out[:, r0:r1, :r0] = out[:, :r0, r0:r1].mT
+            out[..., r0:r1, :r0] = out[..., :r0, r0:r1].mT
     return out
 
 
@@ -238,7 +249,7 @@ def _standard(X: Tensor, coefficients: Sequence[tuple[float, float, float]], blo
     for a, b, c in coefficients:
         A = _symmetric(X, X.mT, blocks)
         B = _symmetric(A, A, blocks, A, beta=b, alpha=c)
-        X = torch.baddbmm(X, B, X, beta=a)
+        X = _addmm(X, B, X, beta=a)
     return X
 
 
@@ -251,7 +262,7 @@ def _gram(
     last = len(coefficients) - 1
     for k, (a, b, c) in enumerate(coefficients):
         if k > 0 and k in restart:
-            X = torch.bmm(Q, X)
+            X = _mm(Q, X)
             R = _symmetric(X, X.mT, blocks)
             Q = None
         Z = _symmetric(R, R, blocks, R, beta=b, alpha=c)
@@ -259,7 +270,7 @@ def _gram(
         Q = Z if Q is None else _symmetric(Z, Q, blocks)
         if k < last and k + 1 not in restart:
             R = _symmetric(Z, _symmetric(R, Z, blocks), blocks)
-    return torch.bmm(Q, X)
+    return _mm(Q, X)
 
 
 def newton_schulz(
@@ -307,12 +318,16 @@ def newton_schulz(
     tall = G.size(-2) > G.size(-1)
     # As torch.optim.Muon: cast (a copy), then a tall matrix as the transposed view of that copy, not a contiguous
     # transpose. The matmuls then see torch's operand layout, which some CPUs' bf16 kernels need for the same bits
-    # (without native bf16, a transposed-operand product rounds otherwise than a contiguous one). One (b, m, n)
-    # batch with the same strides per matrix whatever b: a result never depends on what it was batched with.
+    # (without native bf16, a transposed-operand product rounds otherwise than a contiguous one). One matrix runs
+    # torch's 2-D kernels (mm, addmm); a batch of b >= 2 runs bmm / baddbmm on a (b, m, n) tensor with the same
+    # strides per matrix whatever b, which give every matrix mm's bits. A one-matrix batch does not: on an AMD
+    # EPYC with avx512_bf16, bf16 bmm of a (1, n, m) transposed view (batch stride n) rounded otherwise than mm.
     X = G.to(dtype)
     if tall:
         X = X.mT
     X = X.reshape(-1, *X.shape[-2:])
+    if X.size(0) == 1:
+        X = X[0]
     copied = X.untyped_storage().data_ptr() != G.untyped_storage().data_ptr()  # never normalize G in place
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
     if norm_factor != 1.0:

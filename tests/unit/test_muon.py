@@ -56,7 +56,9 @@ def test_matches_torch_muon(adjust_lr_fn, nesterov, foreach):
 def test_large_tall_matrix_is_bitwise_torchs(foreach):
     """A tall matrix goes through Newton-Schulz as torch's does, as the transposed view of the bf16 copy: on CPUs
     without native bf16 a contiguous transpose rounds some products otherwise from 2000 x 300 on (measured on an
-    AVX2-only AMD EPYC; at 1408 x 512 by up to 1.5e-3). Stacked (foreach=True) with a copy of itself, too."""
+    AVX2-only AMD EPYC; at 1408 x 512 by up to 1.5e-3). Alone (foreach=None: too large to stack on a CPU) it runs
+    torch's 2-D mm/addmm: on an AMD EPYC with avx512_bf16 a one-matrix bmm of that view rounded otherwise. Stacked
+    (foreach=True) with a copy of itself, too."""
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(2000, 300, generator=gen)
     grads = [torch.randn(2000, 300, generator=gen)]
