@@ -227,7 +227,7 @@ def _addmm(C: Tensor, A: Tensor, B: Tensor, beta=1.0, alpha=1.0, out: Tensor | N
 
 
 def _symmetric(A: Tensor, B: Tensor, blocks: int, C: Tensor | None = None, beta=1.0, alpha=1.0) -> Tensor:
-    """``beta C + alpha A B`` for ``(b, n, n)`` results that are symmetric in exact arithmetic (see the module
+    """``beta C + alpha A B`` for ``(n, n)`` or ``(b, n, n)`` results that are symmetric in exact arithmetic (see the module
     docstring): the blocks on and above the diagonal are computed, one matmul per block row, the rest mirrored."""
     if blocks == 1:
         return _mm(A, B) if C is None else _addmm(C, A, B, beta=beta, alpha=alpha)

@@ -128,7 +128,9 @@ def test_symmetric_blocks_equal_full_products_in_float64(shape, algorithm, block
         sym = newton_schulz(G, triples, symmetric_blocks=blocks, **kw)
     # A mirrored entry (j, i) is the computed (i, j): the same dot product, summed in another order, so the two
     # differ by float64 rounding of one product (<= 132 * 2^-53 * 1.3^2, as in the Gram test above), which the
-    # steps amplify by < 2.6e3 (Polar Express): < 1e-10 per product, over <= 17 products.
+    # steps amplify by < 2.6e3 (Polar Express): < 1e-10 per product, over <= 17 products. The per-product bound is
+    # the worst case of any summation order (FMA or not), so it holds for every CPU's float64 BLAS (AMX has no
+    # float64 path; AVX2 and AVX-512 only reorder the sums).
     torch.testing.assert_close(sym, full, rtol=0, atol=1e-8)
     assert not torch.equal(sym, full)  # other kernels ran: the comparison is not vacuous
     assert counter.get_total_flops() == 3 * newton_schulz_flops(  # 3 matrices
