@@ -38,6 +38,12 @@ the same Keller coefficients). A peer that cannot run in one CPU process gets a 
 is a dependency of pcopt.
 
     OMP_NUM_THREADS=1 python -m benchmarks.muon_step --peers --dims 512 --layers 18   # the 126-matrix set
+
+``--same-work`` asks whether pcopt with torch's arguments does torch's work: torch.optim.Muon twice (an A/A
+pair, whose time ratio is this machine's noise) and pcopt, in rotating order, with the aten ops, matmul ops and
+FLOPs of one step of each:
+
+    OMP_NUM_THREADS=1 python -m benchmarks.muon_step --same-work --dims 512 --layers 18 --steps 9
     python -m benchmarks.muon_step --peers --smoke                                      # tiny shapes, seconds
     python -m benchmarks.muon_step --peers --ranks 2 --dims 256 --layers 4              # data-parallel, 2 ranks
 
@@ -683,6 +689,52 @@ def ddp_peers(shapes, steps: int, kwargs: dict, world_size: int = 2) -> dict[str
     return run_on_ranks(_ddp_peers_worker, shapes, steps, kwargs, world_size=world_size)
 
 
+def same_work(shapes, steps: int, kwargs: dict) -> dict[str, dict]:
+    """torch.optim.Muon twice (an A/A pair: how far two identical optimizers' times differ on this machine) and
+    pcopt.optim.Muon with torch's arguments: thread CPU time per step, medians over ``steps`` rounds in rotating
+    order (no arm always runs first), and the aten ops and FLOPs of one step (``pcopt.profiling.StepProfile``)."""
+    from pcopt.profiling import StepProfile
+
+    torch.manual_seed(0)
+    base = Matrices(shapes)
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(p.shape, generator=gen) for p in base.parameters()]
+    arms = {"torch.optim.Muon (A)": torch.optim.Muon, "torch.optim.Muon (B)": torch.optim.Muon,
+            "pcopt Muon (torch args)": Muon}  # fmt: skip
+    opts, res = {}, {}
+    for name, cls in arms.items():
+        params = list(copy.deepcopy(base).parameters())
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opts[name] = cls(params, **kwargs)
+        opts[name].step()  # warm-up: momentum buffers, first-call overheads
+        with StepProfile() as prof:
+            opts[name].step()
+        matmuls = {k: v for k, v in prof.ops.items() if k.endswith("mm")}
+        res[name] = {"ops": prof.total_ops, "matmuls": matmuls, "flops": prof.total_flops, "cpu": []}
+    names = list(opts)
+    for i in range(steps):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            t0 = time.thread_time()
+            opts[name].step()
+            res[name]["cpu"].append(time.thread_time() - t0)
+    for r in res.values():
+        r["cpu"] = statistics.median(r["cpu"])
+    return res
+
+
+def _print_same_work_table(dim: int, hidden: int, n_matrices: int, steps: int, res: dict) -> None:
+    t0 = res["torch.optim.Muon (A)"]["cpu"]
+    print(f"dim {dim} / FFN {hidden}, {n_matrices} matrices, one process; thread CPU time, median of {steps} "
+          "rounds in rotating order; ratio = arm / torch.optim.Muon (A); ops and FLOPs of one step")  # fmt: skip
+    _print_rows(
+        ["arm", "CPU time", "ratio", "aten ops", "matmul ops", "GFLOP"],
+        res,
+        lambda r: [f"{r['cpu'] * 1e3:.1f} ms", f"{r['cpu'] / t0:.3f}", str(r["ops"]),
+                   ", ".join(f"{v} {k}" for k, v in sorted(r["matmuls"].items())), f"{r['flops'] / 1e9:.2f}"],
+    )  # fmt: skip
+
+
 def _print_rows(header: list[str], res: dict, cells) -> None:
     """A markdown table: one row per arm, ``cells(result)`` after its name; a peer that cannot run says why."""
     print("| " + " | ".join(header) + " |")
@@ -731,6 +783,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peers", action="store_true",
                         help="one process: torch.optim.Muon, pcopt (torch args), build_optimizer and the peer "
                         "packages that import here, with time, FLOPs and difference from a float64 step")  # fmt: skip
+    parser.add_argument("--same-work", action="store_true",
+                        help="one process: torch.optim.Muon twice (the timing noise) and pcopt with torch's "
+                        "arguments, rotating order, with the aten ops and FLOPs of a step")  # fmt: skip
     parser.add_argument("--ranks", type=int, default=1,
                         help="with --peers: 1 (one process) or N gloo ranks in the data-parallel layout")  # fmt: skip
     parser.add_argument(
@@ -744,6 +799,16 @@ def main(argv: list[str] | None = None) -> None:
         if args.part == "all":
             args.part = "single"
     kwargs = {"lr": 0.02, "weight_decay": 0.1, "adjust_lr_fn": "match_rms_adamw"}
+    if args.same_work:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); CPU {_cpu_model()}; ATen CPU "
+              f"capability {torch.backends.cpu.get_cpu_capability()}; bf16 Newton-Schulz (torch's default)")  # fmt: skip
+        for dim in args.dims:
+            hidden = dim * 11 // 4
+            shapes = matrix_shapes(dim, hidden, args.layers)
+            _print_same_work_table(
+                dim, hidden, len(shapes), args.steps, same_work(shapes, args.steps, kwargs)
+            )
+        return
     if args.peers:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); CPU {_cpu_model()}; ATen CPU "
               f"capability {torch.backends.cpu.get_cpu_capability()}; pcopt.hardware: {describe('cpu')}; "

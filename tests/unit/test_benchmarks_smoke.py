@@ -198,6 +198,23 @@ def test_muon_step_peers_smoke(capsys):
         assert r["wall"] > 0 and r["flops"] > 0
 
 
+def test_muon_step_same_work_smoke(capsys):
+    """``--same-work``: the A/A pair does identical work, and pcopt with torch's arguments runs torch's matmuls
+    and FLOPs on matrices too large to stack on a CPU (140000 elements > 131072; small side 2, so it is fast)."""
+    from benchmarks import muon_step
+
+    muon_step.main(["--same-work", "--smoke"])
+    assert "| pcopt Muon (torch args) |" in capsys.readouterr().out
+    kwargs = {"lr": 0.02, "weight_decay": 0.1, "adjust_lr_fn": "match_rms_adamw"}
+    res = muon_step.same_work([(2, 70000), (70000, 2)], 3, kwargs)
+    a, b, ours = res["torch.optim.Muon (A)"], res["torch.optim.Muon (B)"], res["pcopt Muon (torch args)"]
+    assert (a["ops"], a["matmuls"], a["flops"]) == (b["ops"], b["matmuls"], b["flops"])
+    # 2 matrices x 5 steps: per step one X X^T (mm) and two addmm
+    assert ours["matmuls"] == a["matmuls"] == {"aten::mm": 10, "aten::addmm": 20}
+    assert ours["flops"] == a["flops"] > 0
+    assert all(r["cpu"] > 0 for r in res.values())
+
+
 def test_muon_step_ddp_peers_smoke():
     """``--peers --ranks 2``: the data-parallel layout on 2 gloo ranks. pcopt on Replicate DTensors makes the
     exact update of pcopt on plain tensors (each matrix once in the world) with 2 all-to-alls per step, the
