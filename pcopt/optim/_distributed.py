@@ -172,6 +172,20 @@ def _block_table(
     return tuple(table)
 
 
+def local_row_runs(param: Tensor) -> Runs:
+    """The global row ranges ``((start, stop), ...)`` that this rank's local tensor of the 2-D ``param`` holds,
+    in local order (a plain tensor: all rows)."""
+    if not _is_dtensor(param) or param.device_mesh.size() == 1:
+        return ((0, param.shape[0]),)
+    mesh = param.device_mesh
+    ranks = tuple(mesh.mesh.flatten().tolist())
+    me = dist.get_rank()
+    if me not in ranks:
+        return ()
+    table = _block_table(tuple(param.shape), tuple(param.placements), tuple(mesh.mesh.shape), ranks, (me,))
+    return table[0].rows
+
+
 def _copy_runs(full: Tensor, local: Tensor, block: _Block, into_full: bool) -> None:
     """``full[rows, cols] <- local`` (``into_full``) or ``local <- full[rows, cols]``, run by run (exact copies)."""
     lr = 0

@@ -23,7 +23,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 from pcopt._tensor import is_dtensor as _is_dtensor
 from pcopt._tensor import local_tensor as _local
 from pcopt.hardware import warn_slow_newton_schulz
-from pcopt.optim._distributed import map_full_matrices
+from pcopt.optim._distributed import local_row_runs, map_full_matrices
 from pcopt.optim._newton_schulz import (
     KELLER_COEFFICIENTS,
     CoeffSetT,
@@ -70,14 +70,22 @@ def _symmetric_blocks(algorithm: str) -> int | None:
 
 
 def _check_split(p: Tensor, split_sizes: tuple[int, ...]) -> None:
-    """``ValueError`` unless ``p`` is a plain 2-D tensor whose rows ``split_sizes`` partitions."""
-    if _is_dtensor(p) or p.ndim != 2 or sum(split_sizes) != p.shape[0]:
+    """``ValueError`` unless ``p`` is a 2-D tensor (plain or DTensor) whose rows ``split_sizes`` partitions."""
+    if p.ndim != 2 or sum(split_sizes) != p.shape[0]:
         raise ValueError(
-            f"Muon(split_sizes={split_sizes}) splits the rows of plain 2-D weights into blocks of those sizes "
-            f"(summing to the row count); got a {'DTensor' if _is_dtensor(p) else 'tensor'} of shape "
-            f"{tuple(p.shape)}. Give each fused weight a param group whose split_sizes sum to its rows, and keep "
-            "such weights unsharded (or split them into separate parameters)."
+            f"Muon(split_sizes={split_sizes}) splits the rows of 2-D weights into blocks of those sizes (summing "
+            f"to the row count, {sum(split_sizes)} here); got a {'DTensor' if _is_dtensor(p) else 'tensor'} of "
+            f"shape {tuple(p.shape)}. Give each fused weight a param group whose split_sizes sum to its rows."
         )
+
+
+def _block_bounds(split_sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` global row range of each block of ``split_sizes``."""
+    out, start = [], 0
+    for n in split_sizes:
+        out.append((start, start + n))
+        start += n
+    return out
 
 
 def _split_rows(
@@ -291,10 +299,6 @@ class Muon(Optimizer):
             grads: list[Tensor] = []
             momentum_buffers: list[Tensor] = []
             self._init_group(group, params, grads, momentum_buffers)
-            if group["split_sizes"] is not None:
-                params, grads, momentum_buffers = _split_rows(
-                    group["split_sizes"], params, grads, momentum_buffers
-                )
             muon(
                 params,
                 grads,
@@ -311,6 +315,7 @@ class Muon(Optimizer):
                 ns_coefficient_set=group["ns_coefficient_set"],
                 ns_dtype=group["ns_dtype"],
                 ns_algorithm=group["ns_algorithm"],
+                split_sizes=group["split_sizes"],
             )
         return loss
 
@@ -379,7 +384,9 @@ Muon.__doc__ = r"""Implements Muon (MomentUm Orthogonalized by Newton-Schulz), c
             counts summing to the rows of every parameter of the group treat a fused weight as the blocks it
             stacks: ``(q_dim, kv_dim, kv_dim)`` for a fused QKV weight, ``(head_dim,) * n_heads`` for per-head
             Muon. Each block gets its own Newton-Schulz and its lr adjusted by its own shape, exactly as if it
-            were a separate parameter (the momentum buffer stays one tensor). Plain 2-D tensors only.
+            were a separate parameter (the momentum buffer stays one tensor). Plain tensors are split into row views;
+            a DTensor (FSDP2, TP) is split on the owner rank of its full matrix, and each local row is updated
+            with its block's lr, so the step equals the unsharded one.
         batched_weights (bool, optional): False (default, as torch) refuses parameters that are not 2-D;
             True treats a ``(..., m, n)`` parameter (MoE experts ``(E, m, n)``) as a batch of matrices and
             orthogonalizes each 2-D slice on its own (lr adjusted by ``(m, n)``). Plain tensors only.
@@ -420,12 +427,25 @@ def _apply_updates(
     lr: float,
     weight_decay: float,
     adjust_lr_fn: str | None,
+    split_sizes: Sequence[int] | None = None,
 ) -> None:
     for p, update in zip(params, updates):
-        adjusted_lr = _adjust_lr(lr, adjust_lr_fn, p.shape)  # global shape for DTensors
         local = _local(p)
         local.mul_(1 - lr * weight_decay)
-        local.add_(update, alpha=-adjusted_lr)
+        if split_sizes is None or not _is_dtensor(p):
+            local.add_(update, alpha=-_adjust_lr(lr, adjust_lr_fn, p.shape))  # global shape for DTensors
+            continue
+        # A fused DTensor weight: each local row takes the lr of its block's (global) shape, through the same
+        # row-view add_ as the unsharded path's blocks, so that each element sees the same two ops.
+        bounds = _block_bounds(split_sizes)
+        row = 0
+        for r0, r1 in local_row_runs(p):
+            for b0, b1 in bounds:
+                a, b = max(r0, b0), min(r1, b1)
+                if a < b:
+                    lr_b = _adjust_lr(lr, adjust_lr_fn, (b1 - b0, p.shape[1]))
+                    local[row + a - r0 : row + b - r0].add_(update[row + a - r0 : row + b - r0], alpha=-lr_b)
+            row += r1 - r0
 
 
 def _matrices_per_call(shape: Sequence[int], foreach: bool | None, device: torch.device) -> int:
@@ -464,8 +484,9 @@ def _orthogonalize(
     dtype: torch.dtype,
     cost: Callable[[tuple[int, int]], int],
     foreach: bool | None,
+    split_sizes: Sequence[int] | None = None,
 ) -> list[Tensor]:
-    """Newton-Schulz of every update; local updates of DTensor params come back as local blocks.
+    """Newton-Schulz of every update (of every row block of ``split_sizes``, for DTensors); local updates of DTensor params come back as local blocks.
 
     DTensors (any placements of any mesh: FSDP2, HSDP, TP, FSDP x TP) go through ``map_full_matrices``: each
     matrix is assembled on one owner rank of its mesh, orthogonalized there once in the world (with the
@@ -484,11 +505,26 @@ def _orthogonalize(
         for i, r in zip(idx, _newton_schulz_chunked(ns, [updates[i] for i in idx], per_call)):
             out[i] = r
 
-    def owner_fn(batch: Tensor) -> Tensor:  # the owner's (b, M, N) stack of one shape
+    def stacked_ns(batch: Tensor) -> Tensor:  # a (b, M, N) stack of one shape
         per_call = _matrices_per_call(batch.shape[1:], foreach, batch.device)
         if per_call >= batch.shape[0]:
             return ns(batch, stack=True)
         return torch.stack(_newton_schulz_chunked(ns, batch.unbind(0), per_call))
+
+    def owner_fn(batch: Tensor) -> Tensor:  # the owner's (b, M, N) stack of one shape
+        if split_sizes is None:
+            return stacked_ns(batch)
+        # a fused weight: every row block is a matrix of its own, same-shaped blocks stacked together
+        blocks = batch.split(list(split_sizes), dim=1)
+        out_blocks: list[Tensor | None] = [None] * len(blocks)
+        by_rows: dict[int, list[int]] = {}
+        for j, blk in enumerate(blocks):
+            by_rows.setdefault(blk.shape[1], []).append(j)
+        for idx in by_rows.values():
+            result = stacked_ns(torch.cat([blocks[j] for j in idx])).split(batch.shape[0])
+            for j, r in zip(idx, result):
+                out_blocks[j] = r
+        return torch.cat(out_blocks, dim=1)  # type: ignore[arg-type]
 
     for chunk in [sharded] if foreach is not False else [[i] for i in sharded]:
         if chunk:
@@ -515,9 +551,22 @@ def _muon_impl(
     ns_coefficient_set: CoeffSetT | Sequence[tuple[float, float, float]] | None,
     ns_dtype: torch.dtype | str,
     ns_algorithm: str,
+    split_sizes: Sequence[int] | None = None,
 ) -> None:
     if not params:
         return
+    if split_sizes is not None:  # plain weights: row views; DTensors: split on the owner of the full matrix
+        plain = [i for i, p in enumerate(params) if not _is_dtensor(p)]
+        sharded = [i for i, p in enumerate(params) if _is_dtensor(p)]
+        views = _split_rows(
+            tuple(split_sizes),
+            [params[i] for i in plain],
+            [grads[i] for i in plain],
+            [momentum_buffers[i] for i in plain],
+        )
+        params, grads, momentum_buffers = (
+            v + [t[i] for i in sharded] for v, t in zip(views, (params, grads, momentum_buffers))
+        )
     lr = lr.item() if isinstance(lr, Tensor) else lr
     coefficients, norm_factor = resolve_coefficients(ns_coefficients, ns_coefficient_set, ns_steps)
     dtype = resolve_dtype(ns_dtype)
@@ -565,13 +614,13 @@ def _muon_impl(
             updates = _momentum(
                 [grads[i] for i in sharded], [momentum_buffers[i] for i in sharded], momentum, nesterov
             )
-            updates = _orthogonalize(ps, updates, ns, dtype, cost, foreach)
-            _apply_updates(ps, updates, lr, weight_decay, adjust_lr_fn)
+            updates = _orthogonalize(ps, updates, ns, dtype, cost, foreach, split_sizes)
+            _apply_updates(ps, updates, lr, weight_decay, adjust_lr_fn, split_sizes)
     else:  # the readable reference: one matrix at a time
         for p, g, buf in zip(params, grads, momentum_buffers):
             (update,) = _momentum([g], [buf], momentum, nesterov)
-            (update,) = _orthogonalize([p], [update], ns, dtype, cost, foreach=False)
-            _apply_updates([p], [update], lr, weight_decay, adjust_lr_fn)
+            (update,) = _orthogonalize([p], [update], ns, dtype, cost, False, split_sizes)
+            _apply_updates([p], [update], lr, weight_decay, adjust_lr_fn, split_sizes)
 
 
 def muon(
@@ -591,13 +640,15 @@ def muon(
     ns_coefficient_set: CoeffSetT | Sequence[tuple[float, float, float]] | None = None,
     ns_dtype: torch.dtype | str = torch.bfloat16,
     ns_algorithm: NsAlgorithmT = "standard",
+    split_sizes: Sequence[int] | None = None,
 ) -> None:
     r"""Functional Muon step (see :class:`Muon`). Updates ``params`` and ``momentum_buffers`` in place.
 
     ``foreach=False`` runs the per-matrix loop; True stacks same-shaped matrices; None (default) stacks them
     except large ones on CPUs (same bits either way). DTensor parameters (any placements) are gathered to one owner rank
     per matrix in every mode (every rank must call this). Parameters of shape ``(..., m, n)`` are batches of
-    matrices, each orthogonalized on its own.
+    matrices, each orthogonalized on its own. ``split_sizes`` treats every parameter as the row blocks it stacks
+    (see :class:`Muon`).
     """
     _muon_impl(
         params,
@@ -615,4 +666,5 @@ def muon(
         ns_coefficient_set=ns_coefficient_set,
         ns_dtype=ns_dtype,
         ns_algorithm=ns_algorithm,
+        split_sizes=split_sizes,
     )
