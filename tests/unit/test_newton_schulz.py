@@ -132,10 +132,12 @@ def test_symmetric_blocks_equal_full_products_in_float64(shape, algorithm, block
     # the worst case of any summation order (FMA or not), so it holds for every CPU's float64 BLAS (AMX has no
     # float64 path; AVX2 and AVX-512 only reorder the sums).
     torch.testing.assert_close(sym, full, rtol=0, atol=1e-8)
-    assert not torch.equal(sym, full)  # other kernels ran: the comparison is not vacuous
-    assert counter.get_total_flops() == 3 * newton_schulz_flops(  # 3 matrices
-        shape, 5, algorithm, (3,), symmetric_blocks=blocks
-    )
+    # Other kernels ran, so the comparison is not vacuous: the blocked path did fewer FLOPs than the full one.
+    # (Bitwise equality is allowed: a BLAS that sums each block's dot products in the full product's order, as
+    # one Intel Xeon AVX-512 did, gives the same bits.)
+    sym_flops = 3 * newton_schulz_flops(shape, 5, algorithm, (3,), symmetric_blocks=blocks)  # 3 matrices
+    assert counter.get_total_flops() == sym_flops
+    assert sym_flops < 3 * newton_schulz_flops(shape, 5, algorithm, (3,), symmetric_blocks=1)
 
 
 def test_symmetric_block_flops_closed_form_and_size_rule():
@@ -375,7 +377,8 @@ def test_cpu_default_stacks_small_matrices_only():
     assert _matrices_per_call((512, 1408), None, torch.device("meta")) > 100  # off CPUs: stacked
 
 
-def test_foreach_modes_give_the_same_bits():
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
+def test_foreach_modes_give_the_same_bits(ns_dtype):
     gen = torch.Generator().manual_seed(0)
     shapes = [(16, 40), (16, 40), (40, 16), (24, 24), (24, 24)]
     init = [torch.randn(s, generator=gen) for s in shapes]
@@ -383,11 +386,22 @@ def test_foreach_modes_give_the_same_bits():
     results = {}
     for mode in (None, True, False):
         ps = [nn.Parameter(t.clone()) for t in init]
-        opt = Muon(ps, lr=0.02, foreach=mode, ns_algorithm="gram")
+        opt = Muon(ps, lr=0.02, foreach=mode, ns_algorithm="gram", ns_dtype=ns_dtype)
         for g in grads:
             for p, gi in zip(ps, g):
                 p.grad = gi.clone()
             opt.step()
         results[mode] = ps
+    # None stacks these small matrices on a CPU as True does: the same kernels, the same bits.
     assert all(torch.equal(x, y) for x, y in zip(results[None], results[True]))
-    assert all(torch.equal(x, y) for x, y in zip(results[None], results[False]))
+    if ns_dtype == torch.float32:  # fp32 batched and single matmuls round alike on every CPU seen
+        assert all(torch.equal(x, y) for x, y in zip(results[None], results[False]))
+        return
+    # bf16: on an AMX CPU (Intel Xeon, oneDNN) a stacked bmm rounds some batch entries otherwise than one mm (seen:
+    # 3.9e-5 on the 2nd (16, 40) matrix), so stacked and one-at-a-time agree only within bf16 Newton-Schulz's own
+    # spread. Each step moves a weight by adjusted_lr * O with |O|_max <= ||O||_2 <= 1.3 (Keller's coefficients
+    # keep singular values in [0.68, 1.2]), so two valid bf16 updates differ by at most 2 * 1.3 per entry and step:
+    # over 2 steps at adjusted lr <= 0.02 * sqrt(40 / 16) that is 2 * 0.032 * 2.6 = 0.17. What that bound catches
+    # is a diverged or non-finite step; fp32 above pins the bits.
+    for x, y in zip(results[None], results[False]):
+        assert (x - y).abs().max().item() <= 0.17
