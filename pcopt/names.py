@@ -35,15 +35,21 @@ __all__ = [
     "param_pattern",
 ]
 
-PC_TARGETS = r"(^|\.)(attention\.wo|feed_forward\.w[123]|self_attn\.o_proj|mlp\.(gate|up|down)_proj)$"
-"""The PC layer's default targets (the paper's): attention output and every FFN matrix; never q/k/v,
-embeddings, LM head or norms."""
+PC_TARGETS = (
+    r"(^|\.)(attention\.wo|feed_forward\.w[123]|shared_experts\.w[123]"
+    r"|self_attn\.o_proj|mlp\.(gate|up|down)_proj|mlp\.shared_experts?\.(gate|up|down)_proj)$"
+)
+"""The PC layer's default targets (the paper's): attention output and every FFN matrix, dense or a MoE's shared
+experts (torchtitan's ``moe.shared_experts.w1``, Hugging Face's ``mlp.shared_expert(s).gate_proj``); never
+q/k/v, embeddings, LM head, router or norms. MoE routed experts are 3-D stacks, not ``Linear`` modules."""
 
 ATTENTION_FFN_MODULES = (
-    r"(^|\.)(attention\.(qkv_linear\.)?(wq|wk|wv|wqkv|wo)|feed_forward\.w[123]"
-    r"|self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate|up|down)_proj)$"
+    r"(^|\.)(attention\.(qkv_linear\.)?(wq|wk|wv|wqkv|wo|wq_a|wq_b|wkv_a|wkv_b)|feed_forward\.w[123]"
+    r"|shared_experts\.w[123]"
+    r"|self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate|up|down)_proj|mlp\.shared_experts?\.(gate|up|down)_proj)$"
 )
-"""Every attention (q, k, v, fused qkv, output) and FFN matrix: what GMCN averages and Muon optimizes."""
+"""Every attention (q, k, v, fused qkv, MLA's low-rank ``wq_a``/``wq_b``/``wkv_a``/``wkv_b``, output) and FFN
+matrix (dense, or a MoE's shared experts): what GMCN averages and Muon optimizes."""
 
 EMBEDDING_MODULES = r"(^|\.)(tok_embeddings|embed_tokens|wte|wpe|word_embeddings)$"
 """Token and position embeddings (AdamW in the paper's Muon recipe)."""

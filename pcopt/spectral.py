@@ -251,13 +251,15 @@ def power_iteration_(
         mesh = w.device_mesh if mesh_dims else None
         key = (mesh, mesh_dims, dtype)  # meshes compare by value: equal meshes share one all-reduce
         full = tuple(local.shape) == tuple(shape)
-        sub = (tuple(local.shape), _index_key(index), full, local.device)
+        # the global shape too: two shards of one local shape may come from matrices of different shapes (an
+        # (m, n) sharded on rows and an (n, m) on columns), whose u and v differ in length
+        sub = (tuple(local.shape), tuple(shape), _index_key(index), full, local.device)
         table.setdefault(key, (mesh, {}))[1].setdefault(sub, []).append(i)
         locals_.append((local, index))
     counts: list[Tensor | None] = [None] * len(weights)
     for (_, mesh_dims, dtype), (mesh, subs) in table.items():
         groups, members = [], []
-        for (_, _, full, _), idx in subs.items():
+        for (_, _, _, full, _), idx in subs.items():
             W = torch.stack([locals_[i][0] for i in idx]).to(dtype)
             U = torch.stack([us[i] for i in idx]).to(dtype)
             V = torch.stack([vs[i] for i in idx]).to(dtype)

@@ -1,7 +1,9 @@
 """torchtitan_ext: PC layer and Muon for torchtitan 0.3.0, as a thin adapter over :mod:`pcopt`.
 
 Launch with ``torchrun ... -m torchtitan_ext.train --module torchtitan_ext --config <name>`` (or the
-stock ``-m torchtitan.train`` on a GPU). The configs live in :mod:`torchtitan_ext.config_registry`.
+stock ``-m torchtitan.train`` on a GPU). The configs live in :mod:`torchtitan_ext.config_registry`: the paper's
+Llama-2 ones and ``<torchtitan stock name>_muon`` / ``_muon_pc`` / ``_adamw_pc``. In Python,
+``torchtitan_ext.with_pc(config)`` and ``torchtitan_ext.with_muon(config)`` transform any ``Trainer.Config``.
 This package imports nothing from torchtitan at import time, so the CPU shims of the launcher can be
 installed before torchtitan reads its device type.
 """
@@ -40,4 +42,14 @@ if importlib.util.find_spec("torchtitan") is None:  # pragma: no cover - depends
         "(plus `pip install triton` on CPU-only machines, since torchtitan imports it)."
     )
 
-__all__: list[str] = []
+__all__ = ["for_cpu", "with_muon", "with_pc"]
+
+
+def __getattr__(name: str):
+    """``with_pc``, ``with_muon`` and ``for_cpu`` (:mod:`torchtitan_ext.transform`), imported on first use so that
+    importing the package loads no torchtitan module (the launcher's CPU shims must come first)."""
+    if name in __all__:
+        from torchtitan_ext import transform
+
+        return getattr(transform, name)
+    raise AttributeError(f"module 'torchtitan_ext' has no attribute {name!r}")

@@ -23,7 +23,9 @@ cosine to 10% of the peak; baseline and PC share every hyperparameter.
 from __future__ import annotations
 
 import torch
+from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
+from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.components.optimizer import LRSchedulersContainer
 from torchtitan.components.validate import Validator
 from torchtitan.config import ParallelismConfig, TrainingConfig
@@ -39,17 +41,17 @@ from torchtitan.models.llama3 import (
     _output_linear_init,
 )
 from torchtitan.models.llama3.model import Llama3Model
+from torchtitan.models.llama3.parallelize import parallelize_llama
+from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter
 from torchtitan.protocols.model_spec import ModelSpec
 from torchtitan.trainer import Trainer
 
 from pcopt import recipes
-from torchtitan_ext.checkpoint import PCCheckpointManager
+from torchtitan_ext import transform
 from torchtitan_ext.compat import install_set_timeout_shim
 from torchtitan_ext.data import TOKENIZER_DIR, register_datasets
-from torchtitan_ext.metrics import PCMetricsProcessor
 from torchtitan_ext.optimizer import adamw_config, muon_config
-from torchtitan_ext.pc import PCConverter, attach_pc_state, parallelize_llama_pc
-from torchtitan_ext.trainer import PCTrainer
+from torchtitan_ext.pc import PCConverter
 
 __all__ = [
     "debug_adamw",
@@ -118,29 +120,21 @@ def llama2_model(flavor: str, *, pc: PCConverter.Config | None = None) -> ModelS
             attn_backend="flex",
         ),
     )
-    if pc is not None:
-        model = pc.build().convert(model)
-    return ModelSpec(
+    spec = ModelSpec(
         name="llama2",
         flavor=flavor,
         model=model,
-        parallelize_fn=parallelize_llama_pc,
+        parallelize_fn=parallelize_llama,
         pipelining_fn=pipeline_llm,
-        post_optimizer_build_fn=attach_pc_state,
-        state_dict_adapter=_state_dict_adapter(),
+        post_optimizer_build_fn=None,
+        state_dict_adapter=Llama3StateDictAdapter,
     )
-
-
-def _state_dict_adapter():
-    from torchtitan_ext.state_dict_adapter import PCLlamaStateDictAdapter
-
-    return PCLlamaStateDictAdapter
+    return spec if pc is None else transform.pc_model_spec(spec, pc.build())
 
 
 def _config(flavor: str, optimizer: str, pc: bool, pc_mode: str = "auto") -> Trainer.Config:
     lr = _LR[(flavor, optimizer)]
-    pc_cfg = PCConverter.Config(degree=pc_degree(optimizer), mode=pc_mode) if pc else None
-    model_spec = llama2_model(flavor, pc=pc_cfg)
+    model_spec = llama2_model(flavor)
     opt = adamw_config(lr) if optimizer == "adamw" else muon_config(lr)
     opt.implementation = "fused" if torch.cuda.is_available() else "foreach"
 
@@ -170,7 +164,7 @@ def _config(flavor: str, optimizer: str, pc: bool, pc_mode: str = "auto") -> Tra
         # outputs stay valid. Same policy for baseline and PC runs, so their step times compare.
         activation_checkpoint = SelectiveAC.Config()
 
-    config = PCTrainer.Config(
+    config = Trainer.Config(
         model_spec=model_spec,
         hf_assets_path=hf_assets_path,
         loss=ChunkedLossWrapper.Config(
@@ -182,9 +176,9 @@ def _config(flavor: str, optimizer: str, pc: bool, pc_mode: str = "auto") -> Tra
         ),
         training=training,
         dataloader=dataloader,
-        metrics=PCMetricsProcessor.Config(log_freq=log_freq),
+        metrics=MetricsProcessor.Config(log_freq=log_freq),
         parallelism=ParallelismConfig(spmd_backend="partial_dtensor"),
-        checkpoint=PCCheckpointManager.Config(interval=ckpt_interval, last_save_model_only=False),
+        checkpoint=CheckpointManager.Config(interval=ckpt_interval, last_save_model_only=False),
         activation_checkpoint=activation_checkpoint,
         validator=Validator.Config(enable=False, freq=500, steps=40 if flavor != "1B" else 80),
         debug=DebugConfig(seed=42),
@@ -193,7 +187,9 @@ def _config(flavor: str, optimizer: str, pc: bool, pc_mode: str = "auto") -> Tra
         from torchtitan_ext.cpu_attention import DENSE_ATTENTION_OVERRIDE
 
         config.override.imports.append(DENSE_ATTENTION_OVERRIDE)
-    return config
+    if pc:  # the same transform as for any torchtitan config, with the paper's degree
+        return transform.with_pc(config, degree=pc_degree(optimizer), strategy=pc_mode)
+    return transform._pc_components(config)
 
 
 def debug_adamw() -> Trainer.Config:
@@ -230,28 +226,12 @@ def debug_muon_pc() -> Trainer.Config:
 def debug_muon_pc_per_forward() -> Trainer.Config:
     """``debug_muon_pc`` with the PC map in every forward (the parametrize registration: the reference
     semantics, and the mode that runs under pipeline parallelism) instead of once per step."""
-    return _config("debug", "muon", pc=True, pc_mode="parametrize")
+    return _config("debug", "muon", pc=True, pc_mode="per_forward")
 
 
 def debug_adamw_pc_per_forward() -> Trainer.Config:
     """``debug_adamw_pc`` with the PC map in every forward (see ``debug_muon_pc_per_forward``)."""
-    return _config("debug", "adamw", pc=True, pc_mode="parametrize")
-
-
-def _renamed(old: str, new: str):
-    def config() -> Trainer.Config:
-        raise ValueError(
-            f"Config {old!r} was renamed: PC runs once per step on the FSDP2 shards by default now. Use --config "
-            f"{new} (or {new}_per_forward for the PC map in every forward)."
-        )
-
-    config.__name__ = old
-    return config
-
-
-# names of an earlier release, kept only to say what replaced them
-debug_muon_pc_sharded = _renamed("debug_muon_pc_sharded", "debug_muon_pc")
-debug_adamw_pc_sharded = _renamed("debug_adamw_pc_sharded", "debug_adamw_pc")
+    return _config("debug", "adamw", pc=True, pc_mode="per_forward")
 
 
 def llama2_271m_adamw() -> Trainer.Config:
@@ -284,3 +264,13 @@ def llama2_1b_muon() -> Trainer.Config:
 
 def llama2_1b_muon_pc() -> Trainer.Config:
     return _config("1B", "muon", pc=True)
+
+
+def __getattr__(name: str):
+    """``<stock name><suffix>``: torchtitan's stock config function with a recipe (:func:`transform.recipe_config`).
+
+    Unknown names raise ``ValueError`` listing the families, their stock names and the suffixes.
+    """
+    if name.startswith("_"):
+        raise AttributeError(name)
+    return transform.recipe_config(name)

@@ -30,7 +30,7 @@ from pcopt.names import ATTENTION_FFN_MODULES, param_pattern
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MUON_MATRICES", "PCOptimizersContainer", "adamw_config", "muon_config"]
+__all__ = ["MUON_MATRICES", "PCOptimizersContainer", "adamw_config", "muon_config", "muon_kwargs"]
 
 MUON_MATRICES = param_pattern(ATTENTION_FFN_MODULES)
 """Hidden matrices (raw weights for PC ones): what Muon optimizes. Anchored at a name boundary, not at the
@@ -81,17 +81,30 @@ class PCOptimizersContainer(OptimizersContainer):
                 group["param_names"] = [group["param_names"][i] for i in keep]
         for opt_name in _MATRIX_ONLY & set(groups):
             for group, pattern in zip(groups[opt_name], patterns[opt_name]):
+                batched = group.get("batched_weights", False)
                 bad = [
                     f"{n} {tuple(p.shape)}"
                     for n, p in zip(group["param_names"], group["params"])
-                    if p.ndim != 2
+                    if p.ndim != 2 and not (batched and p.ndim > 2)
                 ]
                 if bad:
                     raise ValueError(
                         f"{opt_name} optimizes matrices only, but its param group pattern {pattern!r} "
                         f"matched {len(bad)} parameter(s) that are not 2-D: {bad[:6]}. Put a group for "
-                        "them (e.g. AdamW) before it, or narrow the pattern."
+                        "them (e.g. AdamW) before it, narrow the pattern, or (stacks of matrices such as MoE "
+                        "experts) set batched_weights=True in its optimizer_kwargs."
                     )
+        for opt_name, gs in groups.items():
+            for group, pattern in zip(gs, patterns[opt_name]):
+                extra = {k: group[k] for k in ("split_sizes", "batched_weights") if group.get(k)}
+                logger.info(
+                    "optimizer %s, pattern %r: %d parameters, %d elements%s",
+                    opt_name,
+                    pattern,
+                    len(group["params"]),
+                    sum(p.numel() for p in group["params"]),
+                    f", {extra}" if extra else "",
+                )
         return groups, patterns
 
     def _validate_params(self, all_params) -> None:
@@ -148,6 +161,13 @@ def adamw_config(lr: float, *, name: str = "AdamW", **kwargs: Any) -> PCOptimize
     )
 
 
+def muon_kwargs() -> dict[str, Any]:
+    """pcopt's Muon options of the paper's recipe (:data:`pcopt.recipes.MUON`), with the fast paths: Newton-Schulz
+    in bf16 on GPUs and CPUs that compute it natively (fp32 on the others), and Gram Newton-Schulz on rectangular
+    matrices (square ones run the standard iteration either way)."""
+    return {**recipes.MUON, "ns_dtype": preferred_dtype(_training_device()), "ns_algorithm": "gram"}
+
+
 def muon_config(
     lr: float, *, adamw_name: str = "AdamW", matrices: str = MUON_MATRICES
 ) -> PCOptimizersContainer.Config:
@@ -170,16 +190,7 @@ def muon_config(
     return PCOptimizersContainer.Config(
         param_groups=[
             ParamGroupConfig(
-                pattern=matrices,
-                optimizer_name="Muon",
-                # Newton-Schulz in bf16 on GPUs and CPUs that compute it natively, fp32 on the others; Gram
-                # Newton-Schulz on rectangular matrices (square ones run the standard iteration either way)
-                optimizer_kwargs={
-                    "lr": lr,
-                    **recipes.MUON,
-                    "ns_dtype": preferred_dtype(_training_device()),
-                    "ns_algorithm": "gram",
-                },
+                pattern=matrices, optimizer_name="Muon", optimizer_kwargs={"lr": lr, **muon_kwargs()}
             ),
             ParamGroupConfig(
                 pattern=r".*",

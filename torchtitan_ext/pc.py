@@ -20,12 +20,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
+from torchtitan.config import ParallelismConfig
 from torchtitan.config.override import derive
 from torchtitan.distributed import ParallelDims
-from torchtitan.distributed.activation_checkpoint import ActivationCheckpointingConfig
 from torchtitan.models.common.linear import Linear
 from torchtitan.models.llama3.parallelize import parallelize_llama
 from torchtitan.protocols.model import ModelConfigConverter
@@ -38,9 +39,43 @@ from torchtitan_ext.compat import check_spmd_backend, force_sum_reduction_on_glo
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PC_MODES", "PCConverter", "PCLinear", "attach_pc_state", "parallelize_llama_pc"]
+__all__ = [
+    "PC_STRATEGIES",
+    "PCConverter",
+    "PCLinear",
+    "attach_pc_state",
+    "canonical_strategy",
+    "parallelize_llama_pc",
+    "parallelize_with_pc",
+    "with_pc_state",
+]
 
-PC_MODES = ("auto", "parametrize", "sharded")
+PC_STRATEGIES = ("auto", *pcopt.STRATEGIES)
+"""How PC executes in a torchtitan run: pcopt's strategies (``"once_per_step"``, ``"per_forward"``), or ``"auto"``
+(once per step wherever it is exact: not under pipeline parallelism)."""
+
+_OLD_NAMES = {"sharded": "once_per_step", "parametrize": "per_forward"}  # torchtitan_ext 0.2's mode names
+PC_MODES = (*PC_STRATEGIES, *_OLD_NAMES)  # accepted for one release
+
+
+def canonical_strategy(name: str) -> str:
+    """pcopt's name for a PC strategy; the 0.2 names ``"sharded"``/``"parametrize"`` work with a warning."""
+    if name in _OLD_NAMES:
+        new = _OLD_NAMES[name]
+        warnings.warn(
+            f"PC mode {name!r} is now called {new!r} (pcopt's strategy names); the old name goes in the next "
+            "release.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return new
+    if name not in PC_STRATEGIES:
+        raise ValueError(
+            f"PC strategy must be one of {list(PC_STRATEGIES)}, got {name!r}. 'once_per_step' computes W_eff once "
+            "per optimizer step on the FSDP2 shards, 'per_forward' in every forward, 'auto' picks once per step "
+            "unless pipeline parallelism needs per forward."
+        )
+    return name
 
 
 def _options(c) -> PCOptions:
@@ -68,13 +103,27 @@ class PCLinear(Linear):
         """Added to the sigma estimate."""
 
         pc_mode: str = "auto"
-        """How PC executes: ``"parametrize"`` (the map in every forward), ``"sharded"`` (``W_eff`` once per
-        optimizer step on the FSDP2 shards: pcopt's once-per-step strategy, :mod:`pcopt.strategy`) or
-        ``"auto"`` (``"sharded"`` unless pipeline parallel; see :class:`PCConverter.Config`)."""
+        """How PC executes: ``"per_forward"`` (the map in every forward), ``"once_per_step"`` (``W_eff`` once per
+        optimizer step on the FSDP2 shards, :mod:`pcopt.strategy`) or ``"auto"`` (once per step unless pipeline
+        parallel; see :class:`PCConverter.Config`)."""
 
     def __init__(self, config: Config):
         super().__init__(config)
         self._pc_config = config
+
+    def forward(self, x):
+        if not self.__dict__.get("_pc_checked", False):
+            if not pcopt.is_preconditioned(self):
+                raise RuntimeError(
+                    f"This PCLinear ({self.in_features} -> {self.out_features}) reached its forward without the PC "
+                    "layer: its model was converted by PCConverter, but nothing attached PC before parallelizing "
+                    "it, so it would train as a plain Linear. Build the run with torchtitan_ext.with_pc(config) "
+                    "(or a torchtitan_ext config such as <stock name>_muon_pc), which wraps the model spec's "
+                    "parallelize_fn; outside torchtitan, call PCLinear.attach() on every PCLinear before "
+                    "fully_shard."
+                )
+            self._pc_checked = True
+        return super().forward(x)
 
     def attach(self) -> None:
         """Register the PC parametrization on ``weight`` (idempotent). Must precede ``fully_shard``."""
@@ -114,11 +163,12 @@ class PCConverter(ModelConfigConverter):
         learn_gamma: bool = True
         eps: float = 1e-7
         mode: str = "auto"
-        """How PC executes. ``"sharded"``: ``W_eff`` is computed once per optimizer step on the FSDP2 shards and
-        the model's forward sees a plain Linear (pcopt's once-per-step strategy, :mod:`pcopt.strategy`; one
-        device, FSDP2, HSDP). ``"parametrize"``: the PC map runs in every micro-batch forward (the reference
-        semantics; also under pipeline parallelism). ``"auto"`` (default): ``"sharded"`` wherever it is exact,
-        i.e. without pipeline parallelism, else ``"parametrize"``."""
+        """How PC executes (pcopt's strategy names). ``"once_per_step"``: ``W_eff`` is computed once per optimizer
+        step on the FSDP2 shards and the model's forward sees a plain Linear (:mod:`pcopt.strategy`; one device,
+        FSDP2, HSDP, FSDP x TP). ``"per_forward"``: the PC map runs in every micro-batch forward (the reference
+        semantics; also under pipeline parallelism). ``"auto"`` (default): once per step wherever it is exact,
+        i.e. without pipeline parallelism, else per forward. The 0.2 names ``"sharded"``/``"parametrize"`` are
+        accepted for one release."""
 
     def __init__(self, config: Config, **kwargs):
         try:
@@ -126,11 +176,9 @@ class PCConverter(ModelConfigConverter):
         except re.error as e:
             raise ValueError(f"PC targets {config.targets!r} is not a valid regex: {e}") from None
         self.options = _options(config)
-        if config.mode not in PC_MODES:
-            raise ValueError(
-                f"PC mode must be one of {list(PC_MODES)}, got {config.mode!r}. Set PCConverter.Config(mode=...)."
-            )
+        config.mode = canonical_strategy(config.mode)
         self.config = config
+        self.converted: list[str] = []
 
     def convert(self, model_config: Module.Config) -> Module.Config:
         c = self.config
@@ -166,17 +214,25 @@ class PCConverter(ModelConfigConverter):
             else:
                 setattr(parent, attr, new)
             matched += 1
+            self.converted.append(fqn)
         if matched == 0:
             available = [fqn for fqn, *_ in linears]
             raise ValueError(
-                f"PC targets {c.targets!r} matched no Linear layer of the model. Linear layers: "
-                f"{available[:12]}{' ...' if len(available) > 12 else ''}. Fix the regex (it is searched in "
-                "these module FQNs)."
+                f"PC targets {c.targets!r} matched no Linear layer of the model. Its {len(available)} Linear "
+                f"layers: {_abbreviate(available)}. Fix the regex (it is searched in these module FQNs)."
             )
         logger.info(
             "PC layer (%s) will be applied to %d matrices matching %r", self.options, matched, c.targets
         )
         return model_config
+
+
+def _abbreviate(fqns: list[str]) -> str:
+    """FQNs with their layer index folded (``layers.*.attention.wo``), each distinct name once."""
+    seen: dict[str, None] = {}
+    for f in fqns:
+        seen.setdefault(re.sub(r"(^|\.)layers\.\d+\.", r"\1layers.*.", f), None)
+    return ", ".join(seen)
 
 
 def attach_pc_state(optimizers, model_parts, parallel_dims) -> None:
@@ -196,6 +252,28 @@ def attach_pc_state(optimizers, model_parts, parallel_dims) -> None:
     logger.info("PC state attached to the optimizers: %s", state)
 
 
+def with_pc_state(post_optimizer_build_fn: Callable | None) -> Callable:
+    """A ``post_optimizer_build_fn`` that runs a model family's own one (e.g. torchtitan's MoE load-balancing hook)
+    and then :func:`attach_pc_state`."""
+    if post_optimizer_build_fn is None:
+        return attach_pc_state
+    if (
+        getattr(post_optimizer_build_fn, "_pc_inner", None) is not None
+        or post_optimizer_build_fn is attach_pc_state
+    ):
+        return post_optimizer_build_fn
+
+    def post_optimizer_build(optimizers, model_parts, parallel_dims) -> None:
+        post_optimizer_build_fn(optimizers, model_parts, parallel_dims)
+        attach_pc_state(optimizers, model_parts, parallel_dims)
+
+    post_optimizer_build._pc_inner = post_optimizer_build_fn
+    post_optimizer_build.__qualname__ = (
+        f"with_pc_state({getattr(post_optimizer_build_fn, '__qualname__', '?')})"
+    )
+    return post_optimizer_build
+
+
 @contextlib.contextmanager
 def _shard_larger_dim(placement_fn):
     """Make torchtitan's ``fully_shard`` calls shard each PC matrix on its larger dim (other params: Shard(0)).
@@ -208,7 +286,15 @@ def _shard_larger_dim(placement_fn):
     original = tt_fsdp.fully_shard
 
     def fully_shard(module, *args, **kwargs):
-        kwargs.setdefault("shard_placement_fn", placement_fn)
+        theirs = kwargs.get("shard_placement_fn")
+        if theirs is None:
+            kwargs["shard_placement_fn"] = placement_fn
+        else:  # a MoE block's own placement (experts on the EP mesh): PC matrices first, the rest as torchtitan says
+
+            def composed(param, _ours=placement_fn, _theirs=theirs):
+                return _ours(param) or _theirs(param)
+
+            kwargs["shard_placement_fn"] = composed
         return original(module, *args, **kwargs)
 
     tt_fsdp.fully_shard = fully_shard
@@ -228,19 +314,47 @@ def attach_pc(model) -> list[str]:
     return fqns
 
 
-def parallelize_llama_pc(
+def _skipped_report(model) -> str:
+    """What the PC targets leave out of a model, and why (one clause per kind)."""
+    experts = [n for n, p in model.named_parameters() if p.ndim == 3]
+    parts = []
+    if experts:
+        parts.append(
+            f"{len(experts)} MoE routed-expert stacks ({_abbreviate(experts)}: 3-D, PC on routed experts is not "
+            "implemented yet)"
+        )
+    parts.append("q/k/v, embeddings, LM head, routers and norms (the paper's rule)")
+    return "; ".join(parts)
+
+
+def parallelize_with_pc(
     model,
     *,
+    parallelize_fn: Callable,
+    expected: tuple[str, ...] = (),
     parallel_dims: ParallelDims,
-    training: TrainingConfig,
     parallelism: ParallelismConfig,
-    compile_config: CompileConfig,
-    ac_config: ActivationCheckpointingConfig,
-    dump_folder: str,
+    **kwargs,
 ):
-    """torchtitan's ``parallelize_llama`` with the PC layer attached first and gloo reductions fixed."""
+    """``parallelize_fn`` (a model family's own plan: TP, EP, AC, compile, FSDP2) with the PC layer attached first.
+
+    Attaches PC to every :class:`PCLinear`, chooses the strategy (``"auto"``: once per step unless pipeline
+    parallel), runs ``parallelize_fn`` with each PC matrix sharded on its larger dim, fixes gloo's reductions, and
+    logs what got PC and what did not. ``expected`` are the FQNs the converter turned into ``PCLinear`` configs:
+    one that is not a ``PCLinear`` any more (an override replaced its module) is an error, not a silent skip.
+    """
     check_spmd_backend(parallelism.spmd_backend)
-    modes = {m._pc_config.pc_mode for m in model.modules() if isinstance(m, PCLinear)}
+    kwargs = dict(parallel_dims=parallel_dims, parallelism=parallelism, **kwargs)
+    pc_modules = {fqn: m for fqn, m in model.named_modules() if isinstance(m, PCLinear)}
+    lost = [f for f in expected if not any(k == f or k.endswith("." + f) for k in pc_modules)]
+    if lost:
+        raise RuntimeError(
+            f"{len(lost)} PC targets are no PCLinear in the built model ({_abbreviate(lost)}): something replaced "
+            "their modules after the PC conversion (e.g. an --override.imports such as "
+            "torchtitan.overrides.fused_swiglu fuses w1/w3 into one parameter). Drop that override for a PC run, "
+            "or narrow the PC targets to modules that stay Linear."
+        )
+    modes = {m._pc_config.pc_mode for m in pc_modules.values()}
     if modes:
         if parallelism.spmd_backend != "partial_dtensor":
             raise ValueError(
@@ -249,50 +363,52 @@ def parallelize_llama_pc(
                 "weight, which FSDP2 hands it only on that backend. Pass --parallelism.spmd_backend "
                 "partial_dtensor."
             )
-        if parallel_dims.cp_enabled or (parallel_dims.tp_enabled and modes & {"parametrize"}):
+        if parallel_dims.cp_enabled or (parallel_dims.tp_enabled and modes & {"per_forward"}):
             raise ValueError(
                 f"The PC layer runs under data parallelism (FSDP2/HSDP), tensor parallelism with PC once per step "
-                f"(mode 'auto' or 'sharded') and pipeline parallelism per forward; got "
-                f"tensor_parallel_degree={parallel_dims.tp}, context_parallel_degree={parallel_dims.cp}, PC mode "
-                f"{sorted(modes)}. Set context_parallel_degree to 1, and use a _pc config (not _per_forward) "
-                "with tensor parallelism."
+                f"(strategy 'auto' or 'once_per_step') and pipeline parallelism per forward; got "
+                f"tensor_parallel_degree={parallel_dims.tp}, context_parallel_degree={parallel_dims.cp}, PC "
+                f"strategy {sorted(modes)}. Set context_parallel_degree to 1, and use once per step (a _pc config, "
+                "not _per_forward) with tensor parallelism."
             )
-        fqns = attach_pc(model)
-        logger.info("PC layer attached to %d matrices before FSDP: %s ...", len(fqns), fqns[:4])
-    kwargs = dict(
-        parallel_dims=parallel_dims,
-        training=training,
-        parallelism=parallelism,
-        compile_config=compile_config,
-        ac_config=ac_config,
-        dump_folder=dump_folder,
-    )
-    if len(modes) > 1:
-        raise ValueError(
-            f"All PC layers of a model run in one mode, got {sorted(modes)}; set one PCConverter mode."
-        )
-    mode = next(iter(modes), "parametrize")
-    if mode == "auto":  # once per step wherever it is exact: not under pipeline parallelism
-        mode = "parametrize" if parallel_dims.pp_enabled else "sharded"
-        logger.info("PC mode 'auto' -> %r (pipeline parallel: %s)", mode, parallel_dims.pp_enabled)
-    if mode == "sharded":
-        if parallel_dims.pp_enabled:
+        if len(modes) > 1:
             raise ValueError(
-                "PC mode 'sharded' supports FSDP2/HSDP without pipeline parallelism; set "
-                "pipeline_parallel_degree to 1 or use PCConverter.Config(mode='parametrize') (or 'auto')."
+                f"All PC layers of a model run in one strategy, got {sorted(modes)}; set one PCConverter mode."
             )
+        for module in pc_modules.values():
+            module.attach()
+    mode = next(iter(modes), None)
+    if mode == "auto":  # once per step wherever it is exact: not under pipeline parallelism
+        mode = "per_forward" if parallel_dims.pp_enabled else "once_per_step"
+    if mode == "once_per_step" and parallel_dims.pp_enabled:
+        raise ValueError(
+            "PC once per step supports FSDP2/HSDP/TP without pipeline parallelism; set "
+            "pipeline_parallel_degree to 1 or use PCConverter.Config(mode='per_forward') (or 'auto')."
+        )
+    if mode is not None:
+        logger.info(
+            "PC layer on %d matrices, %s%s: %s. Without PC: %s",
+            len(pc_modules),
+            mode,
+            " (FSDP2 shards)" if mode == "once_per_step" else "",
+            _abbreviate(list(pc_modules)),
+            _skipped_report(model),
+        )
+    if mode == "once_per_step":
 
         def shard(m, placement_fn):
             with _shard_larger_dim(placement_fn):
-                parallelize_llama(m, **kwargs)
+                parallelize_fn(m, **kwargs)
 
         pcopt.set_strategy(model, "once_per_step", shard=shard)
-        logger.info(
-            "PC layer once per step on the FSDP2 shards: %d weights", len(pcopt.preconditioners(model))
-        )
     else:
-        model = parallelize_llama(model, **kwargs)
+        model = parallelize_fn(model, **kwargs)
     n = force_sum_reduction_on_gloo(model)
     if n:
         logger.info("gloo: FSDP2 gradient reductions use SUM on %d modules", n)
     return model
+
+
+def parallelize_llama_pc(model, **kwargs):
+    """torchtitan's ``parallelize_llama`` with the PC layer attached first (:func:`parallelize_with_pc`)."""
+    return parallelize_with_pc(model, parallelize_fn=parallelize_llama, **kwargs)

@@ -1,4 +1,4 @@
-"""Hugging Face <-> torchtitan key mapping for Llama-2 style models with the PC layer.
+"""Hugging Face <-> torchtitan key mapping for models with the PC layer, over any family's own adapter.
 
 torchtitan's ``Llama3StateDictAdapter`` silently skips keys it does not know, so the PC keys
 (``<m>.parametrizations.weight.original``, ``.0.gamma``, ``.0.u``, ``.0.v``) would vanish. This
@@ -14,6 +14,7 @@ the whole PC state: use ``python -m torchtitan_ext.export`` (the checkpoint mana
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from torchtitan.models.common.linear import Linear
@@ -21,7 +22,7 @@ from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter
 
 from pcopt.names import RAW_SUFFIX, STATE_SUFFIXES
 
-__all__ = ["PCLlamaStateDictAdapter", "pc_module_fqns"]
+__all__ = ["PCLlamaStateDictAdapter", "pc_module_fqns", "pc_state_dict_adapter"]
 
 _RAW = RAW_SUFFIX
 _PC_STATE = STATE_SUFFIXES
@@ -34,8 +35,8 @@ def pc_module_fqns(model_config) -> set[str]:
     return {fqn for fqn, cfg, *_ in model_config.traverse(Linear.Config) if isinstance(cfg, PCLinear.Config)}
 
 
-class PCLlamaStateDictAdapter(Llama3StateDictAdapter):
-    """``Llama3StateDictAdapter`` that maps PC raw weights to their dense Hugging Face names."""
+class _PCKeys:
+    """Mixin over a family's torchtitan state-dict adapter: PC raw weights <-> the dense Hugging Face names."""
 
     def __init__(self, model_config, hf_assets_path: str | None):
         super().__init__(model_config, hf_assets_path)
@@ -59,3 +60,15 @@ class PCLlamaStateDictAdapter(Llama3StateDictAdapter):
                 key = module + _RAW
             out[key] = value
         return out
+
+
+@functools.cache
+def pc_state_dict_adapter(adapter: type) -> type:
+    """``adapter`` (a torchtitan family's state-dict adapter class) that also maps the PC keys (see above)."""
+    if issubclass(adapter, _PCKeys):
+        return adapter
+    return type(f"PC{adapter.__name__}", (_PCKeys, adapter), {"__module__": __name__})
+
+
+PCLlamaStateDictAdapter = pc_state_dict_adapter(Llama3StateDictAdapter)
+"""``Llama3StateDictAdapter`` that maps PC raw weights to their dense Hugging Face names."""

@@ -79,6 +79,23 @@ def _check_split(p: Tensor, split_sizes: tuple[int, ...]) -> None:
         )
 
 
+def _whole_locally(p: Tensor) -> bool:
+    """Whether every matrix of ``p`` lies whole in this rank's local tensor: a plain tensor, or a stack of
+    matrices ``(..., m, n)`` whose DTensor placements shard only the stack dims (MoE experts under FSDP2 ``Shard(0)``
+    or expert parallelism) or replicate. Such a parameter needs no collective: each rank orthogonalizes its own
+    matrices."""
+    if not _is_dtensor(p):
+        return True
+    if p.ndim <= 2:
+        return False
+    from torch.distributed.tensor import Replicate, Shard
+
+    return all(
+        isinstance(pl, Replicate) or (type(pl) is Shard and pl.dim % p.ndim < p.ndim - 2)
+        for pl in p.placements
+    )
+
+
 def _block_bounds(split_sizes: Sequence[int]) -> list[tuple[int, int]]:
     """``[(start, stop), ...]`` global row range of each block of ``split_sizes``."""
     out, start = [], 0
@@ -219,11 +236,13 @@ class Muon(Optimizer):
                 if group["split_sizes"] is not None:
                     _check_split(p, group["split_sizes"])
                 if group["batched_weights"] and p.ndim > 2:
-                    if _is_dtensor(p):
+                    if not _whole_locally(p):
                         raise ValueError(
-                            f"Muon(batched_weights=True) orthogonalizes the 2-D slices of plain tensors; got a "
-                            f"DTensor of shape {tuple(p.shape)} with placements {p.placements}. Keep such "
-                            "weights unsharded, or split them into 2-D parameters."
+                            f"Muon(batched_weights=True) orthogonalizes the 2-D slices of plain tensors, and of "
+                            f"DTensors sharded on their stack dims only; got a DTensor of shape {tuple(p.shape)} "
+                            f"with placements {p.placements}, which splits its matrices. Shard such weights on "
+                            "dim 0 (e.g. FSDP2 shard_placement_fn returning Shard(0)), or split them into 2-D "
+                            "parameters."
                         )
                     continue
                 if p.ndim != 2:
@@ -494,8 +513,8 @@ def _orthogonalize(
     blocks sent back. Same-shaped matrices are stacked as :func:`_matrices_per_call` says.
     """
     out: list[Tensor | None] = [None] * len(params)
-    plain = [i for i, p in enumerate(params) if not _is_dtensor(p)]
-    sharded = [i for i, p in enumerate(params) if _is_dtensor(p)]
+    plain = [i for i, p in enumerate(params) if _whole_locally(p)]
+    sharded = [i for i, p in enumerate(params) if not _whole_locally(p)]
 
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i in plain:
@@ -596,8 +615,8 @@ def _muon_impl(
         # each update is used while it is still in cache (the whole-list phases cost ~5% on a CPU).
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, p in enumerate(params):
-            if not _is_dtensor(p):
-                by_shape.setdefault(tuple(p.shape), []).append(i)
+            if _whole_locally(p):  # local shapes: a rank's share of an expert stack
+                by_shape.setdefault(tuple(_local(p).shape), []).append(i)
         for shape, idx in by_shape.items():
             per_call = _matrices_per_call(shape, foreach, params[idx[0]].device)
             for start in range(0, len(idx), per_call):
@@ -608,7 +627,7 @@ def _muon_impl(
                 updates = _newton_schulz_chunked(ns, updates, per_call)
                 _apply_updates([params[i] for i in chunk], updates, lr, weight_decay, adjust_lr_fn)
         # DTensors: all at once, so that a step makes one pair of collectives per mesh
-        sharded = [i for i, p in enumerate(params) if _is_dtensor(p)]
+        sharded = [i for i, p in enumerate(params) if not _whole_locally(p)]
         if sharded:
             ps = [params[i] for i in sharded]
             updates = _momentum(
