@@ -201,6 +201,18 @@ def _meta_parameters(model_config) -> dict[str, tuple[int, ...]]:
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
+def _config_parameters(model_config) -> dict[str, tuple[int, ...]]:
+    """What :func:`_meta_parameters` gives, read off the config tree, for models that do not build without a GPU
+    (e.g. torchtitan's CUDA-only expert dispatchers): every ``Linear``'s weight and every expert stack."""
+    from torchtitan.models.common.moe import GroupedExperts
+
+    out = {f"{f}.weight": (c.out_features, c.in_features) for f, c, *_ in model_config.traverse(Linear.Config)}
+    for fqn, cfg, *_ in model_config.traverse(GroupedExperts.Config):
+        for name in ("w1_EFD", "w2_EDF", "w3_EFD"):
+            out[f"{fqn}.{name}"] = (cfg.num_experts, 1, 1)
+    return out
+
+
 def _qkv_splits(model_config) -> dict[tuple[int, ...], list[str]]:
     """Fused ``wqkv`` module FQNs by their Muon row blocks: per KV group, its q heads, its k head, its v head.
 
@@ -253,7 +265,11 @@ def muon_param_groups(
 
     Groups that would match no parameter of the model are left out (torchtitan requires every pattern to match).
     """
-    params = _meta_parameters(config.model_spec.model)
+    try:
+        params = _meta_parameters(config.model_spec.model)
+    except (RuntimeError, AssertionError, ImportError) as e:  # a CUDA-only module: read the config instead
+        logger.info("with_muon: the model does not build on the meta device here (%s); groups from its config", e)
+        params = _config_parameters(config.model_spec.model)
     muon = {"lr": lr, **muon_kwargs(), **kwargs}
     groups: list[ParamGroupConfig] = []
     claimed: set[str] = set()
@@ -349,19 +365,24 @@ def _stock_names(module) -> list[str]:
     )
 
 
-def stock_config(name: str) -> tuple[str, Trainer.Config]:
-    """``(family, config)`` of torchtitan's stock config function ``name`` (searched in :data:`FAMILIES`)."""
+def _find_stock(name: str, asked: str | None = None):
+    """``(family, function)`` of torchtitan's stock config function ``name``, without calling it."""
     unavailable = {}
     for family in FAMILIES:
         module = _registry(family)
         if isinstance(module, ImportError):
             unavailable[family] = module
             continue
-        fn = getattr(module, name, None)
-        if callable(fn) and name in _stock_names(module):
-            return family, fn()
+        if name in _stock_names(module):
+            return family, getattr(module, name)
     hint = "".join(f"; {f} does not import here ({e})" for f, e in unavailable.items())
-    raise ValueError(_unknown(name, f"no torchtitan family has a config function {name!r}{hint}"))
+    raise ValueError(_unknown(asked or name, f"no torchtitan family has a config function {name!r}{hint}"))
+
+
+def stock_config(name: str) -> tuple[str, Trainer.Config]:
+    """``(family, config)`` of torchtitan's stock config function ``name`` (searched in :data:`FAMILIES`)."""
+    family, fn = _find_stock(name)
+    return family, fn()
 
 
 def _unknown(name: str, why: str) -> str:
@@ -389,10 +410,10 @@ def recipe_config(name: str):
             break
     else:
         raise ValueError(_unknown(name, "it ends in none of the recipe suffixes"))
-    stock_config(stock)  # fail now, with the list, rather than when torchtitan calls the function
+    family, stock_fn = _find_stock(stock, name)  # fail now, with the list, not when torchtitan calls it
 
     def config() -> Trainer.Config:
-        family, cfg = stock_config(stock)
+        cfg = stock_fn()
         if optimizer == "muon":
             cfg = with_muon(cfg)
         if pc:

@@ -25,7 +25,7 @@ def debug_model(pc: bool, degree: int = 5, n_layers: int = 6) -> torch.nn.Module
 def build_optimizers(config, model: torch.nn.Module):
     """The optimizers container as torchtitan's ``Trainer`` makes it: ``config.build``, then the model spec's
     ``post_optimizer_build_fn`` (which attaches the model's ``pcopt.PCState``: refresh after every step)."""
-    spec = llama2_model("debug", pc=None)
+    spec = llama2_model("debug", pc=PCConverter.Config())
     container = config.build(model_parts=[model])
     spec.post_optimizer_build_fn(container, [model], None)
     return container

@@ -148,7 +148,7 @@ def _parallelize_with_tp():
         dp_replicate=1, dp_shard=1, cp=1, tp=2, pp=1, ep=1, world_size=2, spmd_backend="partial_dtensor"
     )
     parallelize_llama_pc(
-        _model(pc=True, meta=True, mode="parametrize"),  # per forward: the map needs the whole matrix
+        _model(pc=True, meta=True, mode="per_forward"),  # per forward: the map needs the whole matrix
         parallel_dims=pd,
         training=TrainingConfig(),
         parallelism=ParallelismConfig(spmd_backend="partial_dtensor", tensor_parallel_degree=2),
@@ -272,7 +272,7 @@ ERRORS = [
         lambda c, t: _parallelize_with_tp(),
         ValueError,
         r"tensor parallelism with PC once per step .* got tensor_parallel_degree=2, context_parallel_degree=1, "
-        r"PC mode \['parametrize'\]\. .*use a _pc config \(not _per_forward\) with tensor parallelism",
+        r"PC strategy \['per_forward'\]\. .*use once per step \(a _pc config, not _per_forward\) with tensor parallelism",
     ),
     (
         "unknown optimizer name",

@@ -57,8 +57,7 @@ def sharded(workdir):
 
 
 def test_default_mode_is_once_per_step_and_per_forward_tracks_its_curve(sharded, workdir):
-    assert "PC mode 'auto' -> 'sharded'" in sharded.log
-    assert "PC layer once per step on the FSDP2 shards: 24 weights" in sharded.log
+    assert "PC layer on 24 matrices, once_per_step (FSDP2 shards)" in sharded.log
     assert sorted(sharded.losses) == list(range(1, STEPS + 1))
     assert sharded.losses[STEPS] < sharded.losses[1] - 0.5, sharded.losses
     per_forward = torchrun(
@@ -155,7 +154,7 @@ def test_hsdp_on_4_ranks_tracks_the_fsdp_run(workdir):
         "debug_muon_pc", workdir / "hsdp", *steps, "--parallelism.data_parallel_replicate_degree", "2",
         "--parallelism.data_parallel_shard_degree", "2", nproc=4,
     ).check()  # fmt: skip
-    assert "PC layer once per step on the FSDP2 shards: 24 weights" in hsdp.log
+    assert "PC layer on 24 matrices, once_per_step (FSDP2 shards)" in hsdp.log
     assert re.search(r"dp_replicate=2", hsdp.log) and re.search(r"dp_shard=2", hsdp.log), hsdp.log[-3000:]
     assert sorted(hsdp.losses) == sorted(fsdp.losses) == list(range(1, 7))
     assert hsdp.losses[6] < hsdp.losses[1] - 0.5, hsdp.losses
@@ -178,7 +177,7 @@ def test_fsdp_over_tensor_parallel_on_4_ranks_tracks_the_golden_curve(workdir):
         "debug_muon_pc", workdir / "fsdp_tp", "--training.steps", "6",
         "--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "2", nproc=4,
     ).check()  # fmt: skip
-    assert "PC layer once per step on the FSDP2 shards: 24 weights" in run.log
+    assert "PC layer on 24 matrices, once_per_step (FSDP2 shards)" in run.log
     assert re.search(r"tp=2", run.log), run.log[-3000:]
     golden = json.loads(GOLDEN.read_text())
     assert sorted(run.losses) == list(range(1, 7))
@@ -275,7 +274,7 @@ def test_checkpoint_moves_from_2_fsdp_ranks_to_1_process_and_back(sharded, workd
     back = _resume(
         one.dump / "checkpoint" / "step-6", workdir / "back", 8, *TP_ONLY, nproc=2
     )  # 1 process -> 2
-    assert "PC layer once per step on the FSDP2 shards: 24 weights" in one.log
+    assert "PC layer on 24 matrices, once_per_step (FSDP2 shards)" in one.log
     for run, ref, steps in ((one, tp, (5, 6)), (back, one, (7, 8))):
         for step in steps:
             (loss, gnorm), (ref_loss, ref_gnorm) = run.steps[step], ref.steps[step]
@@ -328,7 +327,7 @@ def test_adamw_pc_resumes_on_fsdp_x_tp_and_on_hsdp(workdir):
         shutil.copytree(base.dump / "checkpoint" / "step-2", dump / "checkpoint" / "step-2")
         run = torchrun("debug_adamw_pc", dump, "--training.steps", "4", *ckpt, *layout, nproc=4).check()
         assert "Training starts at step 3" in run.log, run.log[-3000:]
-        assert "PC layer once per step on the FSDP2 shards: 24 weights" in run.log, run.log[-3000:]
+        assert "PC layer on 24 matrices, once_per_step (FSDP2 shards)" in run.log, run.log[-3000:]
         assert sorted(run.steps) == [3, 4], run.steps
         assert base.losses[4] < base.losses[1] - 0.3, base.losses  # the reference itself trains
         for step in (3, 4):

@@ -87,7 +87,7 @@ def test_pc_muon_loss_decreases_and_logs_param_groups(pc_muon):
     _decreases(pc_muon.losses)
     log = pc_muon.log
     # 6 layers x (wq, wk, wv, wo, w1, w2, w3) matrices to Muon; embeddings, head, norms and the 24 gammas to AdamW.
-    assert re.search(r"PC layer attached to 24 matrices before FSDP", log)
+    assert re.search(r"PC layer on 24 matrices, once_per_step \(FSDP2 shards\)", log)
     assert re.search(r"Optimizer Muon \(model_part=0\): 42 params .*parametrizations", log)
     assert re.search(r"Optimizer AdamW \(model_part=0\): 39 params \[\.\*\]", log)
     pc_lines = re.findall(r"step (\d+) PC metrics: (\{.*\})", log)

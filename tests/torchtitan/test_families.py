@@ -1,0 +1,326 @@
+"""PC and Muon on torchtitan's own model families: the transform, the recipes by name, and no silent no-op.
+
+In-process tests read the transformed configs (and models built on the meta device or the CPU); the runs at the
+end train ``llama3_debugmodel``, ``qwen3_debugmodel`` and ``deepseek_v3_debugmodel`` with PC + Muon on 2 gloo
+ranks (FSDP2), check that PC is active and that a resume is bit-exact.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+import torch
+
+from tests.torchtitan._harness import torchrun
+
+pytestmark = pytest.mark.torchtitan
+
+FAMILIES = {  # stock debug config -> family
+    "llama3_debugmodel": "llama3",
+    "qwen3_debugmodel": "qwen3",
+    "deepseek_v3_debugmodel": "deepseek_v3",
+}
+
+
+def _stock(name: str):
+    from torchtitan_ext.transform import stock_config
+
+    return stock_config(name)[1]
+
+
+def _pc_fqns(config) -> list[str]:
+    from torchtitan.models.common.linear import Linear
+
+    from torchtitan_ext.pc import PCLinear
+
+    return [f for f, c, *_ in config.model_spec.model.traverse(Linear.Config) if isinstance(c, PCLinear.Config)]
+
+
+def _linears(config) -> list[str]:
+    from torchtitan.models.common.linear import Linear
+
+    return [f for f, *_ in config.model_spec.model.traverse(Linear.Config)]
+
+
+# -- the targets: the paper's rule on each family --------------------------------------------------------------------
+_PC_MODULES = re.compile(r"(attention\.wo|feed_forward\.w[123]|moe\.shared_experts\.w[123])$")
+_NEVER = re.compile(r"(wq|wk|wv|wqkv|wkv_a|wkv_b|wq_a|wq_b|router\.gate|lm_head|output)$")
+
+
+@pytest.mark.parametrize("stock", sorted(FAMILIES))
+def test_with_pc_targets_attention_output_and_every_ffn_matrix(stock):
+    from torchtitan_ext import with_pc
+
+    config = _stock(stock)
+    pc = with_pc(config)
+    got = _pc_fqns(pc)
+    # an independent rule over the model's Linear FQNs: attention output, dense FFN, shared-expert FFN
+    expected = [f for f in _linears(config) if _PC_MODULES.search(f)]
+    assert got == expected and got
+    assert not [f for f in got if _NEVER.search(f)]
+    assert not _pc_fqns(config), "with_pc modified its input"
+    if stock == "deepseek_v3_debugmodel":  # layer 0 is dense, the others MoE with shared experts
+        assert "layers.0.feed_forward.w1" in got and "layers.1.moe.shared_experts.w2" in got
+    n_layers = len(config.model_spec.model.layers)
+    assert len([f for f in got if f.endswith("attention.wo")]) == n_layers
+
+
+@pytest.mark.parametrize("stock", sorted(FAMILIES))
+def test_with_pc_wraps_the_familys_own_hooks(stock):
+    from torchtitan_ext import with_pc
+    from torchtitan_ext.checkpoint import PCCheckpointManager
+    from torchtitan_ext.metrics import PCMetricsProcessor
+    from torchtitan_ext.optimizer import PCOptimizersContainer
+    from torchtitan_ext.trainer import PCTrainer
+
+    config = _stock(stock)
+    spec = config.model_spec
+    pc = with_pc(config)
+    assert pc.model_spec.parallelize_fn._pc_inner is spec.parallelize_fn  # the family's own plan runs inside
+    if spec.post_optimizer_build_fn is not None:  # qwen3/deepseek: the MoE load-balancing hook still runs
+        assert pc.model_spec.post_optimizer_build_fn._pc_inner is spec.post_optimizer_build_fn
+    assert issubclass(pc.model_spec.state_dict_adapter, spec.state_dict_adapter)
+    assert isinstance(pc, PCTrainer.Config)
+    assert isinstance(pc.checkpoint, PCCheckpointManager.Config)
+    assert isinstance(pc.metrics, PCMetricsProcessor.Config)
+    assert isinstance(pc.optimizer, PCOptimizersContainer.Config)
+    assert pc.training == config.training and pc.lr_scheduler == config.lr_scheduler
+
+
+def test_with_pc_degree_follows_the_optimizer():
+    from torchtitan_ext import with_muon, with_pc
+    from torchtitan_ext.pc import PCLinear
+
+    def degrees(cfg):
+        return {c.degree for _, c, *_ in cfg.model_spec.model.traverse(PCLinear.Config)}
+
+    assert degrees(with_pc(_stock("llama3_debugmodel"))) == {9}  # AdamW: the paper's 9
+    assert degrees(with_pc(with_muon(_stock("llama3_debugmodel")))) == {5}  # Muon: 5
+    assert degrees(with_pc(_stock("llama3_debugmodel"), degree=3)) == {3}
+
+
+def test_targets_matching_nothing_list_the_models_linears():
+    from torchtitan_ext import with_pc
+
+    with pytest.raises(
+        ValueError,
+        match=r"PC targets 'no_such' matched no Linear layer of the model\. Its \d+ Linear layers: .*"
+        r"layers\.\*\.attention\.wkv_a.*layers\.\*\.moe\.router\.gate",
+    ):
+        with_pc(_stock("deepseek_v3_debugmodel"), targets="no_such")
+
+
+def test_with_pc_twice_and_unknown_strategy_are_refused():
+    from torchtitan_ext import with_pc
+
+    once = with_pc(_stock("qwen3_debugmodel"))
+    with pytest.raises(ValueError, match=r"already has the PC layer; apply with_pc once"):
+        with_pc(once)
+    with pytest.raises(ValueError, match=r"PC strategy must be one of .*got 'fast'"):
+        with_pc(_stock("qwen3_debugmodel"), strategy="fast")
+
+
+def test_overrides_that_fuse_w1_and_w3_are_dropped_for_pc_and_muon():
+    from torchtitan_ext import with_muon, with_pc
+
+    config = _stock("deepseek_v3_16b_minimal_async_ep")
+    assert any("fused_swiglu" in o for o in config.override.imports)  # this stock config fuses them
+    for transformed in (with_pc(config), with_muon(config)):
+        assert not any("fused_swiglu" in o for o in transformed.override.imports)
+    assert any("fused_swiglu" in o for o in config.override.imports)  # the input is unchanged
+
+
+# -- Muon's groups ----------------------------------------------------------------------------------------------------
+def _assignment(config) -> dict[str, tuple[str, dict]]:
+    """Parameter FQN -> (optimizer, kwargs) by torchtitan's rule (first pattern that matches), on the meta model."""
+    from torchtitan_ext.transform import _meta_parameters
+
+    out = {}
+    for name in _meta_parameters(config.model_spec.model):
+        for g in config.optimizer.param_groups:
+            if re.search(g.pattern, name):
+                out[name] = (g.optimizer_name, g.optimizer_kwargs)
+                break
+    return out
+
+
+@pytest.mark.parametrize("stock", sorted(FAMILIES))
+def test_muon_on_hidden_matrices_adamw_on_the_rest(stock):
+    from torchtitan_ext import with_muon
+    from torchtitan_ext.transform import _meta_parameters
+
+    config = with_muon(_stock(stock))
+    shapes = _meta_parameters(config.model_spec.model)
+    got = _assignment(config)
+    assert set(got) == set(shapes)
+    for name, (opt, kwargs) in got.items():
+        hidden = re.search(r"(attention|feed_forward|shared_experts)\..*weight$", name) and not name.endswith(
+            ("norm.weight",)
+        )
+        experts = re.search(r"inner_experts\.w[123]_E[A-Z]+$", name)
+        if hidden and len(shapes[name]) == 2:
+            assert opt == "Muon", name
+        elif experts:
+            assert opt == "Muon" and kwargs.get("batched_weights") is True, name
+        else:  # embeddings, LM head, norms, routers
+            assert opt == "AdamW", name
+            assert re.search(r"(tok_embeddings|lm_head|output|norm|router\.gate)\.weight$", name), name
+
+
+@pytest.mark.parametrize("stock", ["llama3_debugmodel", "qwen3_debugmodel", "llama3_8b"])
+def test_fused_wqkv_is_split_per_q_k_v_block_of_each_kv_group(stock):
+    from torchtitan.models.common.attention import FusedQKVLinear
+
+    from torchtitan_ext import with_muon
+
+    config = with_muon(_stock(stock))
+    (qkv,) = [c for _, c, *_ in config.model_spec.model.traverse(FusedQKVLinear.Config)][:1]
+    hd, n_kv, n_heads = qkv.head_dim, qkv.n_kv_heads, qkv.n_heads
+    got = _assignment(config)
+    splits = {tuple(kw["split_sizes"]) for n, (_, kw) in got.items() if n.endswith("wqkv.weight")}
+    # FusedQKVLinear's rows: n_kv groups of (n_heads / n_kv query heads, one key head, one value head)
+    assert splits == {(n_heads // n_kv * hd, hd, hd) * n_kv}
+    assert sum(next(iter(splits))) == qkv.wqkv.out_features
+    if stock == "llama3_8b":  # GQA: 32 query heads over 8 KV heads of 128
+        assert next(iter(splits))[:3] == (512, 128, 128)
+
+
+# -- names ------------------------------------------------------------------------------------------------------------
+def test_every_stock_config_is_reachable_with_each_suffix():
+    from torchtitan_ext import config_registry
+    from torchtitan_ext.transform import FAMILIES as ALL, RECIPES, _registry, _stock_names
+
+    names = [n for f in ALL if not isinstance(_registry(f), ImportError) for n in _stock_names(_registry(f))]
+    assert {"llama3_8b", "qwen3_debugmodel", "deepseek_v3_671b", "gpt_oss_20b", "qwen3_moe_debug"} <= set(names)
+    for name in names:
+        for suffix in RECIPES:
+            fn = getattr(config_registry, name + suffix)  # resolves without building
+            assert callable(fn) and fn.__name__ == name + suffix
+
+
+def test_recipe_configs_build(monkeypatch):
+    from torchtitan_ext import config_registry
+
+    cfg = config_registry.llama3_8b_muon_pc()
+    assert len(_pc_fqns(cfg)) == 32 * 4
+    assert [g.optimizer_name for g in cfg.optimizer.param_groups] == ["Muon", "Muon", "AdamW"]
+
+
+def test_unknown_config_names_list_families_and_suffixes():
+    from torchtitan.config.manager import ConfigManager
+
+    from torchtitan_ext import config_registry
+
+    with pytest.raises(ValueError, match=r"(?s)Unknown config 'llama3_9b_muon_pc'.*_muon_pc +muon \+ PC.*llama3: "):
+        config_registry.llama3_9b_muon_pc  # noqa: B018
+    # through torchtitan's own command line
+    with pytest.raises(ValueError, match=r"(?s)ends in none of the recipe suffixes.*qwen3: .*qwen3_debugmodel"):
+        ConfigManager().parse_args(["--module", "torchtitan_ext", "--config", "qwen3_debugmodel_lion"])
+    with pytest.raises(AttributeError):
+        config_registry._private  # noqa: B018
+
+
+# -- no silent no-op --------------------------------------------------------------------------------------------------
+def test_converter_without_the_transform_raises_at_first_forward():
+    """The obvious attempt: PCConverter in torchtitan's model_registry, no with_pc. It must never train without PC."""
+    from torchtitan.models.qwen3 import model_registry
+
+    from torchtitan_ext.pc import PCConverter, PCLinear
+
+    spec = model_registry("debugmodel", converters=[PCConverter.Config(degree=5)])
+    model = spec.model.build()  # what torchtitan's parallelize_qwen3 would then shard, without attaching PC
+    pcs = [m for m in model.modules() if isinstance(m, PCLinear)]
+    assert len(pcs) == 32
+    with pytest.raises(RuntimeError, match=r"reached its forward without the PC layer.*torchtitan_ext\.with_pc"):
+        pcs[0](torch.randn(2, pcs[0].in_features))
+    pcs[1].attach()  # attached: it runs, as W_eff
+    out = pcs[1](torch.randn(2, pcs[1].in_features))
+    assert out.shape == (2, pcs[1].out_features)
+
+
+def test_pc_raw_weights_get_the_baselines_init_draw():
+    """Same seed: every PC raw weight equals the baseline's weight (the same RNG draws in the same order)."""
+    from torchtitan_ext import with_pc
+    from torchtitan_ext.pc import attach_pc
+
+    def build(config):
+        with torch.device("meta"):
+            model = config.model_spec.model.build()
+        attach_pc(model)
+        model.to_empty(device="cpu")
+        torch.manual_seed(0)
+        with torch.no_grad():
+            model.init_weights(buffer_device=torch.device("cpu"))
+        return model
+
+    base_cfg = _stock("qwen3_debugmodel")
+    base, pc = build(base_cfg), build(with_pc(base_cfg))
+    base_sd = base.state_dict()
+    raw = {k.replace(".parametrizations.weight.original", ".weight"): v for k, v in pc.state_dict().items()}
+    assert sum(k.endswith(".parametrizations.weight.original") for k in pc.state_dict()) == 32
+    for key, value in base_sd.items():
+        assert torch.equal(raw[key], value), key
+
+
+# -- 2-rank runs ------------------------------------------------------------------------------------------------------
+STEPS, EVERY = 4, 2
+_EXPECTED_PC = {"llama3_debugmodel": 24, "qwen3_debugmodel": 32, "deepseek_v3_debugmodel": 24}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("families")
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def pc_run(request, workdir):
+    stock = request.param
+    dump = workdir / stock
+    run = torchrun(
+        f"{stock}_muon_pc", dump, "--training.steps", str(STEPS), "--checkpoint.enable",
+        "--checkpoint.interval", str(EVERY), "--metrics.pc_log_freq", str(EVERY), timeout=400,
+    ).check()  # fmt: skip
+    return stock, run
+
+
+@pytest.mark.slow
+def test_family_trains_with_pc_and_muon(pc_run):
+    stock, run = pc_run
+    losses = run.losses
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert losses[STEPS] < losses[1], losses
+    n = _EXPECTED_PC[stock]
+    assert re.search(rf"PC layer on {n} matrices, once_per_step \(FSDP2 shards\)", run.log), run.log[-3000:]
+    assert re.search(r"step 2 PC metrics: \{'pc/sigma_mean'", run.log)
+    assert re.search(r"optimizer Muon, pattern .*", run.log) and "CPU run (no GPU)" in run.log
+    # the checkpoint holds the raw weights of the PC matrices (W_eff is recomputed), plain ones elsewhere
+    import torch.distributed.checkpoint as dcp
+
+    keys = set(dcp.FileSystemReader(str(run.dump / "checkpoint" / f"step-{STEPS}")).read_metadata().state_dict_metadata)
+    raw = {k for k in keys if k.endswith(".parametrizations.weight.original")}
+    assert len(raw) == n and "model.layers.0.attention.wo.parametrizations.weight.original" in raw
+    assert not any(k.startswith("model.") and k.endswith("attention.wo.weight") for k in keys)
+
+
+@pytest.mark.slow
+def test_family_resume_is_bit_exact(pc_run, workdir):
+    stock, run = pc_run
+    dump = workdir / f"{stock}-resumed"
+    (dump / "checkpoint").mkdir(parents=True)
+    shutil.copytree(run.dump / "checkpoint" / f"step-{EVERY}", dump / "checkpoint" / f"step-{EVERY}")
+    resumed = torchrun(
+        f"{stock}_muon_pc", dump, "--training.steps", str(STEPS), "--checkpoint.enable",
+        "--checkpoint.interval", str(EVERY), timeout=400,
+    ).check()  # fmt: skip
+    assert sorted(resumed.steps) == list(range(EVERY + 1, STEPS + 1))
+    for step in resumed.steps:
+        assert resumed.steps[step] == run.steps[step], (step, resumed.steps[step], run.steps[step])
+
+
+@pytest.mark.slow
+def test_muon_recipe_without_pc_trains(workdir):
+    run = torchrun("llama3_debugmodel_muon", workdir / "l3_muon", "--training.steps", "3", timeout=300).check()
+    assert run.losses[3] < run.losses[1]
+    assert "PC layer" not in run.log
