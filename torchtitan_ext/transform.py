@@ -98,6 +98,9 @@ def _upgrade(cfg, base: type, target: type, what: str):
 def _pc_components(config: Trainer.Config) -> Trainer.Config:
     """The config with torchtitan_ext's trainer, checkpoint manager, metrics and optimizers container."""
     config = _upgrade(config, Trainer.Config, PCTrainer.Config, "trainer")
+    spec = config.model_spec
+    if getattr(spec.parallelize_fn, "_pc_inner", None) is None:  # PC-less too: the same wrapper (gloo's SUM fix)
+        config.model_spec = dataclasses.replace(spec, parallelize_fn=_with_pc_parallelize(spec.parallelize_fn, ()))
     config.checkpoint = _upgrade(
         config.checkpoint, CheckpointManager.Config, PCCheckpointManager.Config, "checkpoint"
     )
@@ -183,6 +186,7 @@ def pc_model_spec(spec: ModelSpec, converter: PCConverter) -> ModelSpec:
 
 
 def _with_pc_parallelize(parallelize_fn, expected: tuple[str, ...]):
+    """``parallelize_fn`` wrapped by :func:`parallelize_with_pc` (idempotent: an already wrapped one is unwrapped)."""
     inner = getattr(parallelize_fn, "_pc_inner", parallelize_fn)
 
     def parallelize(model, **kwargs):

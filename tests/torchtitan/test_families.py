@@ -300,8 +300,8 @@ def test_family_trains_with_pc_and_muon(pc_run):
 
     keys = set(dcp.FileSystemReader(str(run.dump / "checkpoint" / f"step-{STEPS}")).read_metadata().state_dict_metadata)
     raw = {k for k in keys if k.endswith(".parametrizations.weight.original")}
-    assert len(raw) == n and "model.layers.0.attention.wo.parametrizations.weight.original" in raw
-    assert not any(k.startswith("model.") and k.endswith("attention.wo.weight") for k in keys)
+    assert len(raw) == n and "layers.0.attention.wo.parametrizations.weight.original" in raw
+    assert not any(k.endswith("attention.wo.weight") for k in keys)
 
 
 @pytest.mark.slow
