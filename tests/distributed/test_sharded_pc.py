@@ -553,3 +553,32 @@ def test_collective_counts_on_2d_meshes():
     map, each over the whole sharding group (4 ranks under FSDP x TP, the 2 shards under HSDP) with the exact element
     counts, plus one vector all-reduce per power-iteration half-step; the flattened groups of 2 dims are right."""
     run_distributed(_collectives_2d, world_size=4)
+
+
+def _same_local_shape_other_global_shapes(rank, world):
+    """An (8, 4) matrix sharded on rows and a (4, 8) one on columns both leave (4, 4) blocks; the power iteration
+    must not stack them as one group (their u and v differ in length). Each sigma is checked against float64 SVD."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from pcopt.spectral import power_iteration_
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    full = [torch.randn(8, 4), torch.randn(4, 8)]
+    weights = [distribute_tensor(full[0], mesh, [Shard(0)]), distribute_tensor(full[1], mesh, [Shard(1)])]
+    us = [torch.randn(8), torch.randn(4)]
+    vs = [torch.randn(4), torch.randn(8)]
+    for t in (*us, *vs):
+        t /= t.norm()
+    power_iteration_(weights, us, vs, 50)
+    for W, u, v in zip(full, us, vs):
+        sigma = (u.double() @ W.double() @ v.double()).item()
+        exact = torch.linalg.matrix_norm(W.double(), 2).item()
+        assert abs(sigma - exact) <= 1e-5 * exact, (sigma, exact)  # fp32 iteration, 50 steps: converged
+    dist.barrier()
+
+
+def test_power_iteration_keeps_shards_of_different_matrices_apart():
+    run_distributed(_same_local_shape_other_global_shapes)
