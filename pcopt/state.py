@@ -266,7 +266,7 @@ class PCState:
         _check_not_fsdp2(self.modules, pcs)
         parts = [m for m in self.modules if preconditioners(m)]
         for m in parts:
-            set_strategy(m, "once_per_step")
+            set_strategy(m, "once_per_step", pull_back="after_backward")  # one pull-back at the block's exit
         all_slots = self._slots()
         written = [stamp(s) for s in all_slots]
         for s in all_slots:

@@ -144,6 +144,7 @@ def set_strategy(
     *,
     shard: Callable[[nn.Module, Callable[[nn.Parameter], Any]], Any] | None = None,
     compute_dtype: torch.dtype | None = None,
+    pull_back: str | None = None,
 ) -> list[str]:
     """Choose how the PC weights of ``model`` execute; returns the FQNs of the weights switched.
 
@@ -164,6 +165,12 @@ def set_strategy(
         compute_dtype: dtype of the once-per-step map's matmuls: None (default: bf16 on CUDA, else fp32;
             fp64 for fp64 weights; see :func:`map_dtype`), ``torch.float32``, ``torch.bfloat16`` or
             ``torch.float64``; reductions, ``sigma`` and ``gamma`` stay in at least fp32.
+        pull_back: when ``dL/dW_eff`` becomes ``dL/dW`` and ``dL/dgamma`` (once per step only).
+            ``"auto"`` (the default without ``shard``): at the end of every backward, by itself, so any loop
+            works unchanged (gradient accumulation, clipping, AMP): one pull-back per micro-batch, exact because
+            it is linear in ``dL/dW_eff``. ``"after_backward"`` (the default with ``shard``, e.g. torchtitan):
+            the loop calls ``pcopt.PCState(model).after_backward()`` after the last micro-batch, one pull-back
+            per step; the optimizer refuses to step before it.
 
     Raises:
         ValueError: an unknown strategy or ``compute_dtype``, no PC weights, a weight that is not a 2-D
@@ -180,6 +187,16 @@ def set_strategy(
         raise TypeError(
             f"set_strategy: shard must be a callable (model, placement_fn) that applies fully_shard, got "
             f"{type(shard).__name__}."
+        )
+    if pull_back not in (None, *PULL_BACKS):
+        raise ValueError(
+            f"set_strategy: pull_back must be one of {list(PULL_BACKS)} or None, got {pull_back!r}. 'auto' pulls "
+            "dL/dW_eff back at the end of every backward; 'after_backward' waits for PCState.after_backward()."
+        )
+    if pull_back == "auto" and shard is not None:
+        raise ValueError(
+            "set_strategy: pull_back='auto' is for unsharded models (one device, DDP); under FSDP2 (shard=...) the "
+            "loop calls pcopt.PCState(model).after_backward() after the last micro-batch (torchtitan_ext does)."
         )
     if compute_dtype is not None and (
         not isinstance(compute_dtype, torch.dtype) or compute_dtype not in _COMPUTE_DTYPES
@@ -238,13 +255,61 @@ def set_strategy(
         _write(slot)
         out.append(fqn)
     _warn_small_dim(slots(model))
+    if (pull_back or ("auto" if shard is None else "after_backward")) == "auto":
+        _AutoPullBack.install(model, [pc._plist for _, pc in todo])
     logger.info(
-        "PC once per step: %d weights, compute dtype %s, %d sharded",
+        "PC once per step: %d weights, compute dtype %s, %d sharded, pull-back %s",
         len(out),
         compute_dtype or "auto (bf16 on CUDA, else fp32)",
         sum(bool(s.mesh_dims) for s in slots(model)),
+        pull_back or ("auto" if shard is None else "after_backward"),
     )
     return out
+
+
+PULL_BACKS = ("auto", "after_backward")
+
+
+class _AutoPullBack:
+    """Pulls ``dL/dW_eff`` back to ``dL/dW``, ``dL/dgamma`` at the end of every backward that reached a ``W_eff``.
+
+    A post-accumulate-grad hook on each ``W_eff`` queues one callback per backward on autograd's engine; that
+    callback queues a second one, which runs after every callback queued during the backward (DDP's, which
+    finishes its gradient all-reduce there), and pulls back every slot whose ``W_eff`` has a gradient, batched
+    by shape (:func:`pull_back_`). No host synchronisation. Under DDP the raw weights and ``gamma`` are left out
+    of DDP's own reduction (``_ddp_params_and_buffers_to_ignore`` on the model): DDP averages ``dL/dW_eff``, and
+    the pull-back of that average is what per-forward DDP computes, as the pull-back is linear.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.queued_for: int | None = None  # the autograd graph task whose end the pull-back is queued for
+
+    @classmethod
+    def install(cls, model: nn.Module, new_slots: list[PCSlot]) -> None:
+        auto = model.__dict__.get("_pcopt_auto_pull_back")
+        if auto is None:
+            auto = cls(model)
+            model.__dict__["_pcopt_auto_pull_back"] = auto
+        for slot in new_slots:
+            slot.auto_handle = slot.effective.register_post_accumulate_grad_hook(auto._hook)
+        names = {id(p): n for n, p in model.named_parameters()}
+        ignore = [names[id(p)] for s in slots(model) for p in (s.original, s[0].gamma) if id(p) in names]
+        old = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+        model._ddp_params_and_buffers_to_ignore = old + [n for n in ignore if n not in old]
+
+    def _hook(self, param: Tensor) -> None:
+        task = torch._C._current_graph_task_id()  # a backward that failed never ran its callbacks: ask per task
+        if self.queued_for != task:
+            self.queued_for = task
+            torch.autograd.Variable._execution_engine.queue_callback(self._after_backward_callbacks)
+
+    def _after_backward_callbacks(self) -> None:
+        torch.autograd.Variable._execution_engine.queue_callback(self._pull_back)
+
+    def _pull_back(self) -> None:
+        self.queued_for = None
+        pull_back_([s for s in slots(self.model) if getattr(s, "auto_handle", None) is not None])
 
 
 def _bind(
@@ -314,6 +379,10 @@ def _to_per_forward(model: nn.Module) -> list[str]:
                 f"set_strategy: {fqn} is sharded; the per-forward strategy is chosen before fully_shard. Build the "
                 "model again, or save a checkpoint (its keys are the same in both strategies) and load it there."
             )
+        handle = getattr(slot, "auto_handle", None)
+        if handle is not None:
+            handle.remove()
+            slot.auto_handle = None
         module, name = slot.owner, slot.name
         holder = module._modules["parametrizations"]
         del holder._modules[name]
