@@ -57,7 +57,7 @@ def build(
     with torch.device(device):  # initialised where it trains (a 1B model's init on the host takes a while)
         model = TinyLlama(vocab=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads, hidden=hidden)
     if pc:
-        pcopt.precondition_model(model, degree=degree)
+        pcopt.precondition_model(model, degree=degree, strategy="per_forward")
         if strategy == "once_per_step":
             pcopt.set_strategy(model, "once_per_step", compute_dtype=compute_dtype)
     if optimizer == "muon":

@@ -255,6 +255,7 @@ def precondition_model(
     num_power_iterations: int | None = None,
     learn_gamma: bool | None = None,
     eps: float | None = None,
+    strategy: str = "once_per_step",
 ) -> list[str]:
     """Precondition ``<module>.<name>`` for every module whose FQN matches ``targets``.
 
@@ -263,7 +264,20 @@ def precondition_model(
     ``attention.wo``, ``feed_forward.w1/w2/w3``; Hugging Face ``o_proj``, ``gate_proj``, ``up_proj``,
     ``down_proj``); never embeddings, LM head, norms or q/k/v. ``options`` and the keywords are those of
     :func:`precondition`. Returns the FQNs of the modules it preconditioned and warns if nothing matched.
+
+    ``strategy`` (:func:`pcopt.set_strategy`): ``"once_per_step"`` (default) computes ``W_eff`` once per optimizer
+    step and pulls its gradient back at the end of every backward, so any training loop runs the fast path
+    unchanged (accumulation, clipping, AMP, DDP); ``"per_forward"`` keeps the parametrize registration (the
+    reference; also what to shard with ``fully_shard`` yourself). Under FSDP2 call
+    ``pcopt.set_strategy(model, "once_per_step", shard=...)`` after this (it re-binds an unsharded model).
     """
+    from pcopt.strategy import STRATEGIES
+
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"precondition_model: strategy must be one of {list(STRATEGIES)}, got {strategy!r}. 'once_per_step' "
+            "(default) computes W_eff once per optimizer step; 'per_forward' maps the weight in every forward."
+        )
     match = _matcher(PC_TARGETS if targets is None else targets)
     opts = PCOptions.resolve(
         options,
@@ -293,4 +307,12 @@ def precondition_model(
         )
     else:
         logger.info("PC layer registered on %d weights (degree %d)", len(touched), opts.effective_degree)
+        if strategy == "once_per_step" and not _on_meta(model):
+            from pcopt.strategy import set_strategy
+
+            set_strategy(model, "once_per_step")
     return touched
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(p.device.type == "meta" for p in model.parameters())

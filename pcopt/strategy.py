@@ -223,11 +223,11 @@ def set_strategy(
             "pcopt.set_strategy(model, 'once_per_step', shard=shard) on the unsharded preconditioned model and "
             "apply fully_shard inside shard."
         )
+    if all(pc.strategy == "once_per_step" for _, pc in pcs):
+        # unsharded once per step (what precondition_model sets): bind again with these arguments
+        _to_per_forward(model)
+        pcs = preconditioners(model)
     todo = [(fqn, pc) for fqn, pc in pcs if pc.strategy == "per_forward"]
-    if not todo:
-        raise ValueError(
-            "set_strategy: the model already runs PC once per step; call set_strategy once per model."
-        )
     if shard is not None:
         batched = [f"{fqn} {tuple(pc.raw_weight.shape)}" for fqn, pc in todo if pc.batch_shape]
         if batched:

@@ -17,7 +17,7 @@ from tests.conftest import TinyLlama
 def _pc_llama(seed: int = 0) -> TinyLlama:
     torch.manual_seed(seed)
     model = TinyLlama()
-    pcopt.precondition_model(model, degree=5)
+    pcopt.precondition_model(model, degree=5, strategy="per_forward")
     return model
 
 

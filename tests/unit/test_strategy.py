@@ -45,7 +45,7 @@ def _rel(a, b):
 def _pair(degree=5, dtype=torch.float32, seed=0):
     """The same declaration twice: per forward (reference) and once per step."""
     ref = _ffn(seed, dtype=dtype)
-    pcopt.precondition_model(ref, degree=degree)
+    pcopt.precondition_model(ref, degree=degree, strategy="per_forward")
     once = copy.deepcopy(ref)
     pcopt.set_strategy(once, "once_per_step")
     return ref, once
@@ -133,12 +133,12 @@ def test_every_public_function_works_in_both_strategies():
     assert sorted(once.state_dict()) == sorted(ref.state_dict())
     assert "feed_forward.w1.weight" not in once.state_dict()
     other = _ffn(seed=7)
-    pcopt.precondition_model(other, degree=5)
+    pcopt.precondition_model(other, degree=5, strategy="per_forward")
     pcopt.set_strategy(other, "once_per_step")
     other.load_state_dict(ref.state_dict())  # W_eff recomputed from the loaded state
     assert _rel(_run(other, x), _run(ref, x)) < 1e-6
     back = _ffn(seed=8)
-    pcopt.precondition_model(back, degree=5)
+    pcopt.precondition_model(back, degree=5, strategy="per_forward")
     back.load_state_dict(once.state_dict())
     assert _rel(_run(back, x), _run(ref, x)) < 1e-6
     # merged state dicts: dense W_eff, no PC keys, load into the plain architecture
@@ -172,7 +172,7 @@ def test_load_dense_state_dict_in_both_strategies(preserve_function):
     outs = []
     for strategy in ("per_forward", "once_per_step"):
         m = _ffn(seed=4, dtype=torch.float64)
-        pcopt.precondition_model(m, degree=5)
+        pcopt.precondition_model(m, degree=5, strategy="per_forward")
         if strategy == "once_per_step":
             pcopt.set_strategy(m, strategy)
         pcopt.load_dense_state_dict(m, dense.state_dict(), preserve_function=preserve_function)
@@ -198,7 +198,7 @@ def test_legacy_sharded_checkpoint_keys_load():
     x = torch.randn(3, 32)
     for strategy in ("per_forward", "once_per_step"):
         m = _ffn(seed=5)
-        pcopt.precondition_model(m, degree=5)
+        pcopt.precondition_model(m, degree=5, strategy="per_forward")
         if strategy == "once_per_step":
             pcopt.set_strategy(m, strategy)
         m.load_state_dict(dict(legacy))
@@ -218,7 +218,7 @@ def test_bf16_compute_dtype_close_to_fp32_and_autocast_ignored():
         m = nn.Module()
         m.feed_forward = nn.Module()
         m.feed_forward.w1 = lin
-        pcopt.precondition_model(m, degree=5)
+        pcopt.precondition_model(m, degree=5, strategy="per_forward")
         pcopt.set_strategy(m, compute_dtype=dtype)
         models[dtype] = m
     w32 = models[torch.float32].feed_forward.w1.weight.detach().clone()
@@ -242,10 +242,10 @@ def test_bf16_compute_dtype_close_to_fp32_and_autocast_ignored():
 
 def test_meta_device_build_then_initialize():
     ref = _ffn(seed=3)
-    pcopt.precondition_model(ref)
+    pcopt.precondition_model(ref, strategy="per_forward")
     with torch.device("meta"):
         model = _ffn(seed=3)
-    pcopt.precondition_model(model)
+    pcopt.precondition_model(model, strategy="per_forward")
     pcopt.set_strategy(model, "once_per_step")
     model.to_empty(device="cpu")
     with torch.no_grad():  # the model's own init writes <module>.weight
@@ -273,7 +273,7 @@ def test_misuse_errors():
     with pytest.raises(ValueError, match=r"no preconditioned weights.*precondition_model"):
         pcopt.set_strategy(_ffn())
     m = _ffn()
-    pcopt.precondition_model(m)
+    pcopt.precondition_model(m, strategy="per_forward")
     with pytest.raises(ValueError, match=r"Unknown PC strategy 'sharded'; expected one of"):
         pcopt.set_strategy(m, "sharded")
     with pytest.raises(TypeError, match=r"shard must be a callable.*got str"):
@@ -284,9 +284,11 @@ def test_misuse_errors():
         pcopt.set_strategy(m, pull_back="x")
     with pytest.raises(ValueError, match=r"pull_back='auto' is for unsharded models"):
         pcopt.set_strategy(m, shard=lambda model, fn: None, pull_back="auto")
+    pcopt.set_strategy(m)  # once per step, pull-back after every backward (what precondition_model sets)
+    raw = _raw(m, "w1")
+    # again on an unsharded once-per-step model: bound anew with the new arguments, the raw weights kept
     pcopt.set_strategy(m, pull_back="after_backward")  # the loop calls after_backward (checked below)
-    with pytest.raises(ValueError, match=r"already runs PC once per step"):
-        pcopt.set_strategy(m)
+    assert _raw(m, "w1") is raw and pcopt.strategy_of(m) == "once_per_step"
     # one model, one strategy
     m.extra = nn.Linear(4, 4)
     pcopt.precondition(m.extra)
@@ -323,7 +325,7 @@ def test_misuse_errors():
 
 def test_shard_placement_fn_larger_dim_in_both_strategies():
     m = _ffn()
-    pcopt.precondition_model(m)
+    pcopt.precondition_model(m, strategy="per_forward")
     before = pcopt.shard_placement_fn(m)
     assert before(_raw(m, "w1")).dim == 0 and before(_raw(m, "w2")).dim == 1
     with warnings.catch_warnings():
@@ -352,7 +354,7 @@ def test_bf16_map_keeps_the_degree_9_horner_chain_in_fp32(monkeypatch, chain):
         m.feed_forward.w1 = nn.Linear(128, 384, bias=False).double()
         with torch.no_grad():
             m.feed_forward.w1.weight.copy_(dense)
-        pcopt.precondition_model(m, degree=9)
+        pcopt.precondition_model(m, degree=9, strategy="per_forward")
         pcopt.set_strategy(m, compute_dtype=dtype)
         eff[dtype] = m.feed_forward.w1.weight.detach().clone()
     err = _rel(eff[torch.bfloat16], eff[torch.float64])

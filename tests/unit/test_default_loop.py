@@ -1,0 +1,144 @@
+"""The README's training loop, unchanged, runs PC once per step: ``precondition_model`` + ``build_optimizer`` and a
+plain ``backward()`` / ``step()`` loop, with gradient accumulation and clipping added and no pcopt call in it.
+
+References: the same loop with ``strategy="per_forward"`` (the parametrize registration, autograd through the map in
+every micro-batch). Speed proxies (host syncs, op counts) are measured on that loop as written.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pcopt
+from pcopt.demo import TinyLlama
+from pcopt.profiling import StepProfile
+
+_SMALL = dict(vocab=64, dim=32, n_layers=2, n_heads=2, hidden=64)
+
+
+def _readme_loop(
+    strategy: str | None, *, dtype, accumulation=4, steps=3, clip=0.5, n_layers=2, profile=False, adamw=None
+):
+    """The README snippet's loop plus accumulation and clipping; returns the final state (and a profile)."""
+    torch.manual_seed(0)
+    model = TinyLlama(**{**_SMALL, "n_layers": n_layers}).to(dtype)
+    kwargs = {} if strategy is None else {"strategy": strategy}
+    pcopt.precondition_model(model, degree=5, **kwargs)
+    opt = pcopt.optim.build_optimizer(model, lr=1e-2, ns_dtype=dtype, adamw_kwargs=adamw or {})
+    g = torch.Generator().manual_seed(1)
+    prof = None
+    for step in range(steps):
+        ctx = StepProfile() if profile and step == steps - 1 else None
+        if ctx is not None:
+            ctx.__enter__()
+        for _ in range(accumulation):
+            x = torch.randint(0, _SMALL["vocab"], (4, 17), generator=g)
+            logits = model(x[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()) / accumulation
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+            prof = ctx
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    return model, state, prof
+
+
+def test_the_readme_loop_runs_once_per_step_by_default():
+    model, _, _ = _readme_loop(None, dtype=torch.float32, steps=1, accumulation=1)
+    assert pcopt.strategy_of(model) == "once_per_step"
+    assert all(s.effective.grad is None for s in pcopt.strategy.slots(model))  # pulled back by itself
+
+
+# Tolerance. float64: both paths compute the same gradients in another order (the pull-back's closed form against
+# autograd through the map, the micro-batch sum before vs after the pull-back), each within a few hundred units of
+# roundoff (2^-53) of its largest terms; Muon's Newton-Schulz then maps them through a polynomial with
+# coefficients <= 5 over 5 steps, well-conditioned for these full-rank updates, and 3 steps at lr 1e-2 move each
+# weight by <= 3 * 0.2 * sqrt(64) * 1e-2 = 0.05: 1e-12 leaves a factor > 100 over the rounding. fp32: the same with
+# 2^-24, ~1e-7 per gradient entry relative to the largest; Newton-Schulz in fp32 amplifies the update's relative
+# error by at most its steps' derivative bound, which for these matrices measured < 30 (no near-zero singular
+# values of the update): 30 * 1e-7 * 0.05 per step, over 3 steps < 1e-6; 1e-5 leaves 10x. A dropped micro-batch
+# moves the weights by ~1e-3 (test_a_dropped_micro_batch_is_caught).
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_default_equals_per_forward_with_accumulation_and_clipping(dtype, atol):
+    _, ref, _ = _readme_loop("per_forward", dtype=dtype)
+    _, got, _ = _readme_loop(None, dtype=dtype)
+    assert ref.keys() == got.keys() and any(".parametrizations.weight.original" in k for k in ref)
+    worst = max((ref[k] - got[k]).abs().max().item() for k in ref)
+    assert worst <= atol, worst
+
+
+def test_a_dropped_micro_batch_is_caught():
+    """The bound above is not vacuous: accumulating 3 of 4 micro-batches moves the weights 100x beyond it."""
+    _, ref, _ = _readme_loop("per_forward", dtype=torch.float32)
+    _, short, _ = _readme_loop(None, dtype=torch.float32, accumulation=3)
+    assert max((ref[k] - short[k]).abs().max().item() for k in ref) > 1e-3
+
+
+def test_readme_loop_adds_no_host_syncs_and_ops_grow_with_shapes_not_layers():
+    """The loop as written (auto pull-back at each backward): PC reads nothing on the host, and its op count from
+    4 to 16 layers stays within 1.3x (same-shape matrices share one batched pull-back, map and refresh).
+
+    AdamW is the fused one, as on a GPU: torch's unfused AdamW reads each parameter's step counter on the host
+    (one sync per parameter, PC's gammas included), which is the optimizer's, not PC's."""
+    ops, syncs = {}, {}
+    for n_layers in (4, 16):
+        for strategy in ("none", None):
+            torch.manual_seed(0)
+            if strategy == "none":
+                model = TinyLlama(**{**_SMALL, "n_layers": n_layers})
+                opt = pcopt.optim.build_optimizer(model, lr=1e-2, ns_dtype=torch.float32,
+                                                  adamw_kwargs={"fused": True})  # fmt: skip
+                prof = _plain_step(model, opt)
+            else:
+                _, _, prof = _readme_loop(strategy, dtype=torch.float32, steps=2, accumulation=1, n_layers=n_layers,
+                                          profile=True, adamw={"fused": True})  # fmt: skip
+            ops[(n_layers, strategy)] = prof.total_ops
+            syncs[(n_layers, strategy)] = prof.total_syncs
+    pc_ops = {n: ops[(n, None)] - ops[(n, "none")] for n in (4, 16)}
+    assert all(v == 0 for v in syncs.values()), syncs
+    assert pc_ops[4] > 0 and pc_ops[16] <= 1.3 * pc_ops[4], pc_ops
+
+
+def _plain_step(model, opt):
+    g = torch.Generator().manual_seed(1)
+    for step in range(2):
+        with StepProfile() as prof:
+            x = torch.randint(0, _SMALL["vocab"], (4, 17), generator=g)
+            loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
+            opt.zero_grad()
+    return prof
+
+
+def test_a_backward_that_fails_does_not_leave_the_pull_back_off():
+    """A backward that raises never runs its end callbacks; the next backward still pulls back."""
+    torch.manual_seed(0)
+    model = TinyLlama(**_SMALL)
+    pcopt.precondition_model(model, degree=5)
+    x = torch.randint(0, 64, (2, 9))
+
+    class Boom(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError("boom")
+
+    out = model(x)
+    with pytest.raises(RuntimeError, match="boom"):
+        (Boom.apply(out[..., :1]).sum() + out.sum()).backward()
+    model.zero_grad(set_to_none=True)
+    for s in pcopt.strategy.slots(model):
+        s.effective.grad = None
+    model(x).sum().backward()
+    slots = pcopt.strategy.slots(model)
+    assert all(s.effective.grad is None for s in slots)
+    assert all(s.original.grad is not None for s in slots)
