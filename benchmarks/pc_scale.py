@@ -77,7 +77,7 @@ def _build(mode: str, shape: tuple[int, int], degree: int, seed: int = 0):
         fully_shard(model.feed_forward.w1)
         fully_shard(model)
         return model, None
-    pcopt.precondition_model(model, degree=degree)
+    pcopt.precondition_model(model, degree=degree, strategy="per_forward")
     if mode == "per-micro-batch":
         fully_shard(model.feed_forward.w1)
         fully_shard(model)

@@ -276,9 +276,10 @@ class _AutoPullBack:
     A post-accumulate-grad hook on each ``W_eff`` queues one callback per backward on autograd's engine; that
     callback queues a second one, which runs after every callback queued during the backward (DDP's, which
     finishes its gradient all-reduce there), and pulls back every slot whose ``W_eff`` has a gradient, batched
-    by shape (:func:`pull_back_`). No host synchronisation. Under DDP the raw weights and ``gamma`` are left out
-    of DDP's own reduction (``_ddp_params_and_buffers_to_ignore`` on the model): DDP averages ``dL/dW_eff``, and
-    the pull-back of that average is what per-forward DDP computes, as the pull-back is linear.
+    by shape (:func:`pull_back_`). No host synchronisation. Under DDP the raw weights, ``gamma`` and the PC
+    buffers are left out of DDP's reduction and broadcasts (``_ddp_params_and_buffers_to_ignore`` on the model):
+    DDP averages ``dL/dW_eff``, and the pull-back of that average is what per-forward DDP computes, as the
+    pull-back is linear. (So start every rank from the same seed, as DDP users do: DDP does not broadcast them.)
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -293,8 +294,11 @@ class _AutoPullBack:
             model.__dict__["_pcopt_auto_pull_back"] = auto
         for slot in new_slots:
             slot.auto_handle = slot.effective.register_post_accumulate_grad_hook(auto._hook)
-        names = {id(p): n for n, p in model.named_parameters()}
-        ignore = [names[id(p)] for s in slots(model) for p in (s.original, s[0].gamma) if id(p) in names]
+        # DDP averages dL/dW_eff; the raw weights and gamma get their gradients from that average, and u, v are
+        # the same on every rank (DDP would broadcast them before every forward, a write that marks W_eff stale)
+        names = {id(t): n for n, t in (*model.named_parameters(), *model.named_buffers())}
+        state = [t for s in slots(model) for t in (s.original, s[0].gamma, *s[0].buffers())]
+        ignore = [names[id(t)] for t in state if id(t) in names]
         old = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
         model._ddp_params_and_buffers_to_ignore = old + [n for n in ignore if n not in old]
 
@@ -606,8 +610,10 @@ def check_layout(all_slots: list[PCSlot]) -> None:
             raise RuntimeError(
                 f"The effective weight of a PC matrix is placed as {getattr(w, 'placements', 'a plain tensor')}, "
                 f"its raw weight as {getattr(raw, 'placements', 'a plain tensor')}: fully_shard was applied after "
-                "pcopt.set_strategy. Apply it inside: set_strategy(model, 'once_per_step', shard=lambda m, fn: "
-                "<your fully_shard calls with shard_placement_fn=fn>)."
+                "pcopt.set_strategy (precondition_model sets once per step by default). Apply it inside: "
+                "set_strategy(model, 'once_per_step', shard=lambda m, fn: <your fully_shard calls with "
+                "shard_placement_fn=fn>), or keep the per-forward registration for your own fully_shard: "
+                "pcopt.precondition_model(model, strategy='per_forward')."
             )
 
 

@@ -43,9 +43,9 @@ def _parity(rank: int, world: int) -> None:
     from torch.distributed.tensor import DTensor
 
     ref = _model()
-    pcopt.precondition_model(ref)
+    pcopt.precondition_model(ref, strategy="per_forward")
     sharded = _model()
-    pcopt.precondition_model(sharded)
+    pcopt.precondition_model(sharded, strategy="per_forward")
     _shard(sharded)
     raw = sharded.layers[0].feed_forward.w1.parametrizations.weight.original
     assert isinstance(raw, DTensor) and raw.placements[0].is_shard(0)
@@ -94,9 +94,9 @@ def _mixed_precision(rank: int, world: int) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     ref = _model()
-    pcopt.precondition_model(ref)
+    pcopt.precondition_model(ref, strategy="per_forward")
     bf = _model()
-    pcopt.precondition_model(bf)
+    pcopt.precondition_model(bf, strategy="per_forward")
     _shard(bf, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
     torch.manual_seed(1)
     x = torch.randn(2, 5, 24)
@@ -118,7 +118,7 @@ def _dcp_round_trip(rank: int, world: int, path: str) -> None:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     model = _model()
-    pcopt.precondition_model(model)
+    pcopt.precondition_model(model, strategy="per_forward")
     _shard(model)
     with torch.no_grad():
         model.layers[0].feed_forward.w1.parametrizations.weight[0].gamma.fill_(0.9)
@@ -130,7 +130,7 @@ def _dcp_round_trip(rank: int, world: int, path: str) -> None:
     dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=path)
 
     other = _model(seed=7)
-    pcopt.precondition_model(other)
+    pcopt.precondition_model(other, strategy="per_forward")
     _shard(other)
     state = {"model": get_model_state_dict(other)}
     dcp.load(state, checkpoint_id=path)
