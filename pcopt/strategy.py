@@ -303,7 +303,9 @@ class _AutoPullBack:
         model._ddp_params_and_buffers_to_ignore = old + [n for n in ignore if n not in old]
 
     def _hook(self, param: Tensor) -> None:
-        task = torch._C._current_graph_task_id()  # a backward that failed never ran its callbacks: ask per task
+        task = (
+            torch._C._current_graph_task_id()
+        )  # a backward that failed never ran its callbacks: ask per task
         if self.queued_for != task:
             self.queued_for = task
             torch.autograd.Variable._execution_engine.queue_callback(self._after_backward_callbacks)

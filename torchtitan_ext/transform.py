@@ -99,8 +99,12 @@ def _pc_components(config: Trainer.Config) -> Trainer.Config:
     """The config with torchtitan_ext's trainer, checkpoint manager, metrics and optimizers container."""
     config = _upgrade(config, Trainer.Config, PCTrainer.Config, "trainer")
     spec = config.model_spec
-    if getattr(spec.parallelize_fn, "_pc_inner", None) is None:  # PC-less too: the same wrapper (gloo's SUM fix)
-        config.model_spec = dataclasses.replace(spec, parallelize_fn=_with_pc_parallelize(spec.parallelize_fn, ()))
+    if (
+        getattr(spec.parallelize_fn, "_pc_inner", None) is None
+    ):  # PC-less too: the same wrapper (gloo's SUM fix)
+        config.model_spec = dataclasses.replace(
+            spec, parallelize_fn=_with_pc_parallelize(spec.parallelize_fn, ())
+        )
     config.checkpoint = _upgrade(
         config.checkpoint, CheckpointManager.Config, PCCheckpointManager.Config, "checkpoint"
     )
@@ -210,7 +214,9 @@ def _config_parameters(model_config) -> dict[str, tuple[int, ...]]:
     (e.g. torchtitan's CUDA-only expert dispatchers): every ``Linear``'s weight and every expert stack."""
     from torchtitan.models.common.moe import GroupedExperts
 
-    out = {f"{f}.weight": (c.out_features, c.in_features) for f, c, *_ in model_config.traverse(Linear.Config)}
+    out = {
+        f"{f}.weight": (c.out_features, c.in_features) for f, c, *_ in model_config.traverse(Linear.Config)
+    }
     for fqn, cfg, *_ in model_config.traverse(GroupedExperts.Config):
         for name in ("w1_EFD", "w2_EDF", "w3_EFD"):
             out[f"{fqn}.{name}"] = (cfg.num_experts, 1, 1)
@@ -243,7 +249,9 @@ def _fqn_pattern(module_fqns: list[str]) -> str:
     """Parameter regex for the weights of these modules, searched in runtime FQNs (activation checkpointing and
     ``torch.compile`` insert wrapper names such as ``_checkpoint_wrapped_module`` after ``layers.<i>``)."""
     names = sorted({re.sub(r"^(.*\.)?layers\.\d+\.", "", f) for f in module_fqns})
-    layers = sorted({m.group(1) for f in module_fqns for m in [re.search(r"layers\.(\d+)\.", f)] if m}, key=int)
+    layers = sorted(
+        {m.group(1) for f in module_fqns for m in [re.search(r"layers\.(\d+)\.", f)] if m}, key=int
+    )
     tail = "|".join(re.escape(n) for n in names)
     prefix = f"layers\\.({'|'.join(layers)})\\.(.*\\.)?" if layers else "(^|\\.)"
     return param_pattern(f"{prefix}({tail})$")
@@ -272,7 +280,9 @@ def muon_param_groups(
     try:
         params = _meta_parameters(config.model_spec.model)
     except (RuntimeError, AssertionError, ImportError) as e:  # a CUDA-only module: read the config instead
-        logger.info("with_muon: the model does not build on the meta device here (%s); groups from its config", e)
+        logger.info(
+            "with_muon: the model does not build on the meta device here (%s); groups from its config", e
+        )
         params = _config_parameters(config.model_spec.model)
     muon = {"lr": lr, **muon_kwargs(), **kwargs}
     groups: list[ParamGroupConfig] = []

@@ -15,7 +15,7 @@ _SMALL = dict(vocab=64, dim=32, n_layers=2, n_heads=2, hidden=64)
 
 def _train(model, opt, batches, accumulation, ddp_rank=None, world=1):
     for micro in batches:
-        for i, x in enumerate(micro):
+        for x in micro:
             if ddp_rank is not None:  # each rank takes its half of every micro-batch
                 x = x.chunk(world)[ddp_rank]
             logits = model(x[:, :-1])

@@ -237,16 +237,21 @@ def _expert_stacks_sharded(rank: int, world_size: int) -> None:
         shapes = [(4, 12, 8), (4, 8, 12), (6, 5, 7)]  # 6 experts -> 3 + 3; tall, wide, odd shapes
         refs = [nn.Parameter(torch.randn(s)) for s in shapes]
         sharded = [nn.Parameter(distribute_tensor(r.detach().clone(), mesh, [placement])) for r in refs]
-        kwargs = {"lr": 0.05, "weight_decay": 0.1, "adjust_lr_fn": "match_rms_adamw", "ns_dtype": torch.float32}
+        kwargs = {
+            "lr": 0.05,
+            "weight_decay": 0.1,
+            "adjust_lr_fn": "match_rms_adamw",
+            "ns_dtype": torch.float32,
+        }
         opt = Muon([{"params": sharded, "batched_weights": True}], **kwargs)
         ref_opt = Muon([{"params": refs, "batched_weights": True}], **kwargs)
         gen = torch.Generator().manual_seed(3)
         sent = []
         original = dist.all_to_all_single
 
-        def counting(*a, **k):
-            sent.append(1)
-            return original(*a, **k)
+        def counting(*a, _sent=sent, _original=original, **k):
+            _sent.append(1)
+            return _original(*a, **k)
 
         dist.all_to_all_single = counting
         try:
@@ -262,7 +267,11 @@ def _expert_stacks_sharded(rank: int, world_size: int) -> None:
         assert not sent, f"{placement}: expert stacks whole on each rank need no all-to-all"
         for r, p in zip(refs, sharded):
             # fp32 Newton-Schulz per expert, stacked by local shape: the same per-matrix ops as unsharded
-            assert torch.equal(p.full_tensor(), r), (placement, tuple(r.shape), (p.full_tensor() - r).abs().max())
+            assert torch.equal(p.full_tensor(), r), (
+                placement,
+                tuple(r.shape),
+                (p.full_tensor() - r).abs().max(),
+            )
     # a stack split inside its matrices is refused with what to do
     bad = nn.Parameter(distribute_tensor(torch.randn(4, 12, 8), mesh, [Shard(1)]))
     try:

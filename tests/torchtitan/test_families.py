@@ -35,7 +35,9 @@ def _pc_fqns(config) -> list[str]:
 
     from torchtitan_ext.pc import PCLinear
 
-    return [f for f, c, *_ in config.model_spec.model.traverse(Linear.Config) if isinstance(c, PCLinear.Config)]
+    return [
+        f for f, c, *_ in config.model_spec.model.traverse(Linear.Config) if isinstance(c, PCLinear.Config)
+    ]
 
 
 def _linears(config) -> list[str]:
@@ -190,10 +192,13 @@ def test_fused_wqkv_is_split_per_q_k_v_block_of_each_kv_group(stock):
 # -- names ------------------------------------------------------------------------------------------------------------
 def test_every_stock_config_is_reachable_with_each_suffix():
     from torchtitan_ext import config_registry
-    from torchtitan_ext.transform import FAMILIES as ALL, RECIPES, _registry, _stock_names
+    from torchtitan_ext.transform import FAMILIES as ALL
+    from torchtitan_ext.transform import RECIPES, _registry, _stock_names
 
     names = [n for f in ALL if not isinstance(_registry(f), ImportError) for n in _stock_names(_registry(f))]
-    assert {"llama3_8b", "qwen3_debugmodel", "deepseek_v3_671b", "gpt_oss_20b", "qwen3_moe_debug"} <= set(names)
+    assert {"llama3_8b", "qwen3_debugmodel", "deepseek_v3_671b", "gpt_oss_20b", "qwen3_moe_debug"} <= set(
+        names
+    )
     for name in names:
         for suffix in RECIPES:
             fn = getattr(config_registry, name + suffix)  # resolves without building
@@ -213,10 +218,14 @@ def test_unknown_config_names_list_families_and_suffixes():
 
     from torchtitan_ext import config_registry
 
-    with pytest.raises(ValueError, match=r"(?s)Unknown config 'llama3_9b_muon_pc'.*_muon_pc +muon \+ PC.*llama3: "):
+    with pytest.raises(
+        ValueError, match=r"(?s)Unknown config 'llama3_9b_muon_pc'.*_muon_pc +muon \+ PC.*llama3: "
+    ):
         config_registry.llama3_9b_muon_pc  # noqa: B018
     # through torchtitan's own command line
-    with pytest.raises(ValueError, match=r"(?s)ends in none of the recipe suffixes.*qwen3: .*qwen3_debugmodel"):
+    with pytest.raises(
+        ValueError, match=r"(?s)ends in none of the recipe suffixes.*qwen3: .*qwen3_debugmodel"
+    ):
         ConfigManager().parse_args(["--module", "torchtitan_ext", "--config", "qwen3_debugmodel_lion"])
     with pytest.raises(AttributeError):
         config_registry._private  # noqa: B018
@@ -233,7 +242,9 @@ def test_converter_without_the_transform_raises_at_first_forward():
     model = spec.model.build()  # what torchtitan's parallelize_qwen3 would then shard, without attaching PC
     pcs = [m for m in model.modules() if isinstance(m, PCLinear)]
     assert len(pcs) == 32
-    with pytest.raises(RuntimeError, match=r"reached its forward without the PC layer.*torchtitan_ext\.with_pc"):
+    with pytest.raises(
+        RuntimeError, match=r"reached its forward without the PC layer.*torchtitan_ext\.with_pc"
+    ):
         pcs[0](torch.randn(2, pcs[0].in_features))
     pcs[1].attach()  # attached: it runs, as W_eff
     out = pcs[1](torch.randn(2, pcs[1].in_features))
@@ -298,7 +309,11 @@ def test_family_trains_with_pc_and_muon(pc_run):
     # the checkpoint holds the raw weights of the PC matrices (W_eff is recomputed), plain ones elsewhere
     import torch.distributed.checkpoint as dcp
 
-    keys = set(dcp.FileSystemReader(str(run.dump / "checkpoint" / f"step-{STEPS}")).read_metadata().state_dict_metadata)
+    keys = set(
+        dcp.FileSystemReader(str(run.dump / "checkpoint" / f"step-{STEPS}"))
+        .read_metadata()
+        .state_dict_metadata
+    )
     raw = {k for k in keys if k.endswith(".parametrizations.weight.original")}
     assert len(raw) == n and "layers.0.attention.wo.parametrizations.weight.original" in raw
     assert not any(k.endswith("attention.wo.weight") for k in keys)
@@ -321,6 +336,8 @@ def test_family_resume_is_bit_exact(pc_run, workdir):
 
 @pytest.mark.slow
 def test_muon_recipe_without_pc_trains(workdir):
-    run = torchrun("llama3_debugmodel_muon", workdir / "l3_muon", "--training.steps", "3", timeout=300).check()
+    run = torchrun(
+        "llama3_debugmodel_muon", workdir / "l3_muon", "--training.steps", "3", timeout=300
+    ).check()
     assert run.losses[3] < run.losses[1]
     assert "PC layer" not in run.log

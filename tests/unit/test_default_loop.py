@@ -105,7 +105,7 @@ def test_readme_loop_adds_no_host_syncs_and_ops_grow_with_shapes_not_layers():
 
 def _plain_step(model, opt):
     g = torch.Generator().manual_seed(1)
-    for step in range(2):
+    for _ in range(2):
         with StepProfile() as prof:
             x = torch.randint(0, _SMALL["vocab"], (4, 17), generator=g)
             loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())

@@ -280,7 +280,9 @@ def test_misuse_errors():
         pcopt.set_strategy(m, shard="fsdp")
     with pytest.raises(ValueError, match=r"compute_dtype must be one of .*got torch.float16"):
         pcopt.set_strategy(m, compute_dtype=torch.float16)
-    with pytest.raises(ValueError, match=r"pull_back must be one of \['auto', 'after_backward'\] or None, got 'x'"):
+    with pytest.raises(
+        ValueError, match=r"pull_back must be one of \['auto', 'after_backward'\] or None, got 'x'"
+    ):
         pcopt.set_strategy(m, pull_back="x")
     with pytest.raises(ValueError, match=r"pull_back='auto' is for unsharded models"):
         pcopt.set_strategy(m, shard=lambda model, fn: None, pull_back="auto")
