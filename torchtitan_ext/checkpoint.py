@@ -16,8 +16,9 @@ the run's own checkpoint folder is empty):
 * the same after a Hugging Face initial load (``--checkpoint.initial_load_in_hf``), whose key mapping
   :class:`torchtitan_ext.state_dict_adapter.PCLlamaStateDictAdapter` provides.
 
-It refuses ``--checkpoint.last_save_in_hf`` for a PC model: that path would write raw weights, not the
-merged ones. Export with ``python -m torchtitan_ext.export`` instead.
+``--checkpoint.last_save_in_hf`` writes the **merged** model: every PC matrix as its ``W_eff`` under the stock key
+(once per step: the ``W_eff`` parameter the last step wrote; per forward: the map of the raw weight), the PC state
+left out, through the family's state-dict adapter, so ``transformers`` loads it as a plain model.
 
 Two guards, for PC and baseline runs alike:
 
@@ -36,6 +37,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torchtitan.components.checkpoint import CheckpointManager
@@ -43,6 +45,7 @@ from torchtitan.components.checkpointer.base import DATALOADER, LR_SCHEDULER, MO
 from torchtitan.tools import filesystem
 
 import pcopt
+from pcopt._tensor import is_dtensor
 from pcopt.names import RAW_SUFFIX, STATE_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -94,12 +97,6 @@ class PCCheckpointManager(CheckpointManager):
     def __init__(self, config: Config, *, model_parts, **kwargs) -> None:
         self._pc_model_parts = model_parts
         self._has_pc = any(pcopt.preconditioners(m) for m in model_parts)
-        if self._has_pc and config.enable and config.last_save_in_hf:
-            raise ValueError(
-                "checkpoint.last_save_in_hf would save the raw PC weights, not the merged ones a Hugging Face "
-                "model needs. Save DCP checkpoints and export them with `python -m torchtitan_ext.export "
-                "--config <name> --checkpoint <step folder> --output <dir>` (merged, zero inference overhead)."
-            )
         super().__init__(config, model_parts=model_parts, **kwargs)
 
     def _reset_pc_state(self, why: str) -> None:
@@ -114,6 +111,8 @@ class PCCheckpointManager(CheckpointManager):
         enable_garbage_collection: bool = False,
         to_hf: bool = False,
     ):
+        if to_hf and self._has_pc:
+            state_dict = self._merged(state_dict)
         if not to_hf and not filesystem.is_remote(checkpoint_id):
             marker = os.path.join(checkpoint_id, ".metadata")
             if os.path.isfile(marker) and (not dist.is_initialized() or dist.get_rank() == 0):
@@ -130,6 +129,37 @@ class PCCheckpointManager(CheckpointManager):
             enable_garbage_collection=enable_garbage_collection,
             to_hf=to_hf,
         )
+
+    @torch.no_grad()
+    def _merged(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` with each PC raw weight replaced by its ``W_eff`` (same key, dtype and placement) and the
+        rest of the PC state dropped: what a Hugging Face save writes under the stock names (collective)."""
+        effective = {}
+        for part in self._pc_model_parts:
+            for fqn, pc in pcopt.preconditioners(part):
+                module = fqn.rpartition(".")[0]
+                if pc.strategy == "once_per_step":  # written by the last step's PCState.after_step, placed like raw
+                    effective[module] = pc._plist.effective.detach()
+                else:  # per forward: the map of the (gathered) raw weight, placed back like it
+                    raw = pc.raw_weight
+                    full = pc.effective_weight()
+                    if is_dtensor(raw):
+                        from torch.distributed.tensor import distribute_tensor
+
+                        full = distribute_tensor(full.to(raw.device), raw.device_mesh, raw.placements)
+                    effective[module] = full
+        out: dict[str, Any] = {}
+        merged = 0
+        for key, value in state_dict.items():
+            if key.endswith(_PC_STATE):
+                continue
+            module = key[: -len(_RAW)] if key.endswith(_RAW) else None
+            if module in effective:
+                value = effective[module].to(value.dtype)
+                merged += 1
+            out[key] = value
+        logger.info("Hugging Face save: %d PC matrices written as their merged W_eff, PC state left out", merged)
+        return out
 
     def dcp_load(
         self, state_dict: dict[str, Any], checkpoint_id: str, from_hf: bool, from_quantized: bool

@@ -7,9 +7,9 @@ adapter maps a PC matrix's **raw** weight to the Hugging Face name of the matrix
 the dense weight becomes the raw weight, as ``pcopt.load_dense_state_dict`` does; gamma, u, v are
 then reset by :class:`torchtitan_ext.checkpoint.PCCheckpointManager`).
 
-Saving a PC model to Hugging Face format must write the **merged** weight instead, which needs
-the whole PC state: use ``python -m torchtitan_ext.export`` (the checkpoint manager refuses
-``--checkpoint.last_save_in_hf`` for PC models rather than write raw weights).
+Saving a PC model to Hugging Face format writes the **merged** weight instead: the checkpoint manager puts each
+``W_eff`` in place of its raw weight before this adapter renames the keys (``--checkpoint.last_save_in_hf``), and
+``python -m torchtitan_ext.export`` does the same from a DCP checkpoint.
 """
 
 from __future__ import annotations

@@ -311,12 +311,6 @@ ERRORS = [
         r"metrics\.pc_log_freq \(3\) must be a multiple of metrics\.log_freq \(2\)",
     ),
     (
-        "Hugging Face last save of a PC model",
-        lambda c, t: _manager(_model(pc=True), t, last_save_in_hf=True, last_save_model_only=True),
-        ValueError,
-        r"last_save_in_hf would save the raw PC weights.*python -m torchtitan_ext\.export",
-    ),
-    (
         "PC checkpoint resumed without PC",
         lambda c, t: _load(_model(pc=False), c, folder="pc"),
         RuntimeError,
