@@ -77,7 +77,7 @@ def test_container_matches_stock_muon_and_adamw_and_refreshes_pc():
         o.step()
 
     for (n, p), rp in zip(model.named_parameters(), ref.parameters()):
-        assert torch.allclose(p, rp, atol=1e-6, rtol=0), n
+        assert torch.allclose(p, rp, atol=1e-6, rtol=0), (n, (p - rp).abs().max().item(), p.grad is rp.grad)
     ref_pcs = dict(pcopt.preconditioners(ref))
     for fqn, pc in pcopt.preconditioners(model):
         rpc = ref_pcs[fqn]
