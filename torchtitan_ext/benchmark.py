@@ -45,7 +45,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -101,20 +100,13 @@ def run(
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
     dump.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        cmd, cwd=dump.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        from torchtitan_ext.processes import kill_tree
+    from torchtitan_ext.processes import run_captured
 
-        kill_tree(proc.pid)  # torchrun's workers run in sessions of their own: walk the whole tree
-        out, _ = proc.communicate()
-        raise RuntimeError(f"{config} timed out after {timeout}s:\n{out[-4000:]}") from None
-    if proc.returncode != 0:
-        raise RuntimeError(f"{config} failed (exit {proc.returncode}):\n{out[-4000:]}")
+    returncode, out = run_captured(cmd, cwd=dump.parent, env=env, timeout=timeout)
+    if returncode is None:
+        raise RuntimeError(f"{config} timed out after {timeout}s:\n{out[-4000:]}")
+    if returncode != 0:
+        raise RuntimeError(f"{config} failed (exit {returncode}):\n{out[-4000:]}")
     if expect_accumulation is not None:
         found = sorted({int(m) for m in _ACCUMULATION.findall(out)})
         if found != [expect_accumulation]:

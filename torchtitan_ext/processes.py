@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 
-__all__ = ["descendants", "kill_tree"]
+__all__ = ["descendants", "kill_tree", "run_captured"]
 
 
 def descendants(pid: int) -> list[int]:
@@ -35,3 +36,26 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
             os.kill(victim, sig)
         except ProcessLookupError:
             pass
+
+
+def run_captured(cmd: list[str], *, cwd, env: dict[str, str], timeout: float) -> tuple[int | None, str]:
+    """Run ``cmd`` (a torchrun job) in a session of its own with stdout and stderr captured together.
+
+    Returns ``(returncode, output)``; on timeout the whole process tree is killed and the return code is None.
+    """
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)  # torchrun's workers run in sessions of their own: walk the whole tree
+        out, _ = proc.communicate()
+        return None, out
+    return proc.returncode, out

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from torchtitan_ext.processes import kill_tree
+from torchtitan_ext.processes import run_captured
 
 REPO = Path(__file__).resolve().parents[2]
 STEP_RE = re.compile(r"step:\s*(\d+)\s+loss:\s*([-\d.naif]+)\s+grad_norm:\s*([-\d.naif]+)")
@@ -80,16 +79,7 @@ def torchrun(
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    proc = subprocess.Popen(
-        args, cwd=dump.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)  # torchrun's workers run in sessions of their own: walk the whole tree
-        out, _ = proc.communicate()
-        raise AssertionError(
-            f"torchrun timed out after {timeout}s: {' '.join(args)}\n{out[-6000:]}"
-        ) from None
-    return Run(args=args, returncode=proc.returncode, log=out, dump=dump, steps=parse_steps(out), nproc=nproc)
+    returncode, out = run_captured(args, cwd=dump.parent, env=env, timeout=timeout)
+    if returncode is None:
+        raise AssertionError(f"torchrun timed out after {timeout}s: {' '.join(args)}\n{out[-6000:]}")
+    return Run(args=args, returncode=returncode, log=out, dump=dump, steps=parse_steps(out), nproc=nproc)

@@ -655,3 +655,35 @@ def test_pc_checkpoint_continues_without_pc_through_export(uninterrupted, workdi
             tokens, attention_masks=dense.get_attention_masks(positions=positions), positions=positions
         )
     assert (ref - got).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+def test_run_captured_returns_output_and_kills_the_whole_tree_on_timeout(tmp_path):
+    """The runner behind the test harness and the benchmark: output captured, and on timeout the job's whole
+    process tree killed (a child in a session of its own, as torchrun's workers are), return code None."""
+    import os
+    import sys
+    import time
+
+    from torchtitan_ext.processes import run_captured
+
+    rc, out = run_captured(
+        [sys.executable, "-c", "print('hello')"], cwd=tmp_path, env=dict(os.environ), timeout=60
+    )
+    assert (rc, out.strip()) == (0, "hello")
+    pidfile = tmp_path / "child.pid"
+    script = (
+        "import subprocess, sys, time; "
+        f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True); "
+        f"open({str(pidfile)!r}, 'w').write(str(p.pid)); print('started', flush=True); time.sleep(60)"
+    )
+    start = time.monotonic()
+    rc, out = run_captured([sys.executable, "-c", script], cwd=tmp_path, env=dict(os.environ), timeout=3)
+    assert rc is None and "started" in out and time.monotonic() - start < 30
+    child = int(pidfile.read_text())
+    time.sleep(0.5)
+    try:  # killed: gone, or a zombie waiting for its parent's reaper
+        with open(f"/proc/{child}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "X"
+    assert state in ("Z", "X"), state
