@@ -2,7 +2,8 @@
 
 Where things live:
 
-* declaring PC: :func:`precondition`, :func:`precondition_model` (:mod:`pcopt.registration`), settings as
+* declaring PC: :func:`precondition` (:mod:`pcopt.registration`), :func:`precondition_model` (declares and picks
+  the strategy, :mod:`pcopt.strategy`), settings as
   :class:`PCOptions`; the map itself is :class:`pcopt.layer.PolynomialPC`;
 * how it executes: :func:`set_strategy` (:mod:`pcopt.strategy`: per forward, the reference, or once per
   optimizer step, also on FSDP2 shards);
@@ -30,13 +31,19 @@ from pcopt.polynomials import PC_COEFFICIENTS, apply_polynomial, polynomial
 from pcopt.registration import (
     is_preconditioned,
     precondition,
-    precondition_model,
     preconditioner,
     preconditioners,
 )
 from pcopt.spectral_clip import spectral_clip
 from pcopt.state import PCState, refresh, reset_preconditioners
-from pcopt.strategy import STRATEGIES, effective_parameters, set_strategy, shard_placement_fn, strategy_of
+from pcopt.strategy import (
+    STRATEGIES,
+    effective_parameters,
+    precondition_model,
+    set_strategy,
+    shard_placement_fn,
+    strategy_of,
+)
 
 __version__ = "0.2.0"
 

@@ -22,7 +22,7 @@ from pcopt.options import PCOptions
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["precondition", "precondition_model", "is_preconditioned", "preconditioner", "preconditioners"]
+__all__ = ["declare_model", "precondition", "is_preconditioned", "preconditioner", "preconditioners"]
 
 Targets = str | re.Pattern | Callable[[str, nn.Module], bool]
 
@@ -244,7 +244,7 @@ def _matcher(targets: Targets) -> Callable[[str, nn.Module], bool]:
     )
 
 
-def precondition_model(
+def declare_model(
     model: nn.Module,
     *,
     targets: Targets | None = None,
@@ -255,7 +255,6 @@ def precondition_model(
     num_power_iterations: int | None = None,
     learn_gamma: bool | None = None,
     eps: float | None = None,
-    strategy: str = "once_per_step",
 ) -> list[str]:
     """Precondition ``<module>.<name>`` for every module whose FQN matches ``targets``.
 
@@ -265,19 +264,9 @@ def precondition_model(
     ``down_proj``); never embeddings, LM head, norms or q/k/v. ``options`` and the keywords are those of
     :func:`precondition`. Returns the FQNs of the modules it preconditioned and warns if nothing matched.
 
-    ``strategy`` (:func:`pcopt.set_strategy`): ``"once_per_step"`` (default) computes ``W_eff`` once per optimizer
-    step and pulls its gradient back at the end of every backward, so any training loop runs the fast path
-    unchanged (accumulation, clipping, AMP, DDP); ``"per_forward"`` keeps the parametrize registration (the
-    reference; also what to shard with ``fully_shard`` yourself). Under FSDP2 call
-    ``pcopt.set_strategy(model, "once_per_step", shard=...)`` after this (it re-binds an unsharded model).
+    This is the declaration alone (the per-forward registration); :func:`pcopt.precondition_model` declares and
+    then chooses the execution strategy.
     """
-    from pcopt.strategy import STRATEGIES
-
-    if strategy not in STRATEGIES:
-        raise ValueError(
-            f"precondition_model: strategy must be one of {list(STRATEGIES)}, got {strategy!r}. 'once_per_step' "
-            "(default) computes W_eff once per optimizer step; 'per_forward' maps the weight in every forward."
-        )
     match = _matcher(PC_TARGETS if targets is None else targets)
     opts = PCOptions.resolve(
         options,
@@ -303,16 +292,8 @@ def precondition_model(
             f"precondition_model: no module matched targets={getattr(targets, 'pattern', targets)!r} with a "
             f"parameter {name!r}; nothing was preconditioned. Check the module names (model.named_modules()).",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,  # the caller of pcopt.precondition_model
         )
     else:
         logger.info("PC layer registered on %d weights (degree %d)", len(touched), opts.effective_degree)
-        if strategy == "once_per_step" and not _on_meta(model):
-            from pcopt.strategy import set_strategy
-
-            set_strategy(model, "once_per_step")
     return touched
-
-
-def _on_meta(model: nn.Module) -> bool:
-    return any(p.device.type == "meta" for p in model.parameters())

@@ -53,7 +53,7 @@ from torch.nn.utils import parametrize
 from pcopt._tensor import is_dtensor, is_fsdp_module, local_tensor, shards
 from pcopt.layer import PCHolder, PCSlot, PolynomialPC
 from pcopt.polynomials import gram_polynomial, gram_polynomial_vjp, horner_chain
-from pcopt.registration import preconditioners, unregister
+from pcopt.registration import declare_model, preconditioners, unregister
 from pcopt.spectral import all_reduce_, shard_indices, sigma_estimate
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "STRATEGIES",
     "effective_parameters",
+    "precondition_model",
     "set_strategy",
     "shard_placement_fn",
     "strategy_of",
@@ -100,6 +101,41 @@ def effective_parameters(model: nn.Module) -> list[nn.Parameter]:
     None and ``after_step`` overwrites them. Empty for the per-forward strategy.
     """
     return [s.effective for s in slots(model)]
+
+
+# -- the declaration with its strategy ---------------------------------------------------------------------------
+def precondition_model(
+    model: nn.Module, *, strategy: Strategy = "once_per_step", **options: Any
+) -> list[str]:
+    """Precondition the attention output and FFN matrices of ``model`` (or ``targets=``) and choose how PC runs.
+
+    ``options`` are those of :func:`pcopt.registration.declare_model`: ``targets`` (a regex searched in module
+    FQNs, or a predicate ``(fqn, module) -> bool``; default :data:`pcopt.names.PC_TARGETS`: torchtitan's
+    ``attention.wo``, ``feed_forward.w1/w2/w3``, Hugging Face's ``o_proj``, ``gate_proj``, ``up_proj``,
+    ``down_proj``, shared experts; never embeddings, LM head, norms or q/k/v), ``name``, ``options``, ``degree``,
+    ``coefficients``, ``num_power_iterations``, ``learn_gamma``, ``eps``. Returns the FQNs of the modules it
+    preconditioned and warns if nothing matched.
+
+    ``strategy`` (:func:`set_strategy`): ``"once_per_step"`` (default) computes ``W_eff`` once per optimizer step
+    and pulls its gradient back at the end of every backward, so any training loop runs the fast path unchanged
+    (accumulation, clipping, AMP, DDP); ``"per_forward"`` keeps the parametrize registration (the reference; also
+    what to shard with ``fully_shard`` yourself). Under FSDP2 call ``set_strategy(model, "once_per_step",
+    shard=...)`` after this (it re-binds an unsharded model). A model on the meta device keeps the per-forward
+    registration until it is materialised.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"precondition_model: strategy must be one of {list(STRATEGIES)}, got {strategy!r}. 'once_per_step' "
+            "(default) computes W_eff once per optimizer step; 'per_forward' maps the weight in every forward."
+        )
+    touched = declare_model(model, **options)
+    if (
+        touched
+        and strategy == "once_per_step"
+        and not any(p.device.type == "meta" for p in model.parameters())
+    ):
+        set_strategy(model, "once_per_step")
+    return touched
 
 
 # -- placement --------------------------------------------------------------------------------------------------
