@@ -432,7 +432,6 @@ def recipe_config(name: str):
             cfg = with_muon(cfg)
         if pc:
             cfg = with_pc(cfg)
-        cfg = _pc_components(cfg)
         if not torch.cuda.is_available():
             cfg = for_cpu(cfg)
         logger.info(
