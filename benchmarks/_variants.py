@@ -17,8 +17,30 @@ the run's cache key, so variant runs never collide with default runs. Names:
   ``match_rms_adamw`` (``0.2 sqrt(max(A, B))``); the AdamW part keeps the arm's lr divided by
   :data:`ADJUST_ORIGINAL_LR_FACTOR`, so the ``--lr-muon`` of this variant is the Muon lr.
 
-Variants may be combined with ``+`` (``deg3+gamma_nowd``); later parts override earlier ones where both set the
-same thing.
+* ``retract_sigma``: after every optimizer step, each raw PC weight is rescaled to its initial top singular
+  value, ``W <- c W`` with ``c = (sigma0 - eps) / (sigma_hat - eps)`` (``sigma_hat = u^T W v + eps`` of
+  :meth:`pcopt.PolynomialPC.sigma`, with the ``u``, ``v`` of the last refresh), and ``gamma <- gamma / c``.
+  ``W_eff = gamma sg(sigma) p(W / sigma)`` is homogeneous of degree 1 in ``W`` (up to ``eps``), so ``W_eff`` is
+  unchanged and the scale of ``W_eff`` lives in ``gamma`` alone. It runs inside the optimizer step, before the
+  PC refresh (:class:`RawScaleControl`), in both strategies.
+* ``retract_fro``: the same with ``||W||_F`` held at its initial value (``c = ||W0||_F / ||W||_F``).
+* ``rel_step``: the update of each raw PC weight (decay included) is multiplied by ``sigma / sigma0``, with
+  ``sigma`` the estimate before the step: a step of fixed size relative to the weight's top singular value,
+  equal to the plain one at initialisation (so the lr grid keeps its meaning).
+* ``pcwdX`` (``pcwd0``, ``pcwd0.3``, ``pcwd1``): decoupled weight decay ``X`` on the raw PC weights only
+  (the rest keeps 0.1); applied exactly as ``W_new + lr (wd - X) W_old`` after the step, for optimizers whose
+  decay is ``W <- (1 - lr wd) W`` (Muon and AdamW both are).
+
+Optimizer state under the retractions: scaling ``W`` by ``c`` scales its gradient by ``1 / c`` (and gamma's
+by ``c``), so the first moments of the raw weight (Muon's ``momentum_buffer``, AdamW's ``exp_avg``) are
+multiplied by ``1 / c`` and AdamW's ``exp_avg_sq`` by ``1 / c^2``, and gamma's AdamW moments by ``c`` and
+``c^2``. The state then describes the rescaled weight as if it had always had that scale; with Muon, which
+orthogonalizes the momentum, only the mix of old momentum and new gradients depends on it. Weight decay on the
+raw weight has no lasting effect under a retraction (the retraction resets the scale); the decay of gamma is
+then the decay of ``W_eff``.
+
+Variants may be combined with ``+`` (``deg3+gamma_nowd``, ``retract_sigma+rel_step``); later parts override
+earlier ones where both set the same thing. Unknown names raise ``ValueError``.
 """
 
 from __future__ import annotations
@@ -34,7 +56,7 @@ import pcopt
 from benchmarks import _common as C
 from pcopt import recipes
 
-__all__ = ["ADJUST_ORIGINAL_LR_FACTOR", "Variant", "names", "resolve"]
+__all__ = ["ADJUST_ORIGINAL_LR_FACTOR", "RawScaleControl", "Variant", "names", "resolve"]
 
 # match_rms_adamw scales the lr of a (192, 512) matrix by 0.2 * sqrt(512) = 4.5 and "original" by 1-2.7: with
 # "original" the Muon lr has to be about this much larger for the same update size.
@@ -55,6 +77,9 @@ class Variant:
     gamma_weight_decay: float | None = None
     merge_fraction: float | None = None
     adjust_lr_fn: str | None = None
+    retract: str | None = None  # "sigma" | "fro": the raw weight's scale held fixed (gamma absorbs it)
+    rel_step: bool = False  # raw PC weights' update scaled by sigma / sigma0
+    pc_weight_decay: float | None = None  # decoupled decay of the raw PC weights only
     describe: list[str] = dataclasses.field(default_factory=list)
 
     # -- hooks called by benchmarks.token_efficiency.train_arm ---------------------------------------------
@@ -67,6 +92,25 @@ class Variant:
         )
 
     def build_optimizers(
+        self, model: nn.Module, optimizer: str, lr: float
+    ) -> tuple[list[torch.optim.Optimizer], bool]:
+        opts, self_refresh = self._build_optimizers(model, optimizer, lr)
+        if self.retract is None and not self.rel_step and self.pc_weight_decay is None:
+            return opts, self_refresh
+        if not self_refresh:
+            raise ValueError(
+                f"variant {self.name!r} needs optimizers with the PC state attached (pcopt.PCState.attach) so that "
+                "the refresh follows the raw-scale control; got ones that do not refresh themselves."
+            )
+        wrapped = [
+            RawScaleControl(
+                o, model, retract=self.retract, rel_step=self.rel_step, pc_weight_decay=self.pc_weight_decay
+            )
+            for o in opts
+        ]
+        return wrapped, True
+
+    def _build_optimizers(
         self, model: nn.Module, optimizer: str, lr: float
     ) -> tuple[list[torch.optim.Optimizer], bool]:
         if optimizer == "muon" and (self.gamma_weight_decay is not None or self.adjust_lr_fn is not None):
@@ -120,7 +164,29 @@ def _parse_one(part: str) -> Callable[[Variant], None]:
             setattr(v, "merge_fraction", k / 100),
             v.describe.append(f"PC for the first {k}% of the steps, then merged"),
         )
+    if m := re.fullmatch(r"pcwd(\d+(?:\.\d+)?)", part):
+        wd = float(m.group(1))
+        return lambda v: (
+            setattr(v, "pc_weight_decay", wd),
+            v.describe.append(f"weight decay {wd:g} on the raw PC weights only"),
+        )
+    if part.startswith("pcwd"):
+        raise ValueError(
+            f"variant {part!r}: expected pcwdX with X a non-negative decimal number (pcwd0, pcwd0.3, pcwd1), got "
+            f"{part[4:]!r} after 'pcwd'."
+        )
     simple = {
+        "retract_sigma": (
+            "retract",
+            "sigma",
+            "raw PC weights retracted to their initial sigma, gamma absorbs the scale",
+        ),
+        "retract_fro": (
+            "retract",
+            "fro",
+            "raw PC weights retracted to their initial Frobenius norm, gamma absorbs the scale",
+        ),
+        "rel_step": ("rel_step", True, "update of the raw PC weights scaled by sigma / sigma0"),
         "ffn": ("targets", FFN_TARGETS, "PC on FFN matrices only"),
         "wo": ("targets", WO_TARGETS, "PC on attention output only"),
         "gamma_frozen": ("learn_gamma", False, "gamma frozen at 1"),
@@ -136,7 +202,7 @@ def _parse_one(part: str) -> Callable[[Variant], None]:
 
 
 def names() -> list[str]:
-    """The variant names (``mergeK`` stands for merge0 ... merge100)."""
+    """The variant names (``mergeK`` stands for merge0 ... merge100, ``pcwdX`` for pcwd0, pcwd0.3, ...)."""
     return [
         "deg3",
         "deg5",
@@ -148,6 +214,10 @@ def names() -> list[str]:
         "gamma_nowd",
         "mergeK",
         "adjust_original",
+        "retract_sigma",
+        "retract_fro",
+        "rel_step",
+        "pcwdX",
     ]
 
 
@@ -160,4 +230,142 @@ def resolve(name: str | None) -> Variant | None:
     v = Variant(name)
     for part in name.split("+"):
         _parse_one(part.strip())(v)
+    if v.merge_fraction is not None and (v.retract or v.rel_step or v.pc_weight_decay is not None):
+        raise ValueError(
+            f"variant {name!r}: mergeK cannot be combined with retract_*, rel_step or pcwdX (after the merge there "
+            "is no raw PC weight left to control); use one of them alone."
+        )
     return v
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Control of the raw PC weights' scale: retraction, relative step, separate decay
+# ----------------------------------------------------------------------------------------------------------
+class RawScaleControl(torch.optim.Optimizer):
+    """Wraps the optimizer of a preconditioned model and controls the scale of its raw PC weights.
+
+    ``step()`` runs the wrapped optimizer's step, then (in this order) the decay correction of ``pcwdX``, the
+    ``rel_step`` scaling of the update and the retraction (see the module docstring). It is a
+    ``torch.optim.Optimizer`` whose ``param_groups`` and ``state`` are the wrapped optimizer's, so lr schedulers
+    and ``zero_grad`` act on the wrapped optimizer; the :class:`pcopt.PCState` attached to the wrapped optimizer
+    defers its refresh (``u``, ``v``; ``W_eff`` once per step) to the end of this step, so the refresh sees the
+    controlled weights, in both strategies.
+
+    The raw weights, gammas and initial scales are looked up through the public
+    :func:`pcopt.preconditioners` (``PolynomialPC.raw_weight``, ``.gamma``, ``.sigma()``). Each rescaling is one
+    ``torch._foreach_mul_`` per group of raw weights of the same shape and dtype.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        *,
+        retract: str | None = None,
+        rel_step: bool = False,
+        pc_weight_decay: float | None = None,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"RawScaleControl wraps a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+        if retract not in (None, "sigma", "fro"):
+            raise ValueError(f"retract must be None, 'sigma' or 'fro', got {retract!r}.")
+        if pc_weight_decay is not None and not (
+            isinstance(pc_weight_decay, (int, float)) and pc_weight_decay >= 0
+        ):
+            raise ValueError(f"pc_weight_decay must be a float >= 0 or None, got {pc_weight_decay!r}.")
+        pcs = pcopt.preconditioners(model)
+        if not pcs:
+            raise ValueError(
+                "RawScaleControl: the model has no PC weights. Call pcopt.precondition_model(model) before building "
+                "the optimizer."
+            )
+        self.optimizer, self.model = optimizer, model
+        self.retract, self.rel_step, self.pc_weight_decay = retract, rel_step, pc_weight_decay
+        super().__init__(optimizer.param_groups, optimizer.defaults)
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
+        self.sigma0 = {fqn: self._sigmas([pc])[0] for fqn, pc in pcs}
+        self.fro0 = {fqn: float(pc.raw_weight.detach().norm()) for fqn, pc in pcs}
+        self._group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+
+    @staticmethod
+    @torch.no_grad()
+    def _sigmas(pcs) -> list[float]:
+        return [float(pc.sigma().reshape(-1)[0]) for pc in pcs]
+
+    def _by_shape(self, items):
+        groups: dict[tuple, list] = {}
+        for item in items:
+            raw = item[1].raw_weight
+            groups.setdefault((tuple(raw.shape), raw.dtype), []).append(item)
+        return list(groups.values())
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        pcs = pcopt.preconditioners(self.model)
+        for fqn, pc in pcs:
+            if pc.batch_shape:
+                raise ValueError(
+                    f"RawScaleControl: {fqn} is a batched PC weight {tuple(pc.raw_weight.shape)}; only 2-D weights "
+                    "are supported (one sigma per weight)."
+                )
+        prev = None
+        if self.rel_step or self.pc_weight_decay is not None:
+            prev = [pc.raw_weight.detach().clone() for _, pc in pcs]
+        scale = self._sigmas([pc for _, pc in pcs]) if self.rel_step else None  # sigma before the step
+        with torch.enable_grad():
+            loss = self.optimizer.step(closure)
+        raws = [pc.raw_weight.detach() for _, pc in pcs]
+        if self.pc_weight_decay is not None:
+            # the optimizer decayed W by (1 - lr wd); W_new + lr (wd - X) W_old decays it by (1 - lr X) instead
+            alphas = []
+            for _, pc in pcs:
+                g = self._group_of[id(pc.raw_weight)]
+                alphas.append(float(g["lr"]) * (float(g.get("weight_decay", 0.0)) - self.pc_weight_decay))
+            torch._foreach_add_(raws, torch._foreach_mul(prev, alphas))
+        if self.rel_step:
+            # W_old + s (W_new - W_old), s = sigma / sigma0: one foreach op per shape group
+            ratios = {fqn: sig / self.sigma0[fqn] for (fqn, _), sig in zip(pcs, scale)}
+            index = {fqn: i for i, (fqn, _) in enumerate(pcs)}
+            for group in self._by_shape(pcs):
+                ids = [index[fqn] for fqn, _ in group]
+                new, old = [raws[i] for i in ids], [prev[i] for i in ids]
+                delta = torch._foreach_sub(new, old)
+                torch._foreach_mul_(delta, [ratios[fqn] for fqn, _ in group])
+                torch._foreach_add_(delta, old)
+                for w, d in zip(new, delta):
+                    w.copy_(d)
+        if self.retract is not None:
+            self.retract_(pcs)
+        return loss
+
+    @torch.no_grad()
+    def retract_(self, pcs) -> list[float]:
+        """Rescale every raw PC weight to its initial sigma (or Frobenius norm), gamma by the inverse; returns c."""
+        if self.retract == "sigma":
+            now = self._sigmas([pc for _, pc in pcs])
+            factors = [(self.sigma0[fqn] - pc.eps) / (s - pc.eps) for (fqn, pc), s in zip(pcs, now)]
+        else:
+            factors = [self.fro0[fqn] / float(pc.raw_weight.detach().norm()) for fqn, pc in pcs]
+        c_of = {fqn: c for (fqn, _), c in zip(pcs, factors)}
+        for group in self._by_shape(pcs):
+            cs = [c_of[fqn] for fqn, _ in group]
+            raws = [pc.raw_weight.detach() for _, pc in group]
+            torch._foreach_mul_(raws, cs)
+            gammas = [pc.gamma.detach() for _, pc in group]
+            torch._foreach_mul_(gammas, [1.0 / c for c in cs])
+            for (_, pc), c in zip(group, cs):
+                self._rescale_state(pc.raw_weight, 1.0 / c)
+                self._rescale_state(pc.gamma, c)
+        return factors
+
+    def _rescale_state(self, param: torch.Tensor, k: float) -> None:
+        # the gradient of a parameter scaled by 1/k scales by k: first moments by k, second moments by k^2
+        st = self.state.get(param)
+        if not st:
+            return
+        for key in ("momentum_buffer", "exp_avg"):
+            if key in st:
+                st[key].mul_(k)
+        if "exp_avg_sq" in st:
+            st["exp_avg_sq"].mul_(k * k)

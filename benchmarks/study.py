@@ -156,6 +156,91 @@ GRIDS: dict[str, Grid] = {
             data="outputs/corpora/kjv.jsonl",
         ),
         Grid(
+            "kjv-muon-base",
+            "Muon alone, lr swept and 3 seeds at its best lr (KJV): the baseline of the issue-32 variant grids, "
+            "so that it can be (re)run first on a new machine",
+            (Arm("muon", MUON_LRS),),
+            data="outputs/corpora/kjv.jsonl",
+        ),
+        # -- issue 32: control of the raw PC weight's scale (benchmarks/_variants.py) -----------------------
+        Grid(
+            "kjv-muon-retract-sigma",
+            "Muon + PC with the raw PC weights retracted to their initial sigma after every step (gamma absorbs "
+            "the scale, W_eff unchanged), lr swept, vs Muon (KJV)",
+            (Arm("muon", MUON_LRS), Arm("muon_pc:retract_sigma", MUON_LRS)),
+            data="outputs/corpora/kjv.jsonl",
+        ),
+        Grid(
+            "kjv-muon-retract-fro",
+            "Muon + PC with the raw PC weights retracted to their initial Frobenius norm, lr swept, vs Muon (KJV)",
+            (Arm("muon", MUON_LRS), Arm("muon_pc:retract_fro", MUON_LRS)),
+            data="outputs/corpora/kjv.jsonl",
+        ),
+        Grid(
+            "kjv-muon-relstep",
+            "Muon + PC with the raw PC weights' update scaled by sigma / sigma0 (fixed relative step), lr swept, "
+            "vs Muon (KJV)",
+            (Arm("muon", MUON_LRS), Arm("muon_pc:rel_step", MUON_LRS)),
+            data="outputs/corpora/kjv.jsonl",
+        ),
+        Grid(
+            "kjv-muon-pcwd",
+            "Muon + PC, weight decay of the raw PC weights only swept (0, 0.3, 1; the rest 0.1), at Muon + PC's "
+            "KJV best lr 2.4e-2, vs Muon (KJV)",
+            (
+                Arm("muon", MUON_LRS),
+                Arm("muon_pc:pcwd0", (2.4e-2,)),
+                Arm("muon_pc:pcwd0.3", (2.4e-2,)),
+                Arm("muon_pc:pcwd1", (2.4e-2,)),
+            ),
+            data="outputs/corpora/kjv.jsonl",
+            max_extend=0,
+        ),
+        Grid(
+            "kjv-muon-raw-scale",
+            "every issue-32 variant against Muon on KJV (no runs of its own: the tables of the grids above)",
+            (
+                Arm("muon", MUON_LRS),
+                Arm("muon_pc", MUON_PC_LRS),
+                Arm("muon_pc:retract_sigma", MUON_LRS),
+                Arm("muon_pc:retract_fro", MUON_LRS),
+                Arm("muon_pc:rel_step", MUON_LRS),
+            ),
+            data="outputs/corpora/kjv.jsonl",
+        ),
+        Grid(
+            "python-docs-muon-retract",
+            "Muon vs Muon + PC with either retraction, lr swept, python-docs",
+            (
+                Arm("muon", MUON_LRS),
+                Arm("muon_pc:retract_sigma", MUON_LRS),
+                Arm("muon_pc:retract_fro", MUON_LRS),
+            ),
+            data="outputs/corpora/python-docs.jsonl",
+        ),
+        Grid(
+            "kjv-adamw-retract",
+            "AdamW vs AdamW + PC (degree 9) and AdamW + PC with the sigma retraction, lr swept, KJV",
+            (Arm("adamw", ADAMW_LRS), Arm("adamw_pc", ADAMW_LRS), Arm("adamw_pc:retract_sigma", ADAMW_LRS)),
+            data="outputs/corpora/kjv.jsonl",
+        ),
+        Grid(
+            "kjv-size-384",
+            "the size trend: dim 384, 6 layers (13.8M parameters, 4.1x), the same tokens per parameter as the "
+            "3.3M grids (823 steps); Muon vs Muon + PC and AdamW vs AdamW + PC at the 3.3M best lrs, seed 0",
+            (
+                Arm("muon", (1.2e-2,)),
+                Arm("muon_pc", (2.4e-2,)),
+                Arm("adamw", (4e-3,)),
+                Arm("adamw_pc", (4e-3,)),
+            ),
+            data="outputs/corpora/kjv.jsonl",
+            steps=823,
+            seeds=(0,),
+            max_extend=0,
+            te_args=("--dim", "384", "--n-layers", "6", "--n-heads", "6"),
+        ),
+        Grid(
             "kjv-adamw",
             "AdamW vs AdamW + PC (degree 9), best lr vs best lr, KJV, 3.3M model",
             (Arm("adamw", ADAMW_LRS), Arm("adamw_pc", ADAMW_LRS)),

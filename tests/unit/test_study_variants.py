@@ -1,0 +1,194 @@
+"""The raw-scale variants of benchmarks/_variants.py (issue 32): retraction, relative step, separate decay.
+
+Small float64 models, plain SGD (so that the expected weights have a closed form), both PC strategies.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import pcopt
+from benchmarks import _variants as V
+
+STRATEGIES = ("per_forward", "once_per_step")
+EPS = 1e-12  # the PC eps of these models: small, so that the W_eff bound below is tight
+F64 = torch.finfo(torch.float64).eps
+
+
+def _model(strategy: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    # two weights of one shape (one foreach group) and one of another
+    model = nn.Sequential(nn.Linear(8, 12, bias=False), nn.Linear(12, 12, bias=False), nn.Linear(12, 12))
+    model = model.double()
+    for lin in model:
+        pcopt.precondition(lin, degree=5, eps=EPS)
+    pcopt.set_strategy(model, strategy)
+    pcopt.refresh(model)
+    return model
+
+
+def _params(model: nn.Module) -> list[nn.Parameter]:
+    written = {id(p) for p in pcopt.effective_parameters(model)}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in written]
+
+
+def _set_grads(model: nn.Module, seed: int, scale: float = 1.0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in _params(model):
+        p.grad = scale * torch.randn(p.shape, generator=g, dtype=p.dtype)
+
+
+def _sgd(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    opt = torch.optim.SGD(_params(model), lr=lr)
+    pcopt.PCState(model).attach(opt)
+    return opt
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("retract", ["sigma", "fro"])
+def test_retraction_keeps_w_eff(strategy, retract):
+    ctl_model = _model(strategy)
+    ctl = V.RawScaleControl(_sgd(ctl_model, lr=0.3), ctl_model, retract=retract)
+    pcs_ctl = pcopt.preconditioners(ctl_model)
+    worst = 0.0
+    for step in range(3):
+        # The twin is the controlled model as it is before this step, stepped without the control: one step
+        # of each from the same weights with the same gradients (over several steps the two runs differ, as
+        # they should: the retraction changes the dynamics, not the function at a given step).
+        ref = copy.deepcopy(ctl_model)
+        ref_opt = _sgd(ref, lr=0.3)
+        pcs_ref = pcopt.preconditioners(ref)
+        _set_grads(ref, seed=step, scale=0.3)
+        _set_grads(ctl_model, seed=step, scale=0.3)
+        ref_opt.step()
+        ctl.step()
+        for (fqn, a), (_, b) in zip(pcs_ref, pcs_ctl):
+            # The factor c of this step, from the unretracted twin (same u, v directions after the refresh).
+            if retract == "sigma":
+                c = (ctl.sigma0[fqn] - EPS) / (float(a.sigma()) - EPS)
+            else:
+                c = ctl.fro0[fqn] / float(a.raw_weight.detach().norm())
+            worst = max(worst, abs(1 - c))
+            w_ref, w_ctl = a.effective_weight(), b.effective_weight()
+            # Bound. W_eff = gamma s p(W / s) is homogeneous of degree 1 in W but for two small constants: the
+            # eps of s = u^T W v + eps, and the 1e-7 of the power iteration's normalize, x / (||x|| + 1e-7)
+            # (pcopt.spectral.normalize), which makes ||u||, ||v|| = 1 - 1e-7 / (about sigma). Both twins get
+            # the same directions of u, v from W and c W, so, in the frame of the unretracted weight,
+            # W_eff(retracted) = gamma s' p(W / s') with s' - s = (eps + 2e-7 (1 + 1%)) (1/c - 1) to first order
+            # (1%: |u^T W v| <= sigma_1 within a percent after 10 warm-started iterations). Per singular
+            # value d/ds [s p(w/s)] = p(x) - x p'(x) = -sum_k 2k c_k x^(2k+1), x = w/s <= 1.01, so
+            # ||dW_eff||_2 <= gamma * sum_k 2k |c_k| 1.01^(2k+1) * |s' - s|. Rounding: the degree-5 map is a few
+            # 12x12 matmuls in float64, each good to ~12 * 2^-52 relative; 1e-12 ||W_eff||_2 covers it.
+            k_sum = sum(2 * k * abs(ck) * 1.01 ** (2 * k + 1) for k, ck in enumerate(a.coefficients))
+            gamma = float(b.gamma.detach().abs().max())
+            ds = (EPS + 2 * 1e-7 * 1.01) * abs(1 / c - 1)
+            bound = gamma * k_sum * ds + 1e-12 * float(torch.linalg.matrix_norm(w_ref, 2))
+            diff = float(torch.linalg.matrix_norm(w_ctl - w_ref, 2))
+            assert diff <= bound, (
+                f"{fqn} step {step}: ||dW_eff||_2 = {diff:.3e} > bound {bound:.3e} (c = {c:.4f})"
+            )
+            # and the raw weight is back at its initial scale
+            if retract == "fro":  # a norm of 144 float64 products: ~1e-15 relative
+                got, want = float(b.raw_weight.detach().norm()), ctl.fro0[fqn]
+                assert abs(got - want) <= 1e-13 * want, (
+                    f"{fqn}: ||W||_F {got} after the retraction, initial {want}"
+                )
+        if retract == "sigma":
+            # The retraction sets the PC layer's estimate u^T W v + eps to sigma0 with the u, v it has at that
+            # moment (those of the last refresh). Applied again now, with no refresh in between, it must leave
+            # every estimate at sigma0 to float64 rounding (one dot product of 12 terms: 1e-13 relative).
+            ctl.retract_(pcs_ctl)
+            for fqn, pc in pcs_ctl:
+                got, want = float(pc.sigma()), ctl.sigma0[fqn]
+                assert abs(got - want) <= 1e-13 * want, (
+                    f"{fqn}: sigma {got} after the retraction, initial {want}"
+                )
+            pcopt.PCState(ctl_model).after_step()  # refresh u, v (and write W_eff) as a step would
+    assert worst > 0.1, f"the test's steps barely moved the scale (max |1 - c| = {worst}); make them larger"
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_rel_step_scales_the_update_by_sigma_over_sigma0(strategy):
+    lr = 0.2
+    model = _model(strategy)
+    ctl = V.RawScaleControl(_sgd(model, lr=lr), model, rel_step=True)
+    pcs = pcopt.preconditioners(model)
+    _set_grads(model, seed=0, scale=3.0)
+    ctl.step()  # first step: sigma == sigma0, the plain SGD step; it changes sigma for the second
+    before = {fqn: pc.raw_weight.detach().clone() for fqn, pc in pcs}
+    ratio = {fqn: float(pc.sigma()) / ctl.sigma0[fqn] for fqn, pc in pcs}
+    assert max(abs(r - 1) for r in ratio.values()) > 0.05, ratio
+    _set_grads(model, seed=1)
+    grads = {fqn: pc.raw_weight.grad.clone() for fqn, pc in pcs}
+    ctl.step()
+    for fqn, pc in pcs:
+        want = before[fqn] - lr * ratio[fqn] * grads[fqn]  # closed form: SGD's update times sigma / sigma0
+        got = pc.raw_weight.detach()
+        # W1 + s ((W1 - lr g) - W1): each of the 3 roundings is within one ulp of max(|W1|, |lr g|) (times s)
+        atol = 4 * F64 * max(1.0, ratio[fqn]) * float(before[fqn].abs().max() + lr * grads[fqn].abs().max())
+        assert torch.allclose(got, want, rtol=0, atol=atol), (
+            f"{fqn}: {float((got - want).abs().max()):.3e} > {atol:.3e}"
+        )
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_pcwd_decays_only_the_raw_pc_weights(strategy):
+    lr, wd = 0.1, 0.5
+    model = _model(strategy)
+    ctl = V.RawScaleControl(_sgd(model, lr=lr), model, pc_weight_decay=wd)
+    raw_ids = {id(pc.raw_weight) for _, pc in pcopt.preconditioners(model)}
+    _set_grads(model, seed=2)
+    before = {id(p): p.detach().clone() for p in _params(model)}
+    grads = {id(p): p.grad.clone() for p in _params(model)}
+    ctl.step()
+    for p in _params(model):
+        decay = lr * wd if id(p) in raw_ids else 0.0  # SGD's group has weight_decay 0: only X acts
+        want = before[id(p)] - lr * grads[id(p)] - decay * before[id(p)]
+        # two roundings of values <= max(|W|, |lr g|): 4 ulps of that
+        atol = 4 * F64 * float(before[id(p)].abs().max() + lr * grads[id(p)].abs().max())
+        assert torch.allclose(p.detach(), want, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize(
+    "name, field, value",
+    [
+        ("retract_sigma", "retract", "sigma"),
+        ("retract_fro", "retract", "fro"),
+        ("rel_step", "rel_step", True),
+        ("pcwd0", "pc_weight_decay", 0.0),
+        ("pcwd0.3", "pc_weight_decay", 0.3),
+        ("deg3+retract_sigma", "retract", "sigma"),
+        ("retract_fro+retract_sigma", "retract", "sigma"),  # later parts override
+    ],
+)
+def test_parser_accepts(name, field, value):
+    v = V.resolve(name)
+    assert getattr(v, field) == value and v.name == name
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("retract", r"unknown variant 'retract'; expected one of .*retract_sigma.*retract_fro"),
+        ("pcwd-1", r"variant 'pcwd-1': expected pcwdX with X a non-negative decimal number .* got '-1'"),
+        ("pcwdx", r"expected pcwdX .* got 'x' after 'pcwd'"),
+        ("rel_step+bogus", r"unknown variant 'bogus'"),
+        ("merge10+retract_sigma", r"mergeK cannot be combined with retract_\*, rel_step or pcwdX"),
+    ],
+)
+def test_parser_refuses(name, match):
+    with pytest.raises(ValueError, match=match):
+        V.resolve(name)
+
+
+def test_control_refuses_a_model_without_pc():
+    model = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"no PC weights\. Call pcopt\.precondition_model"):
+        V.RawScaleControl(torch.optim.SGD(model.parameters(), lr=0.1), model, retract="sigma")
+    pc_model = _model("per_forward")
+    with pytest.raises(ValueError, match=r"retract must be None, 'sigma' or 'fro', got 'spectral'"):
+        V.RawScaleControl(_sgd(pc_model, 0.1), pc_model, retract="spectral")
