@@ -121,7 +121,7 @@ def build_optimizers(
             pcopt.PCState(model).attach(opt)
         return [opt], True
     if optimizer == "muon":
-        return [pcopt.optim.build_optimizer(model, lr=lr, weight_decay=weight_decay)], True
+        return [pcopt.build_optimizer(model, lr=lr, weight_decay=weight_decay)], True
     raise ValueError(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}.")
 
 

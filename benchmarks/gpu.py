@@ -8,7 +8,7 @@ Five sections, each a table with the device named:
 
 * ``step``: one training step of ``pcopt.demo.TinyLlama`` at the Llama-1B shape (dim 2048, 18 layers, FFN
   5632, vocab 32000), 4 x 4096 tokens per micro-batch, bf16 autocast with fp32 master weights, for fused
-  AdamW and Muon (+ fused AdamW, ``pcopt.optim.build_optimizer``), without PC and with PC in both strategies,
+  AdamW and Muon (+ fused AdamW, ``pcopt.build_optimizer``), without PC and with PC in both strategies,
   at gradient accumulation 1 and 4: median step time, peak memory, ratio to the same optimizer without PC.
 * ``linear``: one PC'd Linear at 1B and 8B shapes, 8192 tokens per micro-batch: fwd+bwd plain, per-forward
   PC, once-per-step PC over 1 and 4 micro-batches (pull-back and map included), the pull-back
@@ -324,7 +324,7 @@ def _probe_data(args) -> tuple[torch.Tensor, torch.Tensor, str]:
 
 
 def section_probe(args, device, report) -> list[dict]:
-    from pcopt.demo import _Run, evaluate
+    from pcopt.demo import Arm, evaluate
 
     train, val, source = _probe_data(args)
     seq, batch = (32, 4) if args.smoke else (args.probe_seq, args.probe_batch)
@@ -336,7 +336,7 @@ def section_probe(args, device, report) -> list[dict]:
     rows, table = [], []
     for arm in ARMS_PROBED:
         lr = args.adamw_lr if arm.startswith("adamw") else args.muon_lr
-        run = _Run(arm, train, steps=steps, seq=seq, batch=batch, lr=lr, seed=0,
+        run = Arm(arm, train, steps=steps, seq=seq, batch=batch, lr=lr, seed=0,
                    ns_dtype=preferred_dtype(device), device=device, **model_kw)  # fmt: skip
         run.step()  # compile-free warm-up: optimizer state, kernels
         _sync(device)

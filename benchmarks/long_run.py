@@ -56,7 +56,7 @@ def spectral_check(model_parts) -> dict[str, Any]:
     from torch.distributed.tensor import DTensor
 
     import pcopt
-    from pcopt.spectral import sigma_estimate
+    from pcopt.power_iteration import sigma_estimate
 
     def full(t):
         return t.full_tensor() if isinstance(t, DTensor) else t

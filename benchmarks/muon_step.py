@@ -109,7 +109,7 @@ SINGLE_ARMS = {
     "torch": (torch.optim.Muon, {}),
     "pcopt": (Muon, {}),  # torch's arguments: per-matrix on CPUs, bitwise equal to torch
     "pcopt stacked": (Muon, {"foreach": True}),  # one batched matmul chain per shape group
-    "build_optimizer": (Muon, {"ns_algorithm": "gram"}),  # what pcopt.optim.build_optimizer passes
+    "build_optimizer": (Muon, {"ns_algorithm": "gram"}),  # what pcopt.build_optimizer passes
 }
 
 
@@ -312,7 +312,7 @@ def _duplicated_ns_step(params, bufs, kwargs, ns):
     """Every rank gathers every matrix (bf16, torch's DTensor gather) and runs Newton-Schulz on all of them."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    from pcopt.optim._muon import _adjust_lr
+    from pcopt.optim._muon_step import adjust_lr as _adjust_lr
 
     lr, wd, mu = kwargs["lr"], kwargs["weight_decay"], 0.95
     with torch.no_grad():
@@ -538,7 +538,7 @@ PEERS = {
 def _build_optimizer_arm(model: nn.Module, kwargs: dict):
     import warnings
 
-    from pcopt.optim import build_optimizer
+    from pcopt import build_optimizer
 
     with warnings.catch_warnings():
         warnings.simplefilter(

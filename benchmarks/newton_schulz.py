@@ -21,7 +21,12 @@ import torch
 
 from pcopt.hardware import describe, preferred_dtype
 from pcopt.optim import newton_schulz, newton_schulz_flops
-from pcopt.optim._newton_schulz import GRAM_RESTART, KELLER_COEFFICIENTS, _product_flops, _symmetric
+from pcopt.optim._newton_schulz import (
+    GRAM_RESTART,
+    KELLER_COEFFICIENTS,
+    symmetric_product,
+    symmetric_product_flops,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # (batch, rows, cols): Llama-271M (dim 1024, FFN 2816) and Llama-1B (dim 2048, FFN 5632) matrices.
@@ -115,7 +120,7 @@ def symmetric_products(
     for n in sizes:
         X = torch.randn(1, n, 2 * n, device=device, dtype=dtype) / (2 * n) ** 0.5
         A = torch.bmm(X, X.mT)
-        full, blocked = (lambda A=A: torch.bmm(A, A)), (lambda A=A: _symmetric(A, A, blocks))
+        full, blocked = (lambda A=A: torch.bmm(A, A)), (lambda A=A: symmetric_product(A, A, blocks))
         full(), blocked()  # warm-up
         ratios, t_full, t_blocked = [], [], []
         for _ in range(rounds):
@@ -125,7 +130,7 @@ def symmetric_products(
             ratios.append(b / (0.5 * (a + c)))
             t_full.append(min(a, c))
             t_blocked.append(b)
-        flop_ratio = _product_flops(n, n, blocks) / (2 * n**3)
+        flop_ratio = symmetric_product_flops(n, n, blocks) / (2 * n**3)
         row = {"n": n, "full_ms": min(t_full) * 1e3, "blocked_ms": min(t_blocked) * 1e3,
                "time_ratio": statistics.median(ratios), "flop_ratio": flop_ratio}  # fmt: skip
         print(

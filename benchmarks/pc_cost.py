@@ -4,7 +4,7 @@
         [--compute-dtype auto|fp32|bf16] [--curve STEPS] [--smoke]
 
 For each strategy (per forward, once per step) and optimizer (fused AdamW; Muon + fused AdamW via
-``pcopt.optim.build_optimizer``), one training step (forward, backward, ``PCState.after_backward``, clip,
+``pcopt.build_optimizer``), one training step (forward, backward, ``PCState.after_backward``, clip,
 step, attached ``after_step``) of ``pcopt.demo.TinyLlama`` is counted with :class:`pcopt.profiling.StepProfile`
 against the same model without PC. Printed per row: host syncs (plain / PC), PC's aten ops at each depth and
 their ratio (same-shape batching makes the once-per-step count independent of depth), and PC's FLOPs by dtype
@@ -61,7 +61,7 @@ def build(
         if strategy == "once_per_step":
             pcopt.set_strategy(model, "once_per_step", compute_dtype=compute_dtype)
     if optimizer == "muon":
-        opt = pcopt.optim.build_optimizer(model, lr=1e-2, adamw_kwargs={"fused": True})
+        opt = pcopt.build_optimizer(model, lr=1e-2, adamw_kwargs={"fused": True})
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
         if pc:

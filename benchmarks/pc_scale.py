@@ -126,7 +126,7 @@ def _step(mode, model, pc, xs, saved) -> float:
 def _map_time(model, micro_batches: int) -> float:
     """Seconds of the per-micro-batch PC work: the map's forward and backward on the full fp32 weight (what
     FSDP2 hands the parametrization), once per micro-batch, plus one refresh."""
-    from pcopt.spectral import sigma_estimate
+    from pcopt.power_iteration import sigma_estimate
 
     (_, layer), *_ = pcopt.preconditioners(model)
     full = layer.raw_weight.full_tensor().detach().requires_grad_(True)

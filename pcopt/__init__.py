@@ -12,7 +12,9 @@ Where things live:
 * after training: :func:`merge`, :func:`merged_state_dict`; dense starts: :func:`load_dense_state_dict`
   (:mod:`pcopt.conversion`);
 * names, keys and the paper's recipe: :mod:`pcopt.names`, :mod:`pcopt.recipes`;
-* spectra: :func:`gmcn` and friends (:mod:`pcopt.diagnostics`); optimizers: :mod:`pcopt.optim`.
+* spectra: :func:`gmcn` and friends (:mod:`pcopt.diagnostics`);
+* optimizers that know no model: :mod:`pcopt.optim` (Muon, CombinedOptimizer, Spectra); the recipe layer that
+  routes a model's parameters to them: :func:`param_groups`, :func:`build_optimizer` (:mod:`pcopt.training`).
 """
 
 from pcopt import accumulation, optim  # noqa: E402, I001  (submodules, after the core they build on)
@@ -44,6 +46,8 @@ from pcopt.strategy import (
     shard_placement_fn,
     strategy_of,
 )
+from pcopt import training  # noqa: E402, I001  (the recipe layer, over the core and the optimizers)
+from pcopt.training import build_optimizer, param_groups
 
 __version__ = "0.2.0"
 
@@ -56,6 +60,7 @@ __all__ = [
     "PolynomialPC",
     "accumulation",
     "apply_polynomial",
+    "build_optimizer",
     "condition_numbers",
     "effective_parameters",
     "effective_weight",
@@ -67,6 +72,7 @@ __all__ = [
     "merged_state_dict",
     "modified_condition_number",
     "optim",
+    "param_groups",
     "polynomial",
     "precondition",
     "precondition_model",
@@ -78,4 +84,5 @@ __all__ = [
     "shard_placement_fn",
     "spectral_clip",
     "strategy_of",
+    "training",
 ]

@@ -16,10 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from pcopt._tensor import is_dtensor
-from pcopt.layer import PCSlot, refresh_
+from pcopt.kernel import write_
+from pcopt.layer import refresh_
 from pcopt.names import pc_keys, pc_module_of_key
 from pcopt.registration import _pcs_of, preconditioner, preconditioners, unregister
-from pcopt.strategy import write_
+from pcopt.slot import PCSlot
 
 __all__ = ["effective_weight", "merge", "merged_state_dict", "load_dense_state_dict", "load_state_dict"]
 

@@ -127,7 +127,7 @@ def make_arm_optimizer(
     model: nn.Module, arm: str, lr: float, *, ns_dtype: torch.dtype | None = None
 ) -> torch.optim.Optimizer:
     """The paper's optimizer of one demo arm: AdamW on everything ("adamw*"), or Muon on the hidden matrices
-    and AdamW on the rest with the same lr ("muon*", :func:`pcopt.optim.build_optimizer`).
+    and AdamW on the rest with the same lr ("muon*", :func:`pcopt.build_optimizer`).
 
     ``ns_dtype`` is Muon's Newton-Schulz dtype; None picks :func:`pcopt.hardware.preferred_dtype` of the CPU
     (bf16 only where the CPU computes it natively).
@@ -137,7 +137,7 @@ def make_arm_optimizer(
         if pcopt.preconditioners(model):
             pcopt.PCState(model).attach(opt)  # refresh u, v after every step
         return opt
-    return pcopt.optim.build_optimizer(
+    return pcopt.build_optimizer(
         model,
         lr=lr,
         weight_decay=recipes.WEIGHT_DECAY,
@@ -161,7 +161,7 @@ def evaluate(model: nn.Module, data: torch.Tensor, seq: int, batches: int = 8) -
     return sum(losses) / len(losses)
 
 
-class _Run:
+class Arm:
     """One arm: its model, optimizer, lr schedule and batch stream; :meth:`step` is one training step."""
 
     def __init__(
@@ -246,7 +246,7 @@ class _Progress:
         print(summary, file=self.stream, flush=True)
 
 
-def train_arm(run: _Run, steps: int, val: torch.Tensor, seq: int) -> dict:
+def train_arm(run: Arm, steps: int, val: torch.Tensor, seq: int) -> dict:
     """Train ``run`` for ``steps`` steps with a progress bar; evaluate it and print its one-line summary."""
     bar = _Progress(run.arm, steps)
     t0 = time.perf_counter()
@@ -269,7 +269,7 @@ def train_arm(run: _Run, steps: int, val: torch.Tensor, seq: int) -> dict:
     return r
 
 
-def interleaved_step_ms(runs: list[_Run], rounds: int) -> dict[str, list[float]]:
+def interleaved_step_ms(runs: list[Arm], rounds: int) -> dict[str, list[float]]:
     """Time one step of each run in turn, ``rounds`` times (order reversed every other round).
 
     Adjacent steps of different arms see the same load from other processes, so ratios of these times are
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results, runs = [], []
     for arm in arms:
         lr = args.adamw_lr if arm.startswith("adamw") else args.muon_lr
-        run = _Run(
+        run = Arm(
             arm,
             train,
             steps=args.steps,

@@ -156,7 +156,7 @@ def preferred_dtype(device: torch.device | str | None = None) -> torch.dtype:
     Example::
 
         >>> dtype = pcopt.hardware.preferred_dtype()          # this process's default device (the CPU)
-        >>> opt = pcopt.optim.build_optimizer(model, lr=1e-2, ns_dtype=dtype)
+        >>> opt = pcopt.build_optimizer(model, lr=1e-2, ns_dtype=dtype)
         >>> with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16): ...
     """
     return torch.bfloat16 if has_native_bf16(device) else torch.float32
@@ -214,7 +214,7 @@ def warn_slow_newton_schulz(param_groups: Iterable[Mapping[str, Any]]) -> None:
         f"Muon runs Newton-Schulz in bfloat16 (ns_dtype=torch.bfloat16, torch.optim.Muon's default) on a CPU "
         f"without native bf16 ({why}): a bf16 matrix product takes {measure_bf16_slowdown():.1f}x as long as "
         "a float32 one here. Pass ns_dtype=torch.float32 to pcopt.optim.Muon or "
-        "pcopt.optim.build_optimizer (or ns_dtype=pcopt.hardware.preferred_dtype()) for the fast path; the "
+        "pcopt.build_optimizer (or ns_dtype=pcopt.hardware.preferred_dtype()) for the fast path; the "
         "update then differs from the bf16 one only by bf16 rounding.",
         SlowBF16Warning,
         stacklevel=_outside_stacklevel(),

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from pcopt.polynomials import evaluate_scalar
-from pcopt.spectral import normalize
+from pcopt.power_iteration import normalize
 
 __all__ = ["dense_to_raw", "invert_polynomial", "increasing_branch_end"]
 

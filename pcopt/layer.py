@@ -8,8 +8,9 @@ a checkpoint remembers them). The raw weight ``W`` sits next to it, at ``<module
 
 * **per-forward**: the ``torch.nn.utils.parametrize`` registration; ``ParametrizationList`` holds ``W`` and
   this module, and every forward maps ``W``;
-* **once-per-step**: a :class:`PCSlot` holds ``W`` and this module under a :class:`PCHolder` that takes the
-  place of ``module.parametrizations``; ``module.<name>`` is an ordinary parameter holding ``W_eff``.
+* **once-per-step**: a :class:`pcopt.slot.PCSlot` holds ``W`` and this module under a
+  :class:`pcopt.slot.PCHolder` that takes the place of ``module.parametrizations``; ``module.<name>`` is an
+  ordinary parameter holding ``W_eff``.
 
 So the checkpoint keys are the same in both. Who updates ``u``, ``v`` and when: :mod:`pcopt.state`.
 """
@@ -24,9 +25,9 @@ from torch import Tensor, nn
 from pcopt._tensor import full_tensor, is_dtensor
 from pcopt.options import PCOptions
 from pcopt.polynomials import apply_polynomial
-from pcopt.spectral import init_singular_vectors, power_iteration_, sigma_estimate
+from pcopt.power_iteration import init_singular_vectors, power_iteration_, sigma_estimate
 
-__all__ = ["PCHolder", "PCSlot", "PolynomialPC", "refresh_"]
+__all__ = ["PolynomialPC", "refresh_"]
 
 
 def _meta_values(options: PCOptions) -> list[float]:
@@ -97,8 +98,9 @@ class PolynomialPC(nn.Module):
     # -- read API ------------------------------------------------------------------------------------------
     @property
     def strategy(self) -> str:
-        """``"once_per_step"`` when held by a :class:`PCSlot`, else ``"per_forward"`` (parametrize)."""
-        return "once_per_step" if isinstance(self._plist, PCSlot) else "per_forward"
+        """``"once_per_step"`` when held by a :class:`pcopt.slot.PCSlot` (which says so), else ``"per_forward"``
+        (parametrize's ``ParametrizationList``)."""
+        return getattr(self._plist, "strategy", "per_forward")
 
     @property
     def raw_weight(self) -> Tensor:
@@ -163,7 +165,7 @@ class PolynomialPC(nn.Module):
             warnings.warn(
                 f"pcopt: the raw weight of {self.label} changed since u, v were last refreshed (an optimizer "
                 "step without a refresh?), so sigma is estimated from the previous weight. Attach the model's "
-                "PC state to the optimizer (pcopt.PCState(model).attach(optimizer); pcopt.optim.build_optimizer "
+                "PC state to the optimizer (pcopt.PCState(model).attach(optimizer); pcopt.build_optimizer "
                 "does it), or call state.after_step() after every optimizer.step(). Shown once per weight.",
                 UserWarning,
                 stacklevel=5,
@@ -244,75 +246,11 @@ class PolynomialPC(nn.Module):
         return n
 
 
-class PCSlot(nn.Module):
-    """Once-per-step strategy: holds a PC weight's raw ``W`` (``original``) and its :class:`PolynomialPC` (``0``).
-
-    The same names as torch's ``ParametrizationList``, so the state_dict keys are those of the per-forward
-    strategy. The ``W_eff`` parameter (``module.<name>``) and how this rank's shard sits in the full matrix
-    are plain attributes set by :mod:`pcopt.strategy`; it is state, not a layer (no forward).
-    """
-
-    def __init__(self, original: nn.Parameter, pc: PolynomialPC) -> None:
-        super().__init__()
-        self.original = original
-        self.add_module("0", pc)
-        pc.bind(self)
-        self.__dict__["owner"] = None  # the module whose parameter holds W_eff (set by pcopt.strategy)
-        self.name = "weight"
-        self.dim = 0  # tensor dim along which the oriented matrix's rows run (the sharded / larger one)
-        self.mesh = None
-        self.mesh_dims: tuple[int, ...] = ()  # mesh dims that shard `dim`
-        self.index: Tensor | None = None  # this rank's indices along `dim` (None: all), on the state's device
-        self.compute_dtype: torch.dtype | None = None  # of the map; None: bf16 on CUDA, else fp32 (map_dtype)
-        self.placements: tuple | None = None  # of W_eff and raw when bound (None: plain tensors)
-        self.stamp: tuple[int, ...] | None = None  # versions of raw, gamma, u, v when W_eff was written
-        self.temporary = False  # inside PCState.accumulate(): switched back to per-forward on exit
-
-    def __getitem__(self, i: int) -> PolynomialPC:
-        if i != 0:
-            raise IndexError(f"PCSlot holds one PolynomialPC at index 0, got index {i}.")
-        return self._modules["0"]
-
-    def __len__(self) -> int:
-        return 1
-
-    @property
-    def effective(self) -> nn.Parameter:
-        """The ``W_eff`` parameter the module's forward uses (FSDP2 manages it like any weight)."""
-        return self.owner._parameters[self.name]
-
-    def forward(self, *args, **kwargs):
-        raise RuntimeError(
-            "PCSlot holds the PC state of a weight (raw weight, gamma, u, v); it has no forward. The module's "
-            "forward uses <module>.weight, the effective weight the model's pcopt.PCState writes after each step."
-        )
-
-
-class PCHolder(nn.Module):
-    """Once-per-step strategy: ``module.parametrizations``, mapping a tensor name to its :class:`PCSlot`.
-
-    Not a ``ModuleDict``, so ``torch.nn.utils.parametrize.is_parametrized`` is False: ``module.<name>`` is a
-    plain parameter. ``holder[name]`` and ``holder.items()`` read like the per-forward ``ModuleDict``.
-    """
-
-    def __getitem__(self, name: str) -> PCSlot:
-        return self._modules[name]
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._modules
-
-    def items(self):
-        return self._modules.items()
-
-    def forward(self, *args, **kwargs):
-        raise RuntimeError("PCHolder holds PC state; it has no forward.")
-
-
 @torch.no_grad()
 def refresh_(pcs: list[PolynomialPC], num_iterations: int | None = None) -> None:
     """Warm-started power iteration on the given PC modules, both strategies, plain or sharded raw weights.
 
-    Batched (:func:`pcopt.spectral.power_iteration_`): one batched matmul per half-step per shape, one
+    Batched (:func:`pcopt.power_iteration.power_iteration_`): one batched matmul per half-step per shape, one
     all-reduce per half-step per mesh. ``u``, ``v`` that are not finite or ~zero restart from ``u0``, ``v0``
     before and after, without a host sync; ``heals`` counts it (:meth:`PolynomialPC.report_heals`).
     """
@@ -331,3 +269,17 @@ def refresh_(pcs: list[PolynomialPC], num_iterations: int | None = None) -> None
         torch._foreach_add_([pc.heals for pc in group], counts)
         for pc in group:
             pc.mark_fresh()
+
+
+def __getattr__(name: str):
+    if name in ("PCSlot", "PCHolder"):  # moved in 0.3, next to the strategy switch; until 0.4
+        import importlib
+        import warnings
+
+        warnings.warn(
+            f"pcopt.layer.{name} is deprecated and will be removed in pcopt 0.4: use pcopt.slot.{name}.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module("pcopt.slot"), name)
+    raise AttributeError(f"module 'pcopt.layer' has no attribute {name!r}")

@@ -16,9 +16,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from pcopt._tensor import is_dtensor, is_fsdp_module
-from pcopt.layer import PCHolder, PolynomialPC, refresh_
+from pcopt.layer import PolynomialPC, refresh_
 from pcopt.names import PC_TARGETS, pc_keys, rename_legacy_keys
 from pcopt.options import PCOptions
+from pcopt.slot import PCHolder
 
 logger = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ load_state_dict    ``u``, ``v`` are the loaded ones                       the sa
 =================  =====================================================  =========================================
 
 ``after_step`` runs by itself once the state is attached to the optimizer that is stepped (``state.attach``,
-one post-hook; ``build_optimizer`` attaches it; with SPECTRA, attach it to the ``Spectra`` wrapper so the
-refresh follows the clip). The attached pre-hook refuses a step whose once-per-step gradients were not pulled
+one post-hook; ``build_optimizer`` attaches it; attached to an optimizer that another one steps, such as the base
+of a ``Spectra`` wrapper, it waits for the outer step to end, so the refresh follows the clip). The attached pre-hook refuses a step whose once-per-step gradients were not pulled
 back. Under FSDP2 every moment is collective (vector and Gram all-reduces on the shards; no weight is
 gathered): every rank must reach it. A per-forward weight whose raw weight changed since the last refresh
 warns once at its next forward: nothing refreshed ``u``, ``v`` after a step.
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -46,10 +47,11 @@ import torch
 from torch import nn
 
 from pcopt._tensor import is_dtensor
+from pcopt.kernel import initialize_, pull_back_, stamp, write_
 from pcopt.layer import PolynomialPC, refresh_
 from pcopt.options import check_positive_int
 from pcopt.registration import preconditioners
-from pcopt.strategy import initialize_, pull_back_, set_strategy, slots, stamp, strategy_of, write_
+from pcopt.strategy import set_strategy, slots, strategy_of
 
 logger = logging.getLogger(__name__)
 
@@ -225,8 +227,10 @@ class PCState:
         """Run :meth:`after_step` after every ``optimizer.step()``; returns a handle (``.remove()`` detaches).
 
         A step post-hook, plus a pre-hook that refuses to step while once-per-step gradients wait for
-        :meth:`after_backward`. Attach to the optimizer whose ``step()`` the loop calls (a ``Spectra`` wrapper,
-        not its base: the refresh must follow the clip).
+        :meth:`after_backward`. Any optimizer works, the one the loop steps or one inside it: when the hooked
+        optimizer steps inside another one's ``step()`` (a :class:`pcopt.optim.CombinedOptimizer`, a
+        ``Spectra`` wrapper, torchtitan's optimizers container), the refresh waits for the outermost step to
+        end, so that it sees the final weights (after SPECTRA's clip, for instance).
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -301,7 +305,7 @@ def _check_not_fsdp2(modules: Sequence[nn.Module], pcs) -> None:
     if sharded or wrapped:
         where = f"sharded raw weights: {sharded[:3]}" if sharded else f"FSDP2 modules: {wrapped[:3]}"
         raise RuntimeError(
-            "pcopt.accumulation.once_per_step does not support FSDP2 (fully_shard) models "
+            "PCState.accumulate does not support FSDP2 (fully_shard) models "
             f"({where}). FSDP2 gathers each weight only inside its module's forward and reduce-scatters its "
             "gradient after every micro-batch backward, so a W_eff computed once per step would bypass both "
             "and give wrong gradients. Run the micro-batches without once_per_step under FSDP2 (W_eff is then "
@@ -319,24 +323,44 @@ class _BeforeStep:
         self.state.check_pulled_back()
 
 
+# The code object of the wrapper that torch.optim.Optimizer puts around every subclass's step() (it runs the
+# step hooks); a frame running it is an optimizer step in progress, its ``self`` the optimizer.
+_STEP_WRAPPER_CODE = torch.optim.Optimizer.profile_hook_step(lambda *args, **kwargs: None).__code__
+
+
+def outermost_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | None:
+    """The outermost other optimizer whose ``step()`` is running around the caller (None: ``optimizer`` is
+    stepped by the loop itself). Read from the Python call stack: only ``torch.optim.Optimizer`` steps count."""
+    outer = None
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _STEP_WRAPPER_CODE:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, torch.optim.Optimizer) and candidate is not optimizer:
+                outer = candidate
+        frame = frame.f_back
+    return outer
+
+
 class _AfterStep(_BeforeStep):
-    """Step post-hook of :meth:`PCState.attach`: the refresh (and ``W_eff`` write) after every step."""
+    """Step post-hook of :meth:`PCState.attach`: the refresh (and ``W_eff`` write) after every step, deferred to
+    the end of the outermost optimizer step when the hooked optimizer is stepped by another one."""
+
+    def __init__(self, state: PCState) -> None:
+        super().__init__(state)
+        self.deferred = None  # the one-shot post-hook handle on the outer optimizer, while one waits
 
     def __call__(self, optimizer, args, kwargs) -> None:
+        outer = outermost_step(optimizer)
+        if outer is None:
+            self.state.after_step()
+        elif self.deferred is None:
+            self.deferred = outer.register_step_post_hook(self._run_deferred)
+
+    def _run_deferred(self, optimizer, args, kwargs) -> None:
+        self.deferred.remove()
+        self.deferred = None
         self.state.after_step()
-
-
-def take_attached(optimizer: torch.optim.Optimizer) -> list[PCState]:
-    """Remove the :meth:`PCState.attach` hooks from ``optimizer``; return their states (for a wrapper that
-    steps ``optimizer`` and must run ``after_step`` after its own work, such as ``Spectra``'s clip)."""
-    states: list[PCState] = []
-    for hooks in (optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks):
-        for key, fn in list(hooks.items()):
-            if isinstance(fn, _BeforeStep):
-                del hooks[key]
-                if isinstance(fn, _AfterStep):
-                    states.append(fn.state)
-    return states
 
 
 class _Handles:

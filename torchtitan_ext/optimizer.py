@@ -136,13 +136,13 @@ class PCOptimizersContainer(OptimizersContainer):
         ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
         for part in model_parts:
             hidden = {
-                id(p) for g in pcopt.optim.param_groups(part) if g["algorithm"] == "muon" for p in g["params"]
+                id(p) for g in pcopt.param_groups(part) if g["algorithm"] == "muon" for p in g["params"]
             }
             if ids & hidden:
                 return pcopt.optim.Spectra(
                     optimizer,
                     c=config.spectral_clip,
-                    model=part,
+                    clip_params=[p for g in optimizer.param_groups for p in g["params"] if id(p) in hidden],
                     warmup_steps=config.spectral_clip_warmup_steps,
                 )
         return optimizer
@@ -175,7 +175,7 @@ def muon_config(
 
     The paper's Muon (:data:`pcopt.recipes.MUON`): momentum 0.95 with Nesterov, 5 Newton-Schulz steps with
     Keller Jordan's coefficients, the "moonlight" lr scale 0.2*sqrt(max(A, B)) (``match_rms_adamw``),
-    decoupled weight decay 0.1. As :func:`pcopt.optim.build_optimizer`, it uses the fast options where
+    decoupled weight decay 0.1. As :func:`pcopt.build_optimizer`, it uses the fast options where
     exactness to ``torch.optim.Muon`` is not promised: Newton-Schulz in the hardware's preferred dtype and Gram
     Newton-Schulz on rectangular matrices (``ns_algorithm="gram"``, the same polynomial with fewer FLOPs,
     docs/muon.md). Set ``optimizer_kwargs["ns_algorithm"] = "standard"`` for torch's iteration.

@@ -9,8 +9,6 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from pcopt.optim._pc_state import attach_pc_state
-
 logger = logging.getLogger(__name__)
 
 __all__ = ["CombinedOptimizer"]
@@ -30,17 +28,18 @@ class CombinedOptimizer(Optimizer):
     Args:
         optimizers: mapping ``name -> optimizer`` (e.g. ``{"muon": Muon(...), "adamw": AdamW(...)}``).
             ``add_param_group(group)`` sends ``group`` to the child named ``group["algorithm"]``.
-        pc_state (pcopt.PCState or nn.Module, optional): the preconditioned model's PC state; its
-            ``after_step()`` runs once after all children have stepped (give it here, not to the children).
+
+    A :class:`pcopt.PCState` attached to it or to a child refreshes the PC state once, after every child has
+    stepped.
 
     Example::
 
-        >>> opt = CombinedOptimizer({"muon": Muon(matrices, lr=0.02), "adamw": AdamW(others, lr=0.02)})
+        >>> opt = CombinedOptimizer({"muon": Muon(matrices, lr=0.02), "adamw": torch.optim.AdamW(others, lr=0.02)})
         >>> sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000)
         >>> loss.backward(); opt.step(); sched.step(); opt.zero_grad()
     """
 
-    def __init__(self, optimizers: Mapping[str, Optimizer], *, pc_state=None) -> None:
+    def __init__(self, optimizers: Mapping[str, Optimizer]) -> None:
         if not isinstance(optimizers, Mapping) or not optimizers:
             raise ValueError(
                 f"CombinedOptimizer expects a non-empty mapping name -> torch.optim.Optimizer, got {optimizers!r}."
@@ -68,7 +67,6 @@ class CombinedOptimizer(Optimizer):
         for opt in self.optimizers.values():
             self.state.update(opt.state)
         self._share_with_children()
-        attach_pc_state(self, pc_state, "CombinedOptimizer")
 
     def _share_with_children(self) -> None:
         """Point every child at its slice of ``self.param_groups`` and at the shared ``self.state``."""

@@ -3,7 +3,8 @@
 :func:`map_full_matrices` (what :class:`pcopt.optim.Muon` and ``Spectra`` use): any placement combination of
 a 1-D or 2-D (or larger) ``DeviceMesh`` -- ``Shard(0)``, ``Shard(1)``, ``_StridedShard`` (FSDP2 on top of TP
 when both shard dim 0), ``Replicate`` -- so FSDP2, HSDP, TP and FSDP x TP. One process group spans all ranks
-of the mesh (the default group when the mesh is the whole world, else the mesh flattened).
+of the mesh (the default group when the mesh is the whole world, else the mesh flattened: one helper,
+``pcopt._tensor.mesh_group``, for the optimizers and the PC layer).
 
 Who sends what to whom in :func:`map_full_matrices` (``P`` ranks in the mesh):
 
@@ -40,6 +41,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from pcopt._tensor import is_dtensor as _is_dtensor
+from pcopt._tensor import mesh_group
 
 logger = logging.getLogger(__name__)
 
@@ -96,14 +100,6 @@ class _Block:
     def numel(self) -> int:
         m, n = self.shape
         return m * n
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    if not dist.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
 
 
 def _to_runs(indices: list[int]) -> Runs:
@@ -199,22 +195,6 @@ def _copy_runs(full: Tensor, local: Tensor, block: _Block, into_full: bool) -> N
         lr += r1 - r0
 
 
-def _mesh_group(mesh: Any) -> dist.ProcessGroup:
-    """One process group over all ranks of ``mesh``: its own for 1-D, the default group, or the mesh flattened."""
-    if mesh.ndim == 1:
-        return mesh.get_group(0)
-    ranks = sorted(mesh.mesh.flatten().tolist())
-    if ranks == list(range(dist.get_world_size())):
-        return dist.group.WORLD  # type: ignore[return-value]
-    if not mesh.mesh_dim_names:
-        raise RuntimeError(
-            f"Muon needs one process group over the {len(ranks)} ranks of a {mesh.ndim}-D DeviceMesh that is not "
-            "the whole world; it flattens the mesh, which torch allows only for named meshes. Create the mesh "
-            "with mesh_dim_names (init_device_mesh(..., mesh_dim_names=('dp', 'tp')))."
-        )
-    return mesh._flatten().get_group()
-
-
 def _apply_batched(fn: Callable[[Tensor], Tensor], mats: dict[tuple[int, ...], Tensor], like: Tensor):
     return {shape: fn(batch).to(like.dtype) for shape, batch in mats.items()}
 
@@ -280,7 +260,11 @@ def map_full_matrices(
 
     for mesh, idx in buckets.values():
         results = _exchange(
-            [params[i] for i in idx], [local_tensors[i] for i in idx], _mesh_group(mesh), fn, cost
+            [params[i] for i in idx],
+            [local_tensors[i] for i in idx],
+            mesh_group(mesh, tuple(range(mesh.ndim))),
+            fn,
+            cost,
         )
         for i, r in zip(idx, results):
             out[i] = r

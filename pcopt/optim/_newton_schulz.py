@@ -226,7 +226,7 @@ def _addmm(C: Tensor, A: Tensor, B: Tensor, beta=1.0, alpha=1.0, out: Tensor | N
     return fn(C, A, B, beta=beta, alpha=alpha, out=out)
 
 
-def _symmetric(A: Tensor, B: Tensor, blocks: int, C: Tensor | None = None, beta=1.0, alpha=1.0) -> Tensor:
+def symmetric_product(A: Tensor, B: Tensor, blocks: int, C: Tensor | None = None, beta=1.0, alpha=1.0) -> Tensor:
     """``beta C + alpha A B`` for ``(n, n)`` or ``(b, n, n)`` results that are symmetric in exact arithmetic (see the module
     docstring): the blocks on and above the diagonal are computed, one matmul per block row, the rest mirrored."""
     if blocks == 1:
@@ -247,8 +247,8 @@ def _symmetric(A: Tensor, B: Tensor, blocks: int, C: Tensor | None = None, beta=
 
 def _standard(X: Tensor, coefficients: Sequence[tuple[float, float, float]], blocks: int = 1) -> Tensor:
     for a, b, c in coefficients:
-        A = _symmetric(X, X.mT, blocks)
-        B = _symmetric(A, A, blocks, A, beta=b, alpha=c)
+        A = symmetric_product(X, X.mT, blocks)
+        B = symmetric_product(A, A, blocks, A, beta=b, alpha=c)
         X = _addmm(X, B, X, beta=a)
     return X
 
@@ -257,19 +257,19 @@ def _gram(
     X: Tensor, coefficients: Sequence[tuple[float, float, float]], restart: Sequence[int], blocks: int = 1
 ) -> Tensor:
     """Gram Newton-Schulz on a wide ``(b, n, m)`` batch (see the module docstring)."""
-    R = _symmetric(X, X.mT, blocks)
+    R = symmetric_product(X, X.mT, blocks)
     Q: Tensor | None = None
     last = len(coefficients) - 1
     for k, (a, b, c) in enumerate(coefficients):
         if k > 0 and k in restart:
             X = _mm(Q, X)
-            R = _symmetric(X, X.mT, blocks)
+            R = symmetric_product(X, X.mT, blocks)
             Q = None
-        Z = _symmetric(R, R, blocks, R, beta=b, alpha=c)
+        Z = symmetric_product(R, R, blocks, R, beta=b, alpha=c)
         Z.diagonal(dim1=-2, dim2=-1).add_(a)
-        Q = Z if Q is None else _symmetric(Z, Q, blocks)
+        Q = Z if Q is None else symmetric_product(Z, Q, blocks)
         if k < last and k + 1 not in restart:
-            R = _symmetric(Z, _symmetric(R, Z, blocks), blocks)
+            R = symmetric_product(Z, symmetric_product(R, Z, blocks), blocks)
     return _mm(Q, X)
 
 
@@ -341,8 +341,8 @@ def newton_schulz(
     return X.mT if tall else X
 
 
-def _product_flops(n: int, inner: int, blocks: int) -> int:
-    """FLOPs of an ``n x n`` result with inner dimension ``inner``, ``blocks`` block rows (see ``_symmetric``)."""
+def symmetric_product_flops(n: int, inner: int, blocks: int) -> int:
+    """FLOPs of an ``n x n`` result with inner dimension ``inner``, ``blocks`` block rows (see ``symmetric_product``)."""
     edges = _edges(n, blocks)
     return sum(2 * (r1 - r0) * inner * (n - r0) for r0, r1 in zip(edges, edges[1:]))
 
@@ -366,7 +366,7 @@ def newton_schulz_flops(
     """
     s, l_ = sorted(int(d) for d in shape[-2:])
     k = resolve_symmetric_blocks(symmetric_blocks, shape)
-    gram_sl, square, apply_sl = _product_flops(s, l_, k), _product_flops(s, s, k), 2 * s * s * l_
+    gram_sl, square, apply_sl = symmetric_product_flops(s, l_, k), symmetric_product_flops(s, s, k), 2 * s * s * l_
     standard = ns_steps * (gram_sl + square + apply_sl)
     if algorithm != "gram":
         return standard

@@ -18,32 +18,21 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Callable
-from functools import partial
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
 
-from pcopt._tensor import is_dtensor as _is_dtensor
 from pcopt._tensor import local_tensor as _local
-from pcopt.hardware import preferred_dtype
 from pcopt.optim._combined import ROUTING_KEY, CombinedOptimizer
-from pcopt.optim._distributed import map_full_matrices
 from pcopt.optim._muon import Muon
-from pcopt.optim._pc_state import attach_pc_state
-from pcopt.spectral import all_reduce_
+from pcopt.optim._spectra_clip import clip_steps, clip_updates
 from pcopt.spectral_clip import (
-    AUTHORS_CLIP_STEPS,
-    auto_clip_dtype,
-    auto_clip_plan,
     check_steps,
     check_threshold,
     resolve_clip_dtype,
-    spectral_clip,
-    spectral_clip_flops,
-    vector_clip_scale,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,17 +44,6 @@ _APPLY_TO = ("hidden", "2d", "all")
 _DECAYS = ("linear", "cosine")
 _STEP_KEY = "spectra_step"
 _BASE_LR_KEY = "spectra_base_lr"
-
-
-def _full(p: Tensor, local: Tensor) -> Tensor:
-    """The full tensor whose local block on this rank is ``local``, laid out as ``p`` (``local`` if plain)."""
-    if not _is_dtensor(p):
-        return local
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(
-        local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
-    ).full_tensor()
 
 
 def _float(value: Any) -> float:
@@ -122,7 +100,7 @@ class Spectra(Optimizer):
     ``lr == 0`` (how ``torch.distributed.checkpoint`` and torchtitan create optimizer state) is not counted.
 
     Args:
-        optimizer: the base optimizer, with decoupled weight decay: ``pcopt.optim.AdamW``/``Muon``,
+        optimizer: the base optimizer, with decoupled weight decay: ``torch.optim.AdamW``, ``pcopt.optim.Muon``,
             ``torch.optim.AdamW``/``Muon``, ``torch.optim.Adam`` (``decoupled_weight_decay=True`` or no decay),
             ``torch.optim.SGD`` without decay, a :class:`CombinedOptimizer` of those (``build_optimizer``), or
             any optimizer given ``decoupled=True``.
@@ -130,14 +108,16 @@ class Spectra(Optimizer):
             (pre-clipping alone).
 
     Keyword-only args:
-        model: the model, to select parameters by name (needed for ``apply_to="hidden"`` unless the param
-            groups come from :func:`pcopt.optim.param_groups`, and for ``pattern``).
         apply_to: which parameters are clipped. ``"hidden"`` (default): the 2-D hidden matrices, as
-            :func:`pcopt.optim.param_groups` routes them to Muon (raw PC weights included, embeddings and LM
-            head excluded). ``"2d"``: every 2-D parameter. ``"all"``: every parameter (1-D ones by the vector
+            :func:`pcopt.param_groups` routes them to Muon (raw PC weights included, embeddings and LM head
+            excluded); the base optimizer must be built from those groups (``pcopt.build_optimizer`` is), whose
+            routing key says which they are. ``"2d"``: every 2-D parameter. ``"all"``: every parameter (1-D ones by the vector
             rule, >2-D ones as ``(shape[0], -1)`` matrices; the published runs use this).
         pattern: a regex searched in parameter names; the matching parameters are clipped (instead of
-            ``apply_to``).
+            ``apply_to``). The names are the param groups' ``"param_names"``: build the base optimizer from
+            ``model.named_parameters()`` (or from :func:`pcopt.param_groups`, which names them).
+        clip_params: the parameters to clip, given as tensors (instead of ``apply_to`` or ``pattern``): for a
+            caller that knows which are the hidden matrices while the base optimizer's groups do not say it.
         steps, dtype: Newton-Schulz iterations and their dtype (default None:
             :func:`pcopt.hardware.preferred_dtype` of the parameters' device, bf16 where native, else fp32).
             ``steps="auto"`` (default): once per clip, as many as the largest ``||X||_F / c`` of all clipped
@@ -158,9 +138,10 @@ class Spectra(Optimizer):
             clipping) or else at the start of ``step()``. The authors advise against combining it with
             post-clipping.
         decoupled: declare that an optimizer of another class decays as ``X <- (1 - lr wd) X``.
-        pc_state: the model's :class:`pcopt.PCState`. A ``pc_state`` held by the base optimizer is taken over
-            (the base's own refresh would see the unclipped weights), so ``u``, ``v`` are refreshed after the
-            clip. On a PC model the selected parameters are the raw weights: their update is what is clipped.
+
+    On a PC model the selected parameters are the raw weights: their update is what is clipped. A
+    :class:`pcopt.PCState` attached to the base optimizer (``build_optimizer`` attaches it) refreshes ``u``,
+    ``v`` after the wrapper's step, so after the clip.
 
     DTensors (FSDP2 and every placement :class:`pcopt.optim.Muon` supports) are clipped on the full matrix
     once in the world, by Muon's owner machinery (two ``all_to_all`` per mesh, group and step), with the same
@@ -174,8 +155,8 @@ class Spectra(Optimizer):
 
     Example::
 
-        >>> base = pcopt.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
-        >>> opt = pcopt.optim.Spectra(base, c=10.0, model=model, warmup_steps=200)
+        >>> base = torch.optim.AdamW(pcopt.param_groups(model), lr=3e-3, weight_decay=0.1)
+        >>> opt = pcopt.optim.Spectra(base, c=10.0, warmup_steps=200)
         >>> sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
         >>> loss_fn(model(x), y).backward(); opt.step(); sched.step(); opt.zero_grad()
     """
@@ -185,9 +166,9 @@ class Spectra(Optimizer):
         optimizer: Optimizer,
         c: float | None = 10.0,
         *,
-        model: nn.Module | None = None,
         apply_to: ApplyToT = "hidden",
         pattern: str | None = None,
+        clip_params: Iterable[Tensor] | None = None,
         steps: int | Literal["auto"] = "auto",
         dtype: torch.dtype | str | None = None,
         shape_factor: bool = True,
@@ -199,17 +180,14 @@ class Spectra(Optimizer):
         decay: Literal["linear", "cosine"] = "linear",
         pre_clip: float | None = None,
         decoupled: bool | None = None,
-        pc_state=None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
                 f"Spectra wraps a torch.optim.Optimizer, got {type(optimizer).__name__}. Build the base optimizer "
-                "first, e.g. Spectra(pcopt.optim.AdamW(model.parameters(), lr=1e-3), c=10.0)."
+                "first, e.g. Spectra(torch.optim.AdamW(pcopt.param_groups(model), lr=1e-3), c=10.0)."
             )
         if isinstance(optimizer, Spectra):
             raise TypeError("Spectra got a Spectra optimizer; wrap the base optimizer once.")
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(f"Spectra: model must be an nn.Module or None, got {type(model).__name__}.")
         self.c = None if c is None else check_threshold(c, "c")
         self.pre_clip = None if pre_clip is None else check_threshold(pre_clip, "pre_clip")
         if self.c is None and self.pre_clip is None:
@@ -229,6 +207,19 @@ class Spectra(Optimizer):
                 f"Spectra: pass either pattern ({pattern!r}) or apply_to ({apply_to!r}), not both: a pattern "
                 "selects the parameters by itself."
             )
+        self._clip_ids = None
+        if clip_params is not None:
+            if pattern is not None or apply_to != "hidden":
+                raise ValueError(
+                    "Spectra: pass one of clip_params, pattern or apply_to: each selects the parameters by itself."
+                )
+            self._clip_ids = {id(p) for p in clip_params}
+            known = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            if not self._clip_ids <= known:
+                raise ValueError(
+                    f"Spectra: {len(self._clip_ids - known)} of the {len(self._clip_ids)} clip_params are not "
+                    "parameters of the base optimizer; pass tensors from its param groups."
+                )
         self.apply_to = apply_to
         self._pattern = None
         if pattern is not None:
@@ -249,8 +240,7 @@ class Spectra(Optimizer):
                     raise ValueError(f"Spectra needs decoupled weight decay: {reason}.")
 
         self.optimizer = optimizer
-        self._names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
-        self._hidden = self._hidden_ids(model, optimizer)
+        self._hidden = self._hidden_ids(optimizer)
         self._building = True
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self._building = False
@@ -263,16 +253,10 @@ class Spectra(Optimizer):
         if not self._selected:
             raise ValueError(
                 f"Spectra selected no parameter (apply_to={self.apply_to!r}, pattern="
-                f"{None if self._pattern is None else self._pattern.pattern!r}). Pass model= so that names are "
-                "known, another pattern, or apply_to='2d' / 'all'."
+                f"{None if self._pattern is None else self._pattern.pattern!r}). Build the base optimizer from "
+                "model.named_parameters() or pcopt.param_groups(model) so that names are known, pass another "
+                "pattern, or apply_to='2d' / 'all'."
             )
-        # the base's PC refresh would run before the clip: take it over
-        from pcopt.state import take_attached
-
-        for opt in [optimizer, *_leaf_optimizers(optimizer)]:
-            for state in take_attached(opt):
-                state.attach(self)
-        attach_pc_state(self, pc_state, "Spectra")
         self._grads_clipped = False
         logger.info(
             "Spectra over %s: %d parameters clipped (apply_to=%s), c=%s, pre_clip=%s, steps=%s, dtype=%s",
@@ -317,12 +301,9 @@ class Spectra(Optimizer):
         self.decay_fraction, self.total_steps = float(decay_fraction), total_steps
         self.final_scale, self.decay = float(final_scale), decay
 
-    def _hidden_ids(self, model: nn.Module | None, optimizer: Optimizer) -> set[int] | None:
-        """Parameters that ``param_groups`` routes to Muon (None: unknown, no model and no routing keys)."""
-        if model is not None:
-            from pcopt.optim._param_groups import param_groups
-
-            return {id(p) for g in param_groups(model) if g[ROUTING_KEY] == "muon" for p in g["params"]}
+    def _hidden_ids(self, optimizer: Optimizer) -> set[int] | None:
+        """Parameters that ``pcopt.param_groups`` routed to Muon (None: unknown, the groups carry no routing
+        key)."""
         groups = optimizer.param_groups
         if groups and all(ROUTING_KEY in g for g in groups):
             return {id(p) for g in groups if g[ROUTING_KEY] == "muon" for p in g["params"]}
@@ -335,14 +316,14 @@ class Spectra(Optimizer):
                 group.get("initial_lr", group["lr"]))  # fmt: skip
 
     def _name(self, group: dict[str, Any], i: int, p: Tensor) -> str | None:
-        if id(p) in self._names:
-            return self._names[id(p)]
         names = group.get("param_names")
         return names[i] if names is not None and i < len(names) else None
 
     def _select_group(self, group: dict[str, Any]) -> None:
         for i, p in enumerate(group["params"]):
-            if self._pattern is not None:
+            if self._clip_ids is not None:
+                chosen = id(p) in self._clip_ids
+            elif self._pattern is not None:
                 name = self._name(group, i, p)
                 chosen = name is not None and bool(self._pattern.search(name))
             elif self.apply_to == "all":
@@ -352,8 +333,10 @@ class Spectra(Optimizer):
             else:
                 if self._hidden is None:
                     raise ValueError(
-                        "Spectra(apply_to='hidden') picks the 2-D hidden matrices by name and needs model= (or "
-                        "param groups from pcopt.optim.param_groups). Pass model=..., or apply_to='2d' / 'all'."
+                        "Spectra(apply_to='hidden') picks the 2-D hidden matrices by the routing key of the param "
+                        "groups that pcopt.param_groups(model) makes, and the base optimizer's groups have none. "
+                        "Build it from pcopt.param_groups(model) (pcopt.build_optimizer does), or pass "
+                        "apply_to='2d' / 'all'."
                     )
                 chosen = id(p) in self._hidden
             if chosen:
@@ -423,76 +406,6 @@ class Spectra(Optimizer):
                 return self.c * (self.final_scale + (1 - self.final_scale) * shape)
         return self.c
 
-    def _clip_dtype(self, p: Tensor, steps: int | None = None) -> torch.dtype:
-        """The iteration dtype of ``p``'s clip: ``dtype`` or the device's preferred one; with ``steps`` chosen
-        automatically, fp32 instead of a 16-bit dtype past ``BF16_STABLE_STEPS`` (``auto_clip_dtype``)."""
-        dtype = self.dtype if self.dtype is not None else preferred_dtype(p.device)
-        return dtype if steps is None or self.steps != "auto" else auto_clip_dtype(steps, dtype)
-
-    def _steps(self, items: list[tuple[Tensor, Tensor, float]]) -> int:
-        """The Newton-Schulz steps of one clip of ``(param, local block, c)`` items: ``self.steps`` if fixed, else
-        from the largest ``||X||_F / c`` (an upper bound of ``sigma_max / c``), with one host sync.
-
-        The squared norms are summed in float64 over each DTensor's mesh (a replicated mesh dim counts its shard
-        more than once: a larger bound, still a bound), so every rank and the unsharded model get the same count.
-        """
-        if self.steps != "auto":
-            return self.steps
-        mats = [(p, x, c) for p, x, c in items if p.ndim >= 2 and 0.0 < c < math.inf]
-        if not mats:
-            return AUTHORS_CLIP_STEPS
-        sq = torch.stack(
-            [torch.linalg.vector_norm(x, dtype=torch.float64) ** 2 / (c * c) for _, x, c in mats]
-        )
-        by_mesh: dict[Any, list[int]] = {}
-        for i, (p, _, _) in enumerate(mats):
-            if _is_dtensor(p) and p.device_mesh.size() > 1:
-                by_mesh.setdefault(p.device_mesh, []).append(i)
-        for mesh, idx in by_mesh.items():  # one all-reduce per mesh, over all its dims at once
-            part = sq[idx]
-            all_reduce_(part, mesh, tuple(range(mesh.ndim)))
-            sq[idx] = part
-        finest = min((self._clip_dtype(p) for p, _, _ in mats), key=lambda d: torch.finfo(d).eps)
-        steps, _ = auto_clip_plan(1.0 + float(sq.max()), finest)  # the one host sync; fp32's count if fp32
-        return steps
-
-    def _clip(self, params: list[Tensor], locals_: list[Tensor], c: float, steps: int) -> list[Tensor]:
-        """``H_c`` of each tensor (local blocks of DTensors come back as local blocks), in the tensors' dtype."""
-        out: list[Tensor | None] = [None] * len(params)
-        mats = [i for i, p in enumerate(params) if p.ndim >= 2]
-        for i, p in enumerate(params):
-            if p.ndim < 2:  # the vector rule, its norm taken on the full vector (gathered: exact, and small)
-                out[i] = locals_[i] * vector_clip_scale(_full(p, locals_[i]), c).to(locals_[i].dtype)
-        if not mats:
-            return out  # type: ignore[return-value]
-        if not math.isfinite(c):
-            for i in mats:
-                out[i] = locals_[i]
-            return out  # type: ignore[return-value]
-        for i in mats:
-            if params[i].ndim > 2 and _is_dtensor(params[i]):
-                raise RuntimeError(
-                    f"Spectra clips >2-D DTensors only unsharded; got a {tuple(params[i].shape)} DTensor. Use "
-                    "apply_to='2d' or 'hidden', or a pattern that leaves it out."
-                )
-        two_d = [i for i in mats if params[i].ndim == 2]
-        flat = [i for i in mats if params[i].ndim > 2]
-        for i in flat:
-            out[i] = spectral_clip(locals_[i].reshape(locals_[i].shape[0], -1), c, steps=steps,
-                                   dtype=self._clip_dtype(params[i], steps)).view_as(locals_[i])  # fmt: skip
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for i in two_d:
-            by_dtype.setdefault(self._clip_dtype(params[i], steps), []).append(i)
-        for dtype, idx in by_dtype.items():
-            fn = partial(spectral_clip, c=c, steps=steps, dtype=dtype)
-            cost = partial(spectral_clip_flops, steps=steps)
-            results = map_full_matrices(
-                [params[i] for i in idx], [locals_[i].to(dtype) for i in idx], fn, cost
-            )
-            for i, r in zip(idx, results):
-                out[i] = r.to(locals_[i].dtype)
-        return out  # type: ignore[return-value]
-
     @torch.no_grad()
     def clip_gradients_(self) -> None:
         """Pre-clip the gradients of the selected parameters in place (threshold ``pre_clip``), once per step.
@@ -513,8 +426,8 @@ class Spectra(Optimizer):
             if id(p) in self._selected and p.grad is not None
         ]
         grads = [_local(p.grad) for p in params]
-        steps = self._steps([(p, g, self.pre_clip) for p, g in zip(params, grads)])
-        for p, h in zip(params, self._clip(params, grads, self.pre_clip, steps)):
+        steps = clip_steps([(p, g, self.pre_clip) for p, g in zip(params, grads)], self.steps, self.dtype)
+        for p, h in zip(params, clip_updates(params, grads, self.pre_clip, steps, self.dtype, self.steps == "auto")):
             _local(p.grad).copy_(h)
         self._grads_clipped = True
 
@@ -546,11 +459,12 @@ class Spectra(Optimizer):
             lr, wd = _float(group["lr"]), _float(group.get("weight_decay", 0.0))
             updates = [(_local(x0) - _local(p)) / lr - wd * _local(x0) for p, x0 in zip(params, before)]
             work.append((params, updates, lr, self.threshold(group)))
-        steps = self._steps([(p, u, c) for params, updates, _, c in work for p, u in zip(params, updates)])
+        items = [(p, u, c) for params, updates, _, c in work for p, u in zip(params, updates)]
+        steps = clip_steps(items, self.steps, self.dtype)
         for params, updates, lr, c in work:
             # c = 0 (the end of a decay to final_scale = 0): the clipped update is zero, only the decay remains
             clipped = (
-                [torch.zeros_like(u) for u in updates] if c == 0.0 else self._clip(params, updates, c, steps)
+                [torch.zeros_like(u) for u in updates] if c == 0.0 else clip_updates(params, updates, c, steps, self.dtype, self.steps == "auto")
             )
             for p, u, h in zip(params, updates, clipped):
                 alpha = _shape_factor(p.shape) if self.shape_factor else 1.0

@@ -44,11 +44,11 @@ def _ddp_equals_one_process(rank, world):
         return model
 
     ref = build()
-    _train(ref, pcopt.optim.build_optimizer(ref, lr=1e-2, ns_dtype=torch.float64), batches, accumulation)
+    _train(ref, pcopt.build_optimizer(ref, lr=1e-2, ns_dtype=torch.float64), batches, accumulation)
 
     model = build()
     assert pcopt.strategy_of(model) == "once_per_step"
-    opt = pcopt.optim.build_optimizer(model, lr=1e-2, ns_dtype=torch.float64)
+    opt = pcopt.build_optimizer(model, lr=1e-2, ns_dtype=torch.float64)
     ddp = DDP(model)
     _train(ddp, opt, batches, accumulation, ddp_rank=rank, world=world)
 

@@ -51,7 +51,7 @@ class _Counter:
     """Counts the matrices this rank runs Newton-Schulz on (patched into pcopt's Muon module)."""
 
     def __init__(self):
-        import pcopt.optim._muon as muon_module
+        import pcopt.optim._muon_step as muon_module
 
         self.module, self.original, self.count = muon_module, muon_module.newton_schulz, 0
 

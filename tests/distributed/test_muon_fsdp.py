@@ -97,7 +97,7 @@ def _each_matrix_once(rank: int, world_size: int) -> None:
     """Every matrix is orthogonalized by exactly one rank, and the work is split (not all on one rank)."""
     import torch.distributed as dist
 
-    import pcopt.optim._muon as muon_module
+    import pcopt.optim._muon_step as muon_module
 
     counted = torch.zeros(1, dtype=torch.int64)
     original = muon_module.newton_schulz
@@ -140,7 +140,7 @@ def _pc_refresh_after_fully_shard(rank: int, world_size: int) -> None:
     from torch.distributed.fsdp import fully_shard
 
     import pcopt
-    from pcopt.optim import build_optimizer
+    from pcopt import build_optimizer
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 24, bias=False), nn.GELU(), nn.Linear(24, 10, bias=False))

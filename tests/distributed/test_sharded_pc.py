@@ -520,11 +520,11 @@ def _collectives_2d_layout(rank, world, layout):
 
 
 def _mesh_groups(rank, world):
-    """:func:`pcopt.spectral.mesh_group` of two dims that are not the whole world, on a named mesh (flattened by
+    """:func:`pcopt._tensor.mesh_group` of two dims that are not the whole world, on a named mesh (flattened by
     DeviceMesh) and an unnamed one (``new_group``): the sum of each rank's number is the sum over its group."""
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-    from pcopt.spectral import all_reduce_, mesh_group
+    from pcopt._tensor import all_reduce_, mesh_group
 
     named = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("r", "s", "t"))
     unnamed = DeviceMesh("cpu", torch.arange(world).view(2, 1, 2))
@@ -562,7 +562,7 @@ def _same_local_shape_other_global_shapes(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from pcopt.spectral import power_iteration_
+    from pcopt.power_iteration import power_iteration_
 
     mesh = init_device_mesh("cpu", (world,))
     torch.manual_seed(0)

@@ -39,7 +39,9 @@ def _rows(n: int, world_size: int, rank: int) -> slice:
 
 
 def _base(kind: str, params):
-    from pcopt.optim import AdamW, Muon
+    from torch.optim import AdamW
+
+    from pcopt.optim import Muon
 
     if kind == "muon":
         return Muon(params, lr=0.02, weight_decay=0.1, ns_dtype=torch.float32)
@@ -51,7 +53,7 @@ def _run(rank: int, world_size: int) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    import pcopt.optim.spectra as spectra_module
+    import pcopt.optim._spectra_clip as spectra_module
     from pcopt.optim import Spectra
 
     calls: list[int] = []
@@ -125,7 +127,7 @@ def _run_2d(rank: int, world_size: int) -> None:
     from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.tensor.placement_types import _StridedShard
 
-    import pcopt.optim.spectra as spectra_module
+    import pcopt.optim._spectra_clip as spectra_module
     from pcopt.optim import Spectra
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))

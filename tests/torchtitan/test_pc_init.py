@@ -48,7 +48,7 @@ def _build(config_name: str, parallel_dims, dump: str):
 
 def _refreshed_uv(W: torch.Tensor, iterations: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 reference: ``iterations`` power iterations on the full W from pcopt's deterministic start."""
-    from pcopt.spectral import init_singular_vectors
+    from pcopt.power_iteration import init_singular_vectors
 
     u, v = (x.double() for x in init_singular_vectors(W.shape))
     W = W.detach().double()

@@ -136,7 +136,9 @@ def test_hf_save_of_a_pc_run_writes_the_merged_model(sharded, workdir):
         "debug_muon_pc", workdir / "hf", "--training.steps", str(STEPS), "--checkpoint.enable",
         "--checkpoint.interval", "100", "--checkpoint.last_save_in_hf", "--checkpoint.last_save_model_only",
     ).check()  # fmt: skip
-    assert re.search(r"Hugging Face save: 24 PC matrices written as their merged W_eff", run.log), run.log[-3000:]
+    assert re.search(r"Hugging Face save: 24 PC matrices written as their merged W_eff", run.log), run.log[
+        -3000:
+    ]
     assert run.steps == sharded.steps  # the same training
     files = sorted((workdir / "hf" / "checkpoint" / f"step-{STEPS}").glob("*.safetensors"))  # consolidated
     assert files
@@ -150,7 +152,10 @@ def test_hf_save_of_a_pc_run_writes_the_merged_model(sharded, workdir):
     # W_eff as the last step wrote it (the once-per-step map on the shards, fp32) against export's per-forward map
     # of the same raw weights (fp32): the same sums in another order, a few fp32 ulps of entries O(0.1)
     for key in ref:
-        assert torch.allclose(saved[key], ref[key], rtol=0, atol=1e-5), (key, (saved[key] - ref[key]).abs().max())
+        assert torch.allclose(saved[key], ref[key], rtol=0, atol=1e-5), (
+            key,
+            (saved[key] - ref[key]).abs().max(),
+        )
 
 
 @pytest.mark.slow
@@ -311,7 +316,9 @@ def test_checkpoint_moves_from_2_fsdp_ranks_to_1_process_and_back(sharded, workd
         assert all(kinds.values()), kinds  # raw W, gamma, u, v, Muon and AdamW state were all compared
         for key in [k for k in ta if k.endswith(".weight.original")]:
             pre = key[: -len("original")] + "0."
-            sa, sb = (pcopt.spectral.sigma_estimate(t[key], t[pre + "u"], t[pre + "v"]) for t in (ta, tb))
+            sa, sb = (
+                pcopt.power_iteration.sigma_estimate(t[key], t[pre + "u"], t[pre + "v"]) for t in (ta, tb)
+            )
             assert abs(float(sa / sb) - 1) <= STATE_BOUND, (key, float(sa), float(sb))
 
 

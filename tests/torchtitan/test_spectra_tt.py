@@ -62,9 +62,7 @@ def test_spectral_clip_option_clips_hidden_matrices_as_the_svd_reference(pc):
     _grads(model, ref)
     opt.step()
     ref_opt.step()
-    hidden = {
-        n for g in pcopt.optim.param_groups(model) if g["algorithm"] == "muon" for n in g["param_names"]
-    }
+    hidden = {n for g in pcopt.param_groups(model) if g["algorithm"] == "muon" for n in g["param_names"]}
     assert len(hidden) == 2 * 7
     assert all(("parametrizations.weight.original" in n) == pc for n in hidden if "feed_forward" in n)
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):

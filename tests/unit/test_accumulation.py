@@ -1,4 +1,4 @@
-"""once_per_step: one W_eff per optimizer step, gradients equal to per-micro-batch backward."""
+"""PCState.accumulate: one W_eff per optimizer step, gradients equal to per-micro-batch backward."""
 
 from __future__ import annotations
 
@@ -10,10 +10,24 @@ import torch
 from torch import nn
 
 import pcopt
+import pcopt.kernel as pc_kernel
 import pcopt.layer as pc_layer
-import pcopt.strategy as pc_strategy
-from pcopt.accumulation import once_per_step
 from tests._distributed import run_distributed
+
+
+def once_per_step(model):
+    return pcopt.PCState(model).accumulate()
+
+
+def test_the_old_name_warns_and_does_the_same():
+    net = _Net()
+    pcopt.precondition_model(net, targets=r"^(inp|mid|out)$", strategy="per_forward")
+    with pytest.warns(DeprecationWarning, match=r"pcopt\.PCState\(model\)\.accumulate\(\)"):
+        with pcopt.accumulation.once_per_step(net):
+            assert pcopt.strategy_of(net) == "once_per_step"  # inside the block, W_eff is written once
+            _loss(net, (torch.randn(5, 12), torch.randn(5, 3))).backward()
+    assert pcopt.strategy_of(net) == "per_forward"
+    assert net.inp.parametrizations.weight.original.grad is not None  # pulled back on exit
 
 
 class _Net(nn.Module):
@@ -98,14 +112,14 @@ def test_pc_map_evaluated_once_per_step(monkeypatch):
         return real(X, coefficients)
 
     monkeypatch.setattr(pc_layer, "apply_polynomial", counting)  # the per-forward map
-    monkeypatch.setattr(pc_strategy, "gram_polynomial", counting)  # the once-per-step map
-    real_chain = pc_strategy.horner_chain
+    monkeypatch.setattr(pc_kernel, "gram_polynomial", counting)  # the once-per-step map
+    real_chain = pc_kernel.horner_chain
 
     def counting_chain(G, coefficients):
         calls["n"] += 1
         return real_chain(G, coefficients)
 
-    monkeypatch.setattr(pc_strategy, "horner_chain", counting_chain)  # the once-per-step pull-back
+    monkeypatch.setattr(pc_kernel, "horner_chain", counting_chain)  # the once-per-step pull-back
     batches = _micro_batches(torch.float32)
     for b in batches:
         _loss(net, b).backward()

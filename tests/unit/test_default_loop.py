@@ -28,7 +28,7 @@ def _readme_loop(
     if strategy != "none":
         kwargs = {} if strategy is None else {"strategy": strategy}
         pcopt.precondition_model(model, degree=5, **kwargs)
-    opt = pcopt.optim.build_optimizer(model, lr=1e-2, ns_dtype=dtype, adamw_kwargs=adamw or {})
+    opt = pcopt.build_optimizer(model, lr=1e-2, ns_dtype=dtype, adamw_kwargs=adamw or {})
     g = torch.Generator().manual_seed(1)
     prof = None
     for step in range(steps):
@@ -146,7 +146,7 @@ def test_torch_compile_of_the_default_model_matches_eager():
         torch.manual_seed(0)
         model = TinyLlama(**_SMALL)
         pcopt.precondition_model(model, degree=5)
-        opt = pcopt.optim.build_optimizer(model, lr=1e-2, ns_dtype=torch.float32)
+        opt = pcopt.build_optimizer(model, lr=1e-2, ns_dtype=torch.float32)
         fwd = torch.compile(model) if compiled else model
         g = torch.Generator().manual_seed(1)
         losses = []

@@ -220,7 +220,7 @@ ERRORS = [
     ),
     (
         "parameter claimed by no group",
-        lambda: pcopt.optim.param_groups(_TwoLinear(), muon_pattern=r"^hidden\.weight$"),
+        lambda: pcopt.param_groups(_TwoLinear(), muon_pattern=r"^hidden\.weight$"),
         ValueError,
         r"1 trainable 2-D parameter\(s\) match neither muon_pattern .* adapter\.weight \(4, 4\)\. Every trainable parameter "
         r"must land in exactly one group",
@@ -238,7 +238,7 @@ ERRORS = [
     ),
     (
         "invalid pattern",
-        lambda: pcopt.optim.param_groups(_TwoLinear(), muon_pattern="("),
+        lambda: pcopt.param_groups(_TwoLinear(), muon_pattern="("),
         ValueError,
         r"muon_pattern is not a valid regular expression: '\('",
     ),
@@ -266,7 +266,7 @@ WARNINGS = [
     ),
     (
         "build_optimizer num_power_iterations without PC",
-        lambda: pcopt.optim.build_optimizer(_TwoLinear(), lr=1e-3, num_power_iterations=3),
+        lambda: pcopt.build_optimizer(_TwoLinear(), lr=1e-3, num_power_iterations=3),
         UserWarning,
         r"num_power_iterations has no effect, the model has no preconditioned weights",
     ),
@@ -292,7 +292,7 @@ WARNINGS = [
     ),
     (
         "param-group pattern matching nothing",
-        lambda: pcopt.optim.param_groups(_TwoLinear(), adamw_pattern=r"^nothing$"),
+        lambda: pcopt.param_groups(_TwoLinear(), adamw_pattern=r"^nothing$"),
         UserWarning,
         r"param_groups: adamw_pattern='\^nothing\$' matched no trainable parameter",
     ),
@@ -343,12 +343,6 @@ PC_LAYOUT_ERRORS = [
         lambda: pcopt.PCOptions(eps="small"),
         TypeError,
         r"eps must be a positive finite float, got str 'small'",
-    ),
-    (
-        "optimizer pc_state of a wrong type",
-        lambda: Muon([nn.Parameter(torch.zeros(3, 3))], pc_state="model"),
-        TypeError,
-        r"Muon: pc_state must be a pcopt\.PCState \(or the preconditioned model\), got str",
     ),
     (
         "after_backward inside accumulate",

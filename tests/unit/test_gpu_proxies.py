@@ -15,6 +15,7 @@ from torch._inductor.utils import fresh_cache
 import pcopt
 from benchmarks.pc_cost import main as pc_cost
 from benchmarks.pc_cost import profile_step
+from pcopt import kernel as K
 from pcopt import strategy as S
 from pcopt.profiling import StepProfile
 
@@ -92,7 +93,7 @@ def test_once_per_step_flops_match_the_cost_model(compute_dtype):
     assert abs(step.total_flops / (write + power) - 1) < 0.05, (step.total_flops, write + power)
     assert step.flops_by_dtype[torch.float32] >= power
     if compute_dtype == torch.bfloat16:
-        # degree 9: the Horner chain on the n x n Gram stays fp32 (pcopt.strategy.horner_dtype), in the map
+        # degree 9: the Horner chain on the n x n Gram stays fp32 (pcopt.kernel.horner_dtype), in the map
         # (2(k-2) n^3) and in the pull-back (the chain and its reverse, 6(k-2) n^3); the Grams and the applies
         # (the m n^2 terms) run in bf16, and the refresh's matrix-vector products are the only other fp32
         horner = sum(2 * (k - 2) * n**3 for _, n in mn)
@@ -105,9 +106,9 @@ def test_once_per_step_flops_match_the_cost_model(compute_dtype):
 
 def test_map_dtype_follows_the_device_unless_given():
     model, _ = _linears(None)
-    assert {S.map_dtype(s) for s in S.slots(model)} == {torch.float32}  # CPU: fp32 (bf16 only on CUDA)
+    assert {K.map_dtype(s) for s in S.slots(model)} == {torch.float32}  # CPU: fp32 (bf16 only on CUDA)
     model, _ = _linears(torch.bfloat16)
-    assert {S.map_dtype(s) for s in S.slots(model)} == {torch.bfloat16}
+    assert {K.map_dtype(s) for s in S.slots(model)} == {torch.bfloat16}
 
 
 def test_once_per_step_map_and_pull_back_compile_whole():
@@ -115,19 +116,19 @@ def test_once_per_step_map_and_pull_back_compile_whole():
     fused kernels agree with eager. Tolerance: fp32, fused kernels reorder sums of length <= 96, so each entry
     moves by a few ulps of the largest term, ~1e-6 relative to the result's norm; 1e-5 leaves 10x."""
     model, _ = _linears(torch.float32)
-    chunk = S.chunks(S.slots(model))[0]
+    chunk = K.chunks(S.slots(model))[0]
     assert len(chunk) == 2  # the two 96x40 matrices: a real stack
-    for fn in (S._effective, S._raw_gradients):
+    for fn in (K._effective, K._raw_gradients):
         explained = torch._dynamo.explain(fn)(chunk)
         assert explained.graph_break_count == 0, (fn.__name__, explained.break_reasons)
         assert explained.graph_count == 1
     torch._dynamo.reset()
-    eager_eff, (eager_dA, eager_dg) = S._effective(chunk), S._raw_gradients(chunk)
+    eager_eff, (eager_dA, eager_dg) = K._effective(chunk), K._raw_gradients(chunk)
     # A private inductor cache: its on-disk key leaves out ATEN_CPU_CAPABILITY, so kernels cached by a run at the
     # CPU's own level were reused under ATEN_CPU_CAPABILITY=avx2 and returned NaN (seen in CI, torch 2.13).
     with fresh_cache():
-        eff = torch.compile(S._effective, fullgraph=True)(chunk)
-        dA, dg = torch.compile(S._raw_gradients, fullgraph=True)(chunk)
+        eff = torch.compile(K._effective, fullgraph=True)(chunk)
+        dA, dg = torch.compile(K._raw_gradients, fullgraph=True)(chunk)
     for got, want in ((eff, eager_eff), (dA, eager_dA), (dg, eager_dg)):
         assert ((got - want).norm() / want.norm()).item() < 1e-5
 

@@ -42,7 +42,7 @@ def trained():
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(_config()).eval()
     pcopt.precondition_model(model, degree=5)
-    opt = pcopt.optim.build_optimizer(model, lr=1e-2, ns_dtype=torch.float32)
+    opt = pcopt.build_optimizer(model, lr=1e-2, ns_dtype=torch.float32)
     for i in range(3):
         _step(model, opt, i)
     return model, opt
@@ -105,7 +105,7 @@ def test_training_state_resumes_bit_for_bit(trained, tmp_path):
     for key in ours:
         assert torch.equal(ours[key], theirs[key]), key
     # training goes on identically (the optimizer state comes from the original's state_dict)
-    opt2 = pcopt.optim.build_optimizer(resumed, lr=1e-2, ns_dtype=torch.float32)
+    opt2 = pcopt.build_optimizer(resumed, lr=1e-2, ns_dtype=torch.float32)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # a copy, as torch.save/torch.load gives
     _step(model, opt, 10)
     _step(resumed, opt2, 10)

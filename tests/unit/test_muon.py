@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 import pcopt
+import pcopt.optim._muon
+import pcopt.optim._muon_step as muon_mod
 from pcopt.optim import Muon, muon, newton_schulz, newton_schulz_flops
 from pcopt.optim._distributed import assign_owners, row_range
 from pcopt.optim._newton_schulz import NS_COEFFICIENT_SETS, resolve_coefficients
@@ -258,11 +260,12 @@ def _stale_pc_linear(seed: int = 0) -> tuple[nn.Linear, object]:
 
 
 @pytest.mark.parametrize("refresh", [True, False])
-def test_step_calls_the_given_pc_state(refresh):
+def test_step_refreshes_the_attached_pc_state(refresh):
     lin, pc = _stale_pc_linear()
     u0 = pc.u.clone()
-    state = pcopt.PCState(lin) if refresh else None
-    opt = Muon([lin.parametrizations.weight.original], lr=0.05, pc_state=state)
+    opt = Muon([lin.parametrizations.weight.original], lr=0.05)
+    if refresh:
+        pcopt.PCState(lin).attach(opt)
     x = torch.randn(32, 20, generator=torch.Generator().manual_seed(1))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -286,10 +289,11 @@ def test_refresh_only_touches_the_pc_states_model():
     lin_a, pc_a = _stale_pc_linear(0)
     lin_b, pc_b = _stale_pc_linear(1)
     u_b = pc_b.u.clone()
-    opt = Muon([lin_a.parametrizations.weight.original], lr=0.01, pc_state=lin_a)
+    opt = Muon([lin_a.parametrizations.weight.original], lr=0.01)
+    pcopt.PCState(lin_a).attach(opt)
     lin_a.parametrizations.weight.original.grad = torch.randn(12, 20)
     opt.step()
-    assert not torch.equal(pc_a.u, pcopt.spectral.init_singular_vectors((12, 20))[0].to(pc_a.u))
+    assert not torch.equal(pc_a.u, pcopt.power_iteration.init_singular_vectors((12, 20))[0].to(pc_a.u))
     assert torch.equal(pc_b.u, u_b)
 
 
@@ -373,3 +377,72 @@ def test_owner_table_balances_flops_and_is_deterministic():
     loads = [sum(cost(s) for s, o in zip(shapes, owners) if o == r) for r in range(2)]
     assert max(loads) / min(loads) < 1.15 and set(owners) == {0, 1}
     assert assign_owners(shapes, 1, cost) == [0] * len(shapes)
+
+# ----------------------------------------------------------------------------------------------------
+# Tests that kill the surviving mutants of pcopt/optim/_muon.py (tools/mutation.py, docs/reliability.md).
+#
+# References: the stacking rule of ``_matrices_per_call`` as its docstring states it, evaluated by hand with
+# the element budgets 2^19 (CPU chunks) and 2^27 (one call), and a recording stand-in for the hardware check.
+
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object only: nothing runs on it
+
+
+@pytest.mark.parametrize(
+    ("shape", "foreach", "device", "expected"),
+    [
+        ((64, 64), False, CPU, 1),  # foreach=False: one at a time
+        ((64, 64), False, CUDA, 1),
+        ((64, 64), True, CPU, 2**27 // 4096),  # foreach=True: up to 2^27 elements per call
+        ((1, 1), True, CPU, 2**27),
+        ((2**14, 2**14), True, CPU, 1),  # larger than the budget: still one per call
+        ((64, 64), None, CUDA, 2**27 // 4096),  # None off CPUs: as foreach=True
+        ((64, 64), None, CPU, 2**19 // 4096),  # None on CPUs: chunks of 2^19 elements
+        ((1, 1), None, CPU, 2**19),
+        ((256, 512), None, CPU, 4),  # exactly 4 per chunk: still stacked
+        ((512, 512), None, CPU, 1),  # 2 per chunk: not worth it, one at a time
+    ],
+)
+def test_matrices_per_call(shape, foreach, device, expected):
+    assert muon_mod._matrices_per_call(shape, foreach, device) == expected
+
+
+def test_hardware_check_runs_once_at_the_first_step(monkeypatch):
+    calls = []
+    monkeypatch.setattr(pcopt.optim._muon, "warn_slow_newton_schulz", lambda groups: calls.append(list(groups)))
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = Muon([p], lr=0.01)
+    assert calls == []
+    for _ in range(3):
+        p.grad = torch.randn(4, 4)
+        opt.step()
+    assert len(calls) == 1 and calls[0][0]["params"][0] is p
+
+
+def _recorder():
+    calls = []
+
+    def ns(x, stack):
+        calls.append((tuple(x.shape), stack))
+        return x * 2
+
+    return ns, calls
+
+
+@pytest.mark.parametrize(
+    ("n", "per_call", "expected"),
+    [
+        (3, 1, [((2, 3), False)] * 3),  # one at a time, unstacked
+        (3, 0, [((2, 3), False)] * 3),
+        (3, 2, [((2, 2, 3), True), ((1, 2, 3), True)]),  # chunks of per_call, stacked
+        (1, 8, [((2, 3), False)]),  # a single matrix is never stacked
+        (4, 4, [((4, 2, 3), True)]),
+    ],
+)
+def test_newton_schulz_chunked_calls(n, per_call, expected):
+    ns, calls = _recorder()
+    mats = [torch.full((2, 3), float(i)) for i in range(n)]
+    out = muon_mod._newton_schulz_chunked(ns, mats, per_call)
+    assert calls == expected
+    assert [o.shape for o in out] == [(2, 3)] * n
+    assert all(torch.equal(o, 2 * m) for o, m in zip(out, mats))

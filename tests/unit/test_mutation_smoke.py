@@ -1,4 +1,4 @@
-"""benchmarks/mutation.py: the mutants it generates, and a planted operator flip that the tests must kill."""
+"""tools/mutation.py: the mutants it generates, and a planted operator flip that the tests must kill."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import mutation
+from tools import mutation
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,7 +62,7 @@ def test_function_filter_and_deterministic_sample():
 def test_smoke_kills_the_planted_operator_flip(tmp_path):
     # In its own process: the runner forks children that import the mutated copy of pcopt, never this one.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "benchmarks.mutation", "--smoke", "--out", str(tmp_path)]
+    cmd = [sys.executable, "-m", "tools.mutation", "--smoke", "--out", str(tmp_path)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads((tmp_path / "pcopt_polynomials.json").read_text())

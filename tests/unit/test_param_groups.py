@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import pcopt
-from pcopt.optim import CombinedOptimizer, build_optimizer, param_groups
+from pcopt import build_optimizer, param_groups
+from pcopt.optim import CombinedOptimizer
 from tests.conftest import TinyLlama
 
 
@@ -86,7 +87,7 @@ def test_unrouted_matrix_is_an_error_and_patterns_fix_it():
         match=r"1 trainable 2-D parameter\(s\) match neither .*: pos_emb \(6, 4\)\. .*adamw_pattern",
     ):
         param_groups(model)
-    groups = param_groups(model, adamw_pattern=pcopt.optim.DEFAULT_ADAMW_PATTERN + r"|(^|\.)pos_emb$")
+    groups = param_groups(model, adamw_pattern=pcopt.training.DEFAULT_ADAMW_PATTERN + r"|(^|\.)pos_emb$")
     _check_partition(model, groups)
     assert _routes(groups)["adamw"] == {"emb.weight", "pos_emb", "proj.bias"}
     groups = param_groups(model, muon_pattern=r"(proj\.weight|pos_emb)$")

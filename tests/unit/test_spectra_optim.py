@@ -14,9 +14,11 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.optim import AdamW
 
 import pcopt
-from pcopt.optim import AdamW, Muon, Spectra, build_optimizer
+from pcopt import build_optimizer
+from pcopt.optim import Muon, Spectra
 
 
 class _Net(nn.Module):
@@ -87,8 +89,8 @@ def test_huge_c_equals_unwrapped_bitwise(base):
         assert torch.equal(pa, pb), name
     # with the shape factor, only tall matrices (alpha > 1) differ: their update is alpha times the base's
     c_model, d_model = _net(), _net()
-    ref, opt = BASES[base](c_model.parameters()), Spectra(BASES[base](d_model.parameters()), c=1e30,
-                                                          model=d_model, dtype=torch.float32)  # fmt: skip
+    ref, opt = BASES[base](c_model.parameters()), Spectra(BASES[base](pcopt.param_groups(d_model)),
+                                                          c=1e30, dtype=torch.float32)  # fmt: skip
     _train(c_model, ref, 1)
     _train(d_model, opt, 1)
     for (name, pc), pd in zip(c_model.named_parameters(), d_model.parameters()):
@@ -106,7 +108,7 @@ def test_huge_c_equals_unwrapped_muon_and_build_optimizer():
     assert all(torch.equal(x, y) for x, y in zip(mats(a), mats(b)))
     a, b = _net(), _net()
     ref = build_optimizer(a, lr=0.02, ns_dtype=torch.float32)
-    opt = Spectra(build_optimizer(b, lr=0.02, ns_dtype=torch.float32), c=1e30, model=b, dtype=torch.float32,
+    opt = Spectra(build_optimizer(b, lr=0.02, ns_dtype=torch.float32), c=1e30, dtype=torch.float32,
                   shape_factor=False)  # fmt: skip
     _train(a, ref, 3)
     _train(b, opt, 3)
@@ -119,12 +121,10 @@ def test_post_clip_matches_svd_reference(c):
     """One step from the same state: Spectra's result = (1 - lr wd) X - lr alpha H_c(U), U from an unwrapped copy."""
     b = _net()
     lr, wd = 3e-2, 0.1
-    opt = Spectra(
-        torch.optim.AdamW(b.parameters(), lr=lr, weight_decay=wd), c=c, model=b, dtype=torch.float32
-    )
+    opt = Spectra(torch.optim.AdamW(pcopt.param_groups(b), lr=lr, weight_decay=wd), c=c, dtype=torch.float32)
     _train(b, opt, 2)  # b's state differs from a's after clipped steps: compare one step from b's own state
     shadow = copy.deepcopy(b)
-    shadow_opt = torch.optim.AdamW(shadow.parameters(), lr=lr, weight_decay=wd)
+    shadow_opt = torch.optim.AdamW(pcopt.param_groups(shadow), lr=lr, weight_decay=wd)
     shadow_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # no shared moment tensors
     before = {n: p.detach().clone() for n, p in b.named_parameters()}
     _train(shadow, shadow_opt, 1, seed=7)
@@ -182,8 +182,8 @@ def test_muon_update_post_clip_is_a_uniform_shrink():
 
 def test_warmup_rescales_c_and_late_decay():
     model = _net()
-    base = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    opt = Spectra(base, c=10.0, model=model, warmup_steps=4, decay_fraction=0.5, total_steps=12, decay="linear",
+    base = torch.optim.AdamW(pcopt.param_groups(model), lr=1e-2)
+    opt = Spectra(base, c=10.0, warmup_steps=4, decay_fraction=0.5, total_steps=12, decay="linear",
                   final_scale=0.2)  # fmt: skip
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4))
     group = opt.param_groups[0]
@@ -212,7 +212,7 @@ def test_warmup_rescales_c_and_late_decay():
 
 def test_final_scale_zero_leaves_only_the_decay():
     model = _net()
-    opt = Spectra(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), c=1.0, model=model,
+    opt = Spectra(torch.optim.AdamW(pcopt.param_groups(model), lr=1e-2, weight_decay=0.1), c=1.0,
                   decay_fraction=0.5, total_steps=2)  # fmt: skip
     for g in opt.param_groups:
         g["spectra_step"] = 2
@@ -223,11 +223,11 @@ def test_final_scale_zero_leaves_only_the_decay():
 
 def test_state_dict_round_trip_and_resume_exact():
     a = _net()
-    opt_a = Spectra(AdamW(a.parameters(), lr=1e-2, weight_decay=0.1), c=0.5, model=a, warmup_steps=3)
+    opt_a = Spectra(AdamW(pcopt.param_groups(a), lr=1e-2, weight_decay=0.1), c=0.5, warmup_steps=3)
     sched_a = torch.optim.lr_scheduler.LambdaLR(opt_a, lambda s: min(1.0, (s + 1) / 3))
     _train(a, opt_a, 2, sched=sched_a)
     b = copy.deepcopy(a)
-    opt_b = Spectra(AdamW(b.parameters(), lr=1e-2, weight_decay=0.1), c=0.5, model=b, warmup_steps=3)
+    opt_b = Spectra(AdamW(pcopt.param_groups(b), lr=1e-2, weight_decay=0.1), c=0.5, warmup_steps=3)
     sched_b = torch.optim.lr_scheduler.LambdaLR(opt_b, lambda s: min(1.0, (s + 1) / 3))
     sd = copy.deepcopy(opt_a.state_dict())  # load_state_dict would otherwise share the tensors
     assert all(g["spectra_step"] == 2 for g in sd["param_groups"])
@@ -243,7 +243,7 @@ def test_state_dict_round_trip_and_resume_exact():
 
 def test_scheduler_closure_and_zero_grad():
     model = _net()
-    opt = Spectra(torch.optim.AdamW(model.parameters(), lr=1e-2), c=1.0, model=model)
+    opt = Spectra(torch.optim.AdamW(pcopt.param_groups(model), lr=1e-2), c=1.0)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     gen = torch.Generator().manual_seed(0)
     calls = []
@@ -265,28 +265,30 @@ def test_scheduler_closure_and_zero_grad():
 
 def test_default_selection_is_the_hidden_matrices():
     model = _net()
-    opt = Spectra(torch.optim.AdamW(model.parameters()), c=1.0, model=model)
+    opt = Spectra(torch.optim.AdamW(pcopt.param_groups(model)), c=1.0)
     names = {n for n, p in model.named_parameters() if id(p) in opt._selected}
     assert names == {"w1.weight", "proj.weight", "w3.weight"}
     opt2 = Spectra(torch.optim.AdamW(model.parameters()), c=1.0, apply_to="2d")
     assert len(opt2._selected) == 5  # + embedding and head
-    opt3 = Spectra(torch.optim.AdamW(model.parameters()), c=1.0, model=model, pattern=r"^w3\.")
+    opt3 = Spectra(torch.optim.AdamW(model.named_parameters()), c=1.0, pattern=r"^w3\.")
     assert {n for n, p in model.named_parameters() if id(p) in opt3._selected} == {"w3.weight"}
-    # param groups from pcopt.optim.param_groups carry the routing: no model needed
-    opt4 = Spectra(torch.optim.AdamW(pcopt.optim.param_groups(model)), c=1.0)
-    assert opt4._selected == opt._selected
+    # tensors named by a caller that knows the model while the base's groups do not say it
+    opt4 = Spectra(
+        torch.optim.AdamW(model.parameters()), c=1.0, clip_params=[model.w1.weight, model.w3.weight]
+    )
+    assert {n for n, p in model.named_parameters() if id(p) in opt4._selected} == {"w1.weight", "w3.weight"}
+    with pytest.raises(ValueError, match=r"1 of the 1 clip_params are not parameters of the base optimizer"):
+        Spectra(torch.optim.AdamW([model.w1.weight]), c=1.0, clip_params=[model.w3.weight])
+    with pytest.raises(ValueError, match=r"pass one of clip_params, pattern or apply_to"):
+        Spectra(torch.optim.AdamW(model.parameters()), c=1.0, clip_params=[model.w1.weight], apply_to="2d")
 
 
 def test_pc_model_clips_raw_weights_and_refreshes_after_the_clip():
     torch.manual_seed(0)
     model = _Net()
     pcopt.precondition_model(model, targets=r"^(w1|w3)$", degree=5)
-    base = build_optimizer(model, lr=1e-2, ns_dtype=torch.float32)
-    from pcopt.state import take_attached
-
-    opt = Spectra(base, c=0.3, model=model, dtype=torch.float32)
-    assert take_attached(base) == []  # Spectra took the base's PC hooks: the refresh follows the clip
-    (state,) = take_attached(opt)
+    base = build_optimizer(model, lr=1e-2, ns_dtype=torch.float32)  # the PC state is attached to the base
+    opt = Spectra(base, c=0.3, dtype=torch.float32)
     names = {n for n, p in model.named_parameters() if id(p) in opt._selected}
     assert names == {
         "w1.parametrizations.weight.original",
@@ -294,20 +296,26 @@ def test_pc_model_clips_raw_weights_and_refreshes_after_the_clip():
         "proj.weight",
     }
     seen = {}
+    from pcopt import state as state_module
 
-    class _Spy:
-        def after_step(self):
-            seen["w"] = model.w3.parametrizations.weight.original.detach().clone()
+    refresh = state_module.refresh_
 
-    opt.register_step_post_hook(lambda *args: _Spy().after_step())
-    _train(model, opt, 1)
+    def spy(*args, **kwargs):
+        seen["w"] = model.w3.parametrizations.weight.original.detach().clone()
+        return refresh(*args, **kwargs)
+
+    state_module.refresh_ = spy
+    try:
+        _train(model, opt, 1)
+    finally:
+        state_module.refresh_ = refresh
     assert torch.equal(seen["w"], model.w3.parametrizations.weight.original)  # the refresh saw the clipped W
 
 
 def test_pre_clip_gradients():
     a, b = _net(), _net()
     ref = torch.optim.SGD(a.parameters(), lr=0.1)
-    opt = Spectra(torch.optim.SGD(b.parameters(), lr=0.1), c=None, pre_clip=0.1, model=b, dtype=torch.float32)
+    opt = Spectra(torch.optim.SGD(pcopt.param_groups(b), lr=0.1), c=None, pre_clip=0.1, dtype=torch.float32)
     gen_a, gen_b = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     _loss(a, gen_a).backward()
     _loss(b, gen_b).backward()
@@ -334,85 +342,84 @@ def test_pre_clip_gradients():
             r"wraps a torch\.optim\.Optimizer, got list",
         ),
         (
-            lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=0.0, model=m),
+            lambda m: Spectra(torch.optim.AdamW(pcopt.param_groups(m)), c=0.0),
             ValueError,
             r"finite and > 0, got 0\.0",
         ),
-        (lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=-3.0, model=m), ValueError, r"got -3\.0"),
+        (lambda m: Spectra(torch.optim.AdamW(pcopt.param_groups(m)), c=-3.0), ValueError, r"got -3\.0"),
         (
-            lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=float("nan"), model=m),
+            lambda m: Spectra(torch.optim.AdamW(pcopt.param_groups(m)), c=float("nan")),
             ValueError,
             r"got nan",
         ),
         (
-            lambda m: Spectra(torch.optim.AdamW(m.parameters()), c="10", model=m),
+            lambda m: Spectra(torch.optim.AdamW(pcopt.param_groups(m)), c="10"),
             TypeError,
             r"real number.*got str",
         ),
         (
-            lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, pre_clip=float("inf"), model=m),
+            lambda m: Spectra(torch.optim.AdamW(pcopt.param_groups(m)), c=1.0, pre_clip=float("inf")),
             ValueError,
             r"pre_clip must be finite",
         ),
-        (lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=None, model=m), ValueError, r"clips nothing"),
+        (lambda m: Spectra(torch.optim.AdamW(pcopt.param_groups(m)), c=None), ValueError, r"clips nothing"),
         (
-            lambda m: Spectra(torch.optim.Adam(m.parameters(), weight_decay=0.1), c=1.0, model=m),
+            lambda m: Spectra(torch.optim.Adam(pcopt.param_groups(m), weight_decay=0.1), c=1.0),
             ValueError,
             r"decoupled weight decay: torch\.optim\.Adam with weight_decay=0\.1 adds an L2 term",
         ),
         (
-            lambda m: Spectra(torch.optim.SGD(m.parameters(), lr=0.1, weight_decay=1e-4), c=1.0, model=m),
+            lambda m: Spectra(torch.optim.SGD(pcopt.param_groups(m), lr=0.1, weight_decay=1e-4), c=1.0),
             ValueError,
             r"SGD with weight_decay=0\.0001 adds an L2 term",
         ),
         (
-            lambda m: Spectra(torch.optim.RMSprop(m.parameters(), weight_decay=0.1), c=1.0, model=m),
+            lambda m: Spectra(torch.optim.RMSprop(pcopt.param_groups(m), weight_decay=0.1), c=1.0),
             ValueError,
             r"RMSprop has weight_decay=0\.1 and is not known.*decoupled=True",
         ),
-        (lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0), ValueError, r"needs model="),
+        (
+            lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0),
+            ValueError,
+            r"routing key of the param groups that pcopt\.param_groups\(model\) makes",
+        ),
         (
             lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, apply_to="3d"),
             ValueError,
             r"apply_to must be one of .*got '3d'",
         ),
         (
-            lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, model=m, apply_to="2d", pattern="w"),
+            lambda m: Spectra(torch.optim.AdamW(pcopt.param_groups(m)), c=1.0, apply_to="2d", pattern="w"),
             ValueError,
             r"either pattern",
         ),
         (
-            lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, model=m, pattern="nomatch"),
+            lambda m: Spectra(torch.optim.AdamW(m.named_parameters()), c=1.0, pattern="nomatch"),
             ValueError,
             r"selected no parameter",
         ),
         (
-            lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, model=m, pattern="("),
+            lambda m: Spectra(torch.optim.AdamW(m.named_parameters()), c=1.0, pattern="("),
             ValueError,
             r"not a valid regular expression",
         ),
         (
-            lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, model=m, decay_fraction=0.1),
+            lambda m: Spectra(torch.optim.AdamW(pcopt.param_groups(m)), c=1.0, decay_fraction=0.1),
             ValueError,
             r"needs total_steps",
         ),
         (
-            lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, model=m, warmup_steps=-1),
+            lambda m: Spectra(torch.optim.AdamW(pcopt.param_groups(m)), c=1.0, warmup_steps=-1),
             ValueError,
             r"warmup_steps must be an int >= 0, got -1",
         ),
         (
-            lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, model=m, steps=0),
+            lambda m: Spectra(torch.optim.AdamW(pcopt.param_groups(m)), c=1.0, steps=0),
             ValueError,
             r"between 1 and 100",
         ),
         (
-            lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, model="m"),
-            TypeError,
-            r"nn\.Module or None",
-        ),
-        (
-            lambda m: Spectra(torch.optim.AdamW(m.parameters()), c=1.0, model=m, dtype=torch.int8),
+            lambda m: Spectra(torch.optim.AdamW(pcopt.param_groups(m)), c=1.0, dtype=torch.int8),
             TypeError,
             r"dtype must be None",
         ),
@@ -425,19 +432,19 @@ def test_bad_input(make, exc, pattern):
 
 def test_custom_decoupled_optimizer_and_warnings():
     model = _net()
-    Spectra(torch.optim.RMSprop(model.parameters(), weight_decay=0.1), c=1.0, model=model, decoupled=True)
+    Spectra(torch.optim.RMSprop(pcopt.param_groups(model), weight_decay=0.1), c=1.0, decoupled=True)
     with pytest.warns(UserWarning, match=r"total_steps / final_scale / decay have no effect"):
-        Spectra(torch.optim.AdamW(model.parameters()), c=1.0, model=model, total_steps=10)
+        Spectra(torch.optim.AdamW(pcopt.param_groups(model)), c=1.0, total_steps=10)
     with pytest.warns(UserWarning, match=r"base_lr has no effect without warmup_steps"):
-        Spectra(torch.optim.AdamW(model.parameters()), c=1.0, model=model, base_lr=1e-3)
+        Spectra(torch.optim.AdamW(pcopt.param_groups(model)), c=1.0, base_lr=1e-3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        Spectra(torch.optim.AdamW(model.parameters()), c=1.0, model=model)
+        Spectra(torch.optim.AdamW(pcopt.param_groups(model)), c=1.0)
 
 
 def test_coupled_decay_at_step_time_is_a_runtime_error():
     model = _net()
-    opt = Spectra(torch.optim.SGD(model.parameters(), lr=0.1), c=1.0, model=model)
+    opt = Spectra(torch.optim.SGD(pcopt.param_groups(model), lr=0.1), c=1.0)
     opt.param_groups[0]["weight_decay"] = 0.01
     _loss(model, torch.Generator().manual_seed(0)).backward()
     with pytest.raises(RuntimeError, match=r"decoupled weight decay at step time: torch\.optim\.SGD"):
@@ -447,15 +454,17 @@ def test_coupled_decay_at_step_time_is_a_runtime_error():
 def test_zero_lr_step_is_not_counted_and_changes_nothing():
     """torch.distributed.checkpoint / torchtitan create optimizer state with a zero-gradient, lr = 0 step."""
     model = _net()
-    opt = Spectra(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), c=1.0, model=model)
+    opt = Spectra(torch.optim.AdamW(pcopt.param_groups(model), lr=1e-2, weight_decay=0.1), c=1.0)
     before = [p.detach().clone() for p in model.parameters()]
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    opt.param_groups[0]["lr"] = 0.0
+    for group in opt.param_groups:
+        group["lr"] = 0.0
     opt.step()
     assert opt.param_groups[0]["spectra_step"] == 0
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
-    opt.param_groups[0]["lr"] = 1e-2
+    for group in opt.param_groups:
+        group["lr"] = 1e-2
     _train(model, opt, 1)
     assert opt.param_groups[0]["spectra_step"] == 1
 

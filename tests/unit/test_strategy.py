@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 import pcopt
-from pcopt import strategy as S
+from pcopt import kernel as K
+from pcopt.kernel import write_
 from pcopt.names import pc_keys
-from pcopt.strategy import slots, write_
+from pcopt.strategy import slots
 
 
 def _ffn(seed=0, dim=32, hidden=80, device=None, dtype=torch.float32):
@@ -68,7 +69,7 @@ def test_gradients_and_steps_equal_per_forward(degree, micro_batches, dtype, tol
     x = torch.randn(micro_batches, 6, 32, dtype=dtype)
     for m in (ref, once):
         state = pcopt.PCState(m)
-        opt = pcopt.optim.build_optimizer(m, lr=3e-3, ns_dtype=dtype)
+        opt = pcopt.build_optimizer(m, lr=3e-3, ns_dtype=dtype)
         for _ in range(3):
             for chunk in x:
                 _run(m, chunk).pow(2).sum().backward()
@@ -151,7 +152,7 @@ def test_every_public_function_works_in_both_strategies():
     # optimizer groups: raw weights to Muon, gamma and norms to AdamW, W_eff nowhere
     names = {}
     for m in (ref, once):
-        groups = pcopt.optim.param_groups(m)
+        groups = pcopt.param_groups(m)
         ids = {id(p): n for n, p in m.named_parameters()}
         names[id(m)] = sorted((g["algorithm"], ids[id(p)]) for g in groups for p in g["params"])
     assert names[id(ref)] == names[id(once)]
@@ -346,7 +347,7 @@ def test_bf16_map_keeps_the_degree_9_horner_chain_in_fp32(monkeypatch, chain):
     about 3x the error. So the chain runs in fp32 (``horner_dtype``): W_eff stays within 2u of the float64 map,
     and forcing the chain into bf16 would exceed it."""
     if chain == "bf16":
-        monkeypatch.setattr(S, "horner_dtype", lambda slot, compute_dtype: compute_dtype)
+        monkeypatch.setattr(K, "horner_dtype", lambda slot, compute_dtype: compute_dtype)
     torch.manual_seed(0)
     dense = torch.randn(384, 128, dtype=torch.float64) * 0.02
     eff = {}

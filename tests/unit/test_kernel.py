@@ -1,4 +1,6 @@
-"""Tests that kill the surviving mutants of the once-per-step map in pcopt/strategy.py (benchmarks/mutation.py).
+"""The once-per-step kernels (pcopt/kernel.py): chunking by shape, the power-iteration vectors of a shard and the
+reduced sums, pinned down exactly enough that every one-token mutant of the map and its pull-back fails here or in
+test_strategy.py / test_accumulation.py (tools/mutation.py).
 
 The shard bookkeeping (chunk sizes, a rank's index, the flattened all-reduce buffer) is re-derived by hand on a
 single process: the index of a shard is set on real slots, the all-reduce is replaced by a recording identity.
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 import pcopt
+import pcopt.kernel as kernel
 import pcopt.strategy as strategy
 
 
@@ -25,16 +28,16 @@ def _once(n_layers: int, shape=(3, 4), dtype=torch.float64):
 
 def test_chunks_cut_a_group_at_stack_elements(monkeypatch):
     all_slots = _once(5)  # five 3 x 4 matrices: 12 elements each
-    monkeypatch.setattr(strategy, "STACK_ELEMENTS", 30)  # 30 // 12 = 2 per chunk
-    assert [len(c) for c in strategy.chunks(all_slots)] == [2, 2, 1]
-    monkeypatch.setattr(strategy, "STACK_ELEMENTS", 10)  # one matrix exceeds it: still one per chunk
-    assert [len(c) for c in strategy.chunks(all_slots)] == [1] * 5
+    monkeypatch.setattr(kernel, "STACK_ELEMENTS", 30)  # 30 // 12 = 2 per chunk
+    assert [len(c) for c in kernel.chunks(all_slots)] == [2, 2, 1]
+    monkeypatch.setattr(kernel, "STACK_ELEMENTS", 10)  # one matrix exceeds it: still one per chunk
+    assert [len(c) for c in kernel.chunks(all_slots)] == [1] * 5
 
 
 def test_chunks_of_one_element_matrices(monkeypatch):
     all_slots = _once(3, shape=(1, 1))
-    monkeypatch.setattr(strategy, "STACK_ELEMENTS", 2)  # 2 // 1 = 2 per chunk
-    assert [len(c) for c in strategy.chunks(all_slots)] == [2, 1]
+    monkeypatch.setattr(kernel, "STACK_ELEMENTS", 2)  # 2 // 1 = 2 per chunk
+    assert [len(c) for c in kernel.chunks(all_slots)] == [2, 1]
 
 
 def test_vectors_gather_this_ranks_index():
@@ -43,7 +46,7 @@ def test_vectors_gather_this_ranks_index():
     idx = torch.tensor([0, 2])  # an interleaved shard of the 4 rows
     for s in chunk:
         s.index = idx.clone()
-    along, other = strategy._vectors(chunk, torch.float64)
+    along, other = kernel._vectors(chunk, torch.float64)
     assert torch.equal(along, torch.stack([s[0].u[idx] for s in chunk]).double())
     assert torch.equal(other, torch.stack([s[0].v for s in chunk]).double())
 
@@ -54,10 +57,10 @@ def test_reduced_flattens_every_part_into_one_buffer(monkeypatch):
     def fake_all_reduce(buf, mesh, dims):  # one rank: the sum is the buffer itself
         calls.append((buf.clone(), dims))
 
-    monkeypatch.setattr(strategy, "all_reduce_", fake_all_reduce)
+    monkeypatch.setattr(kernel, "all_reduce_", fake_all_reduce)
     parts = [torch.randn(2, 3, 3), torch.randn(2)]
     slot = SimpleNamespace(mesh=None, mesh_dims=(0,))
-    out = strategy._reduced(slot, parts, torch.float64)
+    out = kernel._reduced(slot, parts, torch.float64)
     assert len(calls) == 1 and calls[0][1] == (0,)
     assert torch.equal(calls[0][0], torch.cat([p.double().reshape(-1) for p in parts]))
     assert [o.shape for o in out] == [p.shape for p in parts]

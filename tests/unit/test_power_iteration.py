@@ -1,4 +1,6 @@
-"""Tests that kill the surviving mutants of pcopt/spectral.py (benchmarks/mutation.py, docs/reliability.md).
+"""The power iteration (pcopt/power_iteration.py): normalisation, start vectors, sigma, the healing of invalid
+vectors and the batched half-steps, each pinned down exactly enough that every one-token mutant of the module
+fails here or in test_parametrization.py (tools/mutation.py, docs/reliability.md).
 
 References: literals, float64 SVD, and the shard bookkeeping re-derived by hand on a single process.
 """
@@ -10,8 +12,8 @@ import math
 import pytest
 import torch
 
-import pcopt.spectral as spectral
-from pcopt.spectral import _Group, _half_step, invalid, normalize, power_iteration_
+import pcopt.power_iteration as spectral
+from pcopt.power_iteration import _Group, _half_step, invalid, normalize, power_iteration_
 
 
 def test_normalize_adds_the_epsilon_to_the_norm():

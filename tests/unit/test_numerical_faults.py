@@ -16,10 +16,11 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.optim import AdamW
 
 import pcopt
-from pcopt.optim import AdamW, Muon
-from pcopt.spectral import sigma_estimate
+from pcopt.optim import Muon
+from pcopt.power_iteration import sigma_estimate
 from tests.conftest import TwoMatrices
 
 

@@ -16,10 +16,10 @@ fail (or the module no longer imports), *timeout* when they run past ``--timeout
 else it *survived*. Survivors judged equivalent (no input can tell them apart) are listed in
 :data:`EQUIVALENT` with the reason; the kill rate is over the others.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.mutation --module pcopt/polynomials.py \\
+    OMP_NUM_THREADS=1 python -m tools.mutation --module pcopt/polynomials.py \\
         --tests tests/unit/test_polynomials.py [--max-mutants N] [--out DIR]
-    OMP_NUM_THREADS=1 python -m benchmarks.mutation --core      # every module of CORE, with its tests
-    OMP_NUM_THREADS=1 python -m benchmarks.mutation --smoke     # a planted mutant and two more, polynomials.py
+    OMP_NUM_THREADS=1 python -m tools.mutation --core      # every module of CORE, with its tests
+    OMP_NUM_THREADS=1 python -m tools.mutation --smoke     # a planted mutant and two more, polynomials.py
 """
 
 from __future__ import annotations
@@ -70,16 +70,19 @@ _BOOLOPS = {ast.And: ("and", "or"), ast.Or: ("or", "and")}
 # The core modules, their fast unit tests, the functions mutated (regex on the qualified name; None: all)
 # and the cap on mutants (a deterministic sample when there are more).
 CORE: list[dict] = [
-    {"module": "pcopt/polynomials.py", "tests": ["tests/unit/test_polynomials.py"]},
     {
-        "module": "pcopt/spectral.py",
-        "tests": ["tests/unit/test_parametrization.py"],
-        # The DTensor paths (_local_view's sharded branch, all_reduce_) run only in tests/distributed.
+        "module": "pcopt/polynomials.py",
+        "tests": ["tests/unit/test_polynomials.py"],
+    },
+    {
+        "module": "pcopt/power_iteration.py",
+        "tests": ["tests/unit/test_parametrization.py", "tests/unit/test_power_iteration.py"],
+        # The DTensor paths (_local_view's sharded branch, shard_indices) run only in tests/distributed.
         "functions": r"normalize|init_singular_vectors|sigma_estimate|_half_step|invalid|_heal|power_iteration_",
     },
     {
-        "module": "pcopt/strategy.py",
-        "tests": ["tests/unit/test_strategy.py", "tests/unit/test_accumulation.py"],
+        "module": "pcopt/kernel.py",
+        "tests": ["tests/unit/test_strategy.py", "tests/unit/test_accumulation.py", "tests/unit/test_kernel.py"],
         # The once-per-step map (W -> W_eff) and its pull-back (dL/dW_eff -> dL/dW, dL/dgamma).
         "functions": r"_oriented|chunks|_stack|_vectors|_partial_sums|_reduced|_gammas|_effective|"
         r"_write_chunk|write_|pull_back_|_pull_back_chunk|_raw_gradients|_accumulate",
@@ -88,9 +91,15 @@ CORE: list[dict] = [
     {
         "module": "pcopt/optim/_muon.py",
         "tests": ["tests/unit/test_muon.py"],
-        # The update maths; option validation (_validate_options, __init__) is covered by the error tables.
-        "functions": r"_adjust_lr|Muon\.step|_momentum|_apply_updates|_matrices_per_call|_newton_schulz_chunked|"
-        r"_orthogonalize|_muon_impl",
+        # The step's dispatch; option validation (_validate_options, __init__) is covered by the error tables.
+        "functions": r"Muon\.step",
+    },
+    {
+        "module": "pcopt/optim/_muon_step.py",
+        "tests": ["tests/unit/test_muon.py"],
+        # The update maths.
+        "functions": r"adjust_lr|_momentum|_apply_updates|_matrices_per_call|_newton_schulz_chunked|"
+        r"_orthogonalize|muon_impl",
     },
     {
         "module": "pcopt/spectral_clip.py",
@@ -99,8 +108,6 @@ CORE: list[dict] = [
     },
 ]
 for _c in CORE:
-    # The tests written to kill this module's survivors (tests/unit/test_mutants_<module>.py).
-    _c["tests"].append(f"tests/unit/test_mutants_{Path(_c['module']).stem.lstrip('_')}.py")
     _c.setdefault("functions", None)
     _c.setdefault("max_mutants", None)
 
@@ -118,7 +125,7 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         "if gram.ndim >= 2:  # any batch shape, flattened into the one batch dim baddbmm takes": "a 2-D Gram "
         "matrix then runs the batched branch with an empty batch shape: the same products",
     },
-    "pcopt/spectral.py": {
+    "pcopt/power_iteration.py": {
         "def init_singular_vectors(shape: Sequence[int], seed: int = 0) -> tuple[Tensor, Tensor]: => "
         "def init_singular_vectors(shape: Sequence[int], seed: int = 1) -> tuple[Tensor, Tensor]:": "another "
         "random start of the power iteration; it converges to the same singular pair (u, v are checkpointed)",
@@ -154,6 +161,8 @@ EQUIVALENT: dict[str, dict[str, str]] = {
     },
 }
 
+# The functional step moved from _muon.py to _muon_step.py; its equivalent survivors are the same lines.
+EQUIVALENT["pcopt/optim/_muon_step.py"] = EQUIVALENT["pcopt/optim/_muon.py"]
 
 @dataclass(frozen=True)
 class Mutant:
@@ -335,7 +344,7 @@ def _test_files(tests: list[str]) -> list[str]:
 
 
 def _existing(tests: list[str]) -> list[str]:
-    """``tests`` without the files that do not exist (a module may have no test_mutants_ file yet)."""
+    """``tests`` without the files that do not exist."""
     return [t for t in tests if (ROOT / t.split("::")[0]).is_file()]
 
 
@@ -351,7 +360,7 @@ def make_tree(dest: Path, tests: list[str]) -> None:
     archive = subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     # This script too: tests that spawn processes re-import ``__main__`` (this module) by name in the copy.
-    (dest / "benchmarks" / "mutation.py").write_text(Path(__file__).read_text())
+    (dest / "tools" / "mutation.py").write_text(Path(__file__).read_text())
     for t in _test_files(tests):
         tracked = subprocess.run(["git", "ls-files", "--error-unmatch", t], cwd=ROOT, capture_output=True)
         if tracked.returncode != 0 and (ROOT / t).is_file():

@@ -1,6 +1,12 @@
-"""Split a model's parameters between Muon and AdamW by name (:func:`param_groups`).
+"""The recipe layer: which parameter gets which optimizer (:func:`param_groups`), and the PC-layer paper's
+optimizer for any model in one call (:func:`build_optimizer`).
 
-Routing (first rule that applies wins; ``name`` is the parameter's FQN from ``model.named_parameters()``):
+This is where the model meets the optimizers: :mod:`pcopt.optim` takes param groups and hyperparameters only,
+like ``torch.optim``; the names of a model's parameters, its PC weights and the paper's settings
+(:mod:`pcopt.recipes`) are read here.
+
+:func:`param_groups` routes by name (first rule that applies wins; ``name`` is the parameter's FQN from
+``model.named_parameters()``):
 
 ==========================================================  ==========  ==============================
 parameter                                                   optimizer   group
@@ -23,13 +29,21 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from pcopt.hardware import preferred_dtype
 from pcopt.names import EMBEDDING_MODULES, GAMMA_PARAMS, HEAD_MODULES, WEIGHT_PARAMS, param_pattern
-from pcopt.optim._combined import ROUTING_KEY
+from pcopt.optim import ROUTING_KEY, CombinedOptimizer, Muon
+from pcopt.optim._muon import AdjustLrT, NsAlgorithmT
+from pcopt.optim._newton_schulz import KELLER_COEFFICIENTS, CoeffSetT
+from pcopt.recipes import ADAMW, MUON
+from pcopt.registration import preconditioners
+from pcopt.state import PCState
+from pcopt.strategy import effective_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +53,7 @@ __all__ = [
     "EMBEDDING_PATTERN",
     "GAMMA_PATTERN",
     "HEAD_PATTERN",
+    "build_optimizer",
     "param_groups",
 ]
 
@@ -113,8 +128,6 @@ def param_groups(
     routes: dict[str, list[tuple[str, torch.nn.Parameter]]] = {"muon": [], "adamw": [], "gamma": []}
     unrouted: list[str] = []
     matched = {"muon_pattern": False, "adamw_pattern": False}
-    from pcopt.strategy import effective_parameters
-
     written = {id(p) for p in effective_parameters(model)}  # W_eff: FSDP2's and the PC state's, never stepped
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in written:
@@ -139,7 +152,7 @@ def param_groups(
             f"param_groups: {len(unrouted)} trainable 2-D parameter(s) match neither muon_pattern "
             f"({muon_re.pattern!r}) nor adamw_pattern ({adamw_re.pattern!r}): {', '.join(unrouted)}. "
             "Every trainable parameter must land in exactly one group: add them to adamw_pattern (e.g. "
-            "adamw_pattern=pcopt.optim.DEFAULT_ADAMW_PATTERN + r'|pos_emb$') or to muon_pattern."
+            "adamw_pattern=pcopt.training.DEFAULT_ADAMW_PATTERN + r'|pos_emb$') or to muon_pattern."
         )
     if not any(routes.values()):
         raise ValueError("param_groups: the model has no trainable parameters.")
@@ -164,3 +177,115 @@ def param_groups(
             sum(p.numel() for p in group["params"]), wd if wd is not None else "optimizer default",
         )  # fmt: skip
     return groups
+
+
+def build_optimizer(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float = MUON["weight_decay"],
+    momentum: float = MUON["momentum"],
+    nesterov: bool = MUON["nesterov"],
+    adjust_lr_fn: AdjustLrT | None = MUON["adjust_lr_fn"],
+    ns_coefficients: tuple[float, float, float] = KELLER_COEFFICIENTS,
+    ns_steps: int = MUON["ns_steps"],
+    ns_coefficient_set: CoeffSetT | Sequence[tuple[float, float, float]] | None = None,
+    ns_dtype: torch.dtype | str | None = None,
+    ns_algorithm: NsAlgorithmT = "gram",
+    adamw_lr: float | None = None,
+    betas: tuple[float, float] = ADAMW["betas"],
+    adamw_eps: float = ADAMW["eps"],
+    adamw_weight_decay: float | None = None,
+    gamma_weight_decay: float | None = None,
+    muon_pattern: str | None = None,
+    adamw_pattern: str | None = None,
+    num_power_iterations: int | None = None,
+    adamw_kwargs: dict[str, Any] | None = None,
+) -> CombinedOptimizer:
+    """The PC-layer paper's optimizer for any model: Muon on hidden matrices, AdamW on everything else.
+
+    Defaults reproduce the paper's Muon runs: Muon (momentum 0.95, Nesterov, 5 Keller steps in the preferred dtype,
+    ``adjust_lr_fn="match_rms_adamw"``) and AdamW (betas (0.9, 0.95), eps 1e-8) with the **same peak lr**,
+    weight decay 0.1 on every parameter including gamma and the raw PC weights. Parameters are split by
+    :func:`param_groups`. The result is one :class:`CombinedOptimizer`: use it with any
+    ``torch.optim.lr_scheduler``, ``state_dict``/``load_state_dict``, ``zero_grad`` and closures. If the model
+    is preconditioned, the model's :class:`pcopt.PCState` is attached to it (``state.attach``), so its
+    ``after_step()`` (refresh of ``u``, ``v``; ``W_eff`` once per step) runs after every step, also when the
+    result is wrapped (``pcopt.optim.Spectra``).
+
+    Args:
+        lr: peak learning rate of both groups (AdamW's can differ via ``adamw_lr``).
+        weight_decay: decoupled weight decay of the Muon group and default for the AdamW groups.
+        adamw_weight_decay, gamma_weight_decay: override the AdamW / gamma group's decay (None: inherit).
+        momentum, nesterov, adjust_lr_fn, ns_coefficients, ns_steps, ns_coefficient_set: Muon's.
+        ns_dtype: Newton-Schulz dtype; None (default) picks it for the parameters' device with
+            :func:`pcopt.hardware.preferred_dtype` (bf16 on CUDA and on CPUs with native bf16, else fp32).
+        ns_algorithm: ``"gram"`` (default: Gram Newton-Schulz on rectangular matrices, fewer FLOPs, see
+            docs/muon.md) or ``"standard"`` (torch.optim.Muon's iteration).
+        betas, adamw_eps: AdamW's betas and eps. ``adamw_kwargs``: more ``torch.optim.AdamW`` kwargs
+            (``foreach``, ``fused``, ...).
+        muon_pattern, adamw_pattern: see :func:`param_groups`.
+        num_power_iterations: power iterations of the refresh after each step (None: each weight's own, 10).
+
+    Example::
+
+        >>> pcopt.precondition_model(model, degree=5)
+        >>> opt = pcopt.build_optimizer(model, lr=4.243e-3)
+        >>> sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 220))
+        >>> for x, y in data:
+        ...     loss_fn(model(x), y).backward(); opt.step(); sched.step(); opt.zero_grad()
+    """
+    adamw_wd = weight_decay if adamw_weight_decay is None else adamw_weight_decay
+    groups = param_groups(
+        model,
+        muon_pattern=muon_pattern,
+        adamw_pattern=adamw_pattern,
+        muon_weight_decay=weight_decay,
+        adamw_weight_decay=adamw_wd,
+        gamma_weight_decay=gamma_weight_decay,
+    )
+    children: dict[str, torch.optim.Optimizer] = {}
+    muon_groups = [g for g in groups if g[ROUTING_KEY] == "muon"]
+    adamw_groups = [g for g in groups if g[ROUTING_KEY] == "adamw"]
+    if muon_groups:
+        if ns_dtype is None:
+            ns_dtype = preferred_dtype(muon_groups[0]["params"][0].device)
+        children["muon"] = Muon(
+            muon_groups,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_coefficients=ns_coefficients,
+            ns_steps=ns_steps,
+            adjust_lr_fn=adjust_lr_fn,
+            ns_coefficient_set=ns_coefficient_set,
+            ns_dtype=ns_dtype,
+            ns_algorithm=ns_algorithm,
+        )
+    if adamw_groups:
+        children["adamw"] = adamw = torch.optim.AdamW(
+            adamw_groups,
+            lr=lr if adamw_lr is None else adamw_lr,
+            betas=betas,
+            eps=adamw_eps,
+            weight_decay=adamw_wd,
+            **(adamw_kwargs or {}),
+        )
+        for i, group in enumerate(adamw.param_groups):
+            logger.info(
+                "AdamW param group %d: %d tensors, %d elements, lr=%s, betas=%s, eps=%s, weight_decay=%s",
+                i, len(group["params"]), sum(p.numel() for p in group["params"]), group["lr"], group["betas"],
+                group["eps"], group["weight_decay"],
+            )  # fmt: skip
+    pc_state = PCState(model, num_power_iterations=num_power_iterations) if preconditioners(model) else None
+    if pc_state is None and num_power_iterations is not None:
+        warnings.warn(
+            "build_optimizer: num_power_iterations has no effect, the model has no preconditioned weights.",
+            UserWarning,
+            stacklevel=2,
+        )
+    optimizer = CombinedOptimizer(children)
+    if pc_state is not None:
+        pc_state.attach(optimizer)
+    return optimizer
