@@ -13,12 +13,12 @@ two saves that work:
   the PC entries; :func:`load_training_state` puts them back into a model preconditioned with the same
   settings, bit for bit. ``from_pretrained`` ignores the extra file, so one folder serves both uses.
 
-:func:`guard_save_pretrained` makes ``model.save_pretrained(path)`` itself refuse (``RuntimeError``, with
-these two ways out) while the model holds PC weights. Example::
+:func:`pcopt.precondition_model` guards ``model.save_pretrained(path)`` of every ``PreTrainedModel`` it
+preconditions (:func:`guard_save_pretrained`): the stock save refuses (``RuntimeError``, with these two ways
+out) while the model holds PC weights, instead of writing a checkpoint that loads random weights. Example::
 
     model = LlamaForCausalLM(config)
-    pcopt.precondition_model(model, degree=5)
-    pcopt.huggingface.guard_save_pretrained(model)      # optional: the stock save now refuses
+    pcopt.precondition_model(model, degree=5)           # model.save_pretrained(path) now refuses
     ...                                                   # train
     pcopt.huggingface.save_training_state(model, "ckpt")  # plain weights + PC state
     plain = LlamaForCausalLM.from_pretrained("ckpt")      # inference: no PC, zero overhead
@@ -41,6 +41,8 @@ from torch.distributed.tensor import DTensor
 
 from pcopt import merged_state_dict, preconditioners
 from pcopt.names import pc_keys, pc_module_of_key
+from pcopt.registration import guard_save_pretrained as _guard
+from pcopt.registration import refuse_pc_keys
 
 __all__ = [
     "TRAINING_STATE_FILE",
@@ -81,16 +83,6 @@ def _pc_entries(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def _refuse_pc_keys(state_dict: dict[str, Tensor], who: str) -> None:
-    pc = sorted(k for k in state_dict if pc_module_of_key(k))
-    if pc:
-        raise ValueError(
-            f"{who}: the state_dict holds {len(pc)} PC entries (e.g. '{pc[0]}') that from_pretrained cannot "
-            "load into a transformers model (those weights would be randomly initialised). Pass "
-            "state_dict=pcopt.merged_state_dict(model), or leave state_dict out."
-        )
-
-
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwargs: Any) -> None:
     """``model.save_pretrained(save_directory, **kwargs)`` with every PC weight written as its ``W_eff``.
 
@@ -104,7 +96,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwarg
     if state_dict is None:
         state_dict = merged_state_dict(model) if preconditioners(model) else None
     else:
-        _refuse_pc_keys(state_dict, "pcopt.huggingface.save_pretrained")
+        refuse_pc_keys(state_dict, "pcopt.huggingface.save_pretrained")
     # the class's method: bypasses guard_save_pretrained's refusal on the instance
     type(model).save_pretrained(model, save_directory, state_dict=state_dict, **kwargs)
 
@@ -183,28 +175,11 @@ def load_training_state(model: nn.Module, save_directory: str | os.PathLike) -> 
 def guard_save_pretrained(model: nn.Module) -> nn.Module:
     """Make ``model.save_pretrained`` refuse to write PC entries that ``from_pretrained`` cannot load.
 
-    After this call, ``model.save_pretrained(path)`` on a model that still holds PC weights raises
-    ``RuntimeError`` naming :func:`save_pretrained` and :func:`save_training_state`, unless it is given a
-    ``state_dict=`` without PC entries; after :func:`pcopt.merge` it saves as usual. Returns the model.
+    :func:`pcopt.precondition_model` already does this for every ``transformers`` ``PreTrainedModel`` it
+    preconditions; call it for a model preconditioned another way (:func:`pcopt.precondition` on its modules).
+    After it, ``model.save_pretrained(path)`` on a model that still holds PC weights raises ``RuntimeError``
+    naming :func:`save_pretrained` and :func:`save_training_state`, unless it is given a ``state_dict=`` without
+    PC entries; after :func:`pcopt.merge` it saves as usual. Returns the model.
     """
     _check_model(model, "pcopt.huggingface.guard_save_pretrained")
-    stock = type(model).save_pretrained
-
-    def save_pretrained_guarded(save_directory, *args: Any, **kwargs: Any):
-        state_dict = kwargs.get("state_dict")
-        if state_dict is not None:
-            _refuse_pc_keys(state_dict, f"{type(model).__name__}.save_pretrained")
-        elif preconditioners(model):
-            n = len(preconditioners(model))
-            raise RuntimeError(
-                f"{type(model).__name__}.save_pretrained would write the PC entries of {n} preconditioned "
-                "weights (...parametrizations.weight.original, gamma, u, v) instead of their weights; "
-                "from_pretrained cannot load those and would initialise the weights randomly. Use "
-                "pcopt.huggingface.save_pretrained(model, path) for a plain checkpoint with W_eff, "
-                "pcopt.huggingface.save_training_state(model, path) to resume training later, or "
-                "pcopt.merge(model) first when training is over."
-            )
-        return stock(model, save_directory, *args, **kwargs)
-
-    model.save_pretrained = save_pretrained_guarded
-    return model
+    return _guard(model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -17,13 +18,21 @@ from torch.nn.utils import parametrize
 
 from pcopt._tensor import is_dtensor, is_fsdp_module
 from pcopt.layer import PolynomialPC, refresh_
-from pcopt.names import PC_TARGETS, pc_keys, rename_legacy_keys
+from pcopt.names import PC_TARGETS, pc_keys, pc_module_of_key, rename_legacy_keys
 from pcopt.options import PCOptions
 from pcopt.slot import PCHolder
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["declare_model", "precondition", "is_preconditioned", "preconditioner", "preconditioners"]
+__all__ = [
+    "declare_model",
+    "guard_save_pretrained",
+    "is_pretrained_model",
+    "precondition",
+    "is_preconditioned",
+    "preconditioner",
+    "preconditioners",
+]
 
 Targets = str | re.Pattern | Callable[[str, nn.Module], bool]
 
@@ -266,7 +275,8 @@ def declare_model(
     :func:`precondition`. Returns the FQNs of the modules it preconditioned and warns if nothing matched.
 
     This is the declaration alone (the per-forward registration); :func:`pcopt.precondition_model` declares and
-    then chooses the execution strategy.
+    then chooses the execution strategy. On a ``transformers`` ``PreTrainedModel`` it also guards
+    ``model.save_pretrained`` (:func:`guard_save_pretrained`), whose stock save would write unloadable PC keys.
     """
     match = _matcher(PC_TARGETS if targets is None else targets)
     opts = PCOptions.resolve(
@@ -297,4 +307,70 @@ def declare_model(
         )
     else:
         logger.info("PC layer registered on %d weights (degree %d)", len(touched), opts.effective_degree)
+        if is_pretrained_model(model):
+            guard_save_pretrained(model)
     return touched
+
+
+# -- the stock save of a preconditioned Hugging Face model -------------------------------------------------------
+def is_pretrained_model(model: object) -> bool:
+    """Whether ``model`` is a ``transformers.PreTrainedModel``, without importing ``transformers``.
+
+    An instance of that class exists only once ``transformers.modeling_utils`` has been imported, so a model is
+    one exactly when that module is loaded and the model is an instance of its ``PreTrainedModel``.
+    """
+    base = getattr(sys.modules.get("transformers.modeling_utils"), "PreTrainedModel", None)
+    return isinstance(base, type) and isinstance(model, base)
+
+
+def refuse_pc_keys(state_dict: dict, who: str) -> None:
+    """Raise ``ValueError`` if ``state_dict`` holds PC entries, which ``from_pretrained`` cannot load."""
+    pc = sorted(k for k in state_dict if pc_module_of_key(k))
+    if pc:
+        raise ValueError(
+            f"{who}: the state_dict holds {len(pc)} PC entries (e.g. '{pc[0]}') that from_pretrained cannot "
+            "load into a transformers model (those weights would be randomly initialised). Pass "
+            "state_dict=pcopt.merged_state_dict(model), or leave state_dict out."
+        )
+
+
+class _GuardedSavePretrained:
+    """``model.save_pretrained`` that refuses to write PC entries (see :func:`guard_save_pretrained`).
+
+    An object held in the model's ``__dict__``, not a closure: ``copy.deepcopy`` and pickling give the copy a
+    guard of its own (a closure would keep saving the original model).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, save_directory, *args, **kwargs):
+        model = self.model
+        state_dict = kwargs.get("state_dict")
+        if state_dict is not None:
+            refuse_pc_keys(state_dict, f"{type(model).__name__}.save_pretrained")
+        elif preconditioners(model):
+            n = len(preconditioners(model))
+            raise RuntimeError(
+                f"{type(model).__name__}.save_pretrained would write the PC entries of {n} preconditioned "
+                "weights (...parametrizations.weight.original, gamma, u, v) instead of their weights; "
+                "from_pretrained cannot load those and would initialise the weights randomly. Use "
+                "pcopt.huggingface.save_pretrained(model, path) for a plain checkpoint with W_eff, "
+                "pcopt.huggingface.save_training_state(model, path) to resume training later, or "
+                "pcopt.merge(model) first when training is over."
+            )
+        return type(model).save_pretrained(model, save_directory, *args, **kwargs)
+
+
+def guard_save_pretrained(model: nn.Module) -> nn.Module:
+    """Make ``model.save_pretrained`` refuse to write PC entries that ``from_pretrained`` cannot load.
+
+    :func:`declare_model` (so :func:`pcopt.precondition_model`) calls it on every ``transformers``
+    ``PreTrainedModel`` it preconditions. After it, ``model.save_pretrained(path)`` raises ``RuntimeError`` naming
+    ``pcopt.huggingface.save_pretrained`` and ``save_training_state`` while the model holds PC weights, unless
+    it is given a ``state_dict=`` without PC entries (one with PC entries is refused with ``ValueError``); after
+    :func:`pcopt.merge` it saves as usual. Calling it again changes nothing. Returns the model.
+    """
+    if not isinstance(model.__dict__.get("save_pretrained"), _GuardedSavePretrained):
+        model.__dict__["save_pretrained"] = _GuardedSavePretrained(model)
+    return model

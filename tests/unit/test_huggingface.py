@@ -88,6 +88,50 @@ def test_guard_refuses_the_stock_save_that_cannot_load(trained, tmp_path):
     assert (tmp_path / "after_merge" / "config.json").is_file()
 
 
+def test_precondition_model_guards_the_stock_save_without_a_call(tmp_path):
+    """The plain ``model.save_pretrained(dir)`` after ``pcopt.precondition_model`` alone, in both strategies:
+    it refuses (the unguarded save writes PC keys, and from_pretrained would load random weights); the
+    merged state_dict it allows loads with the preconditioned model's logits; a deep copy keeps a guard
+    of its own; a model without PC (and a non-transformers model) is untouched."""
+    for strategy in ("once_per_step", "per_forward"):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(_config()).eval()
+        pcopt.precondition_model(model, degree=5, strategy=strategy)
+        opt = pcopt.build_optimizer(model, lr=1e-2, ns_dtype=torch.float32)
+        _step(model, opt, 0)  # raw != W_eff, so a save of raw weights would not give these logits
+        out = tmp_path / strategy
+        with pytest.raises(RuntimeError, match=r"LlamaForCausalLM\.save_pretrained would write the PC entries of "
+                           r"8 preconditioned weights.*pcopt\.huggingface\.save_pretrained\(model, path\)"):  # fmt: skip
+            model.save_pretrained(out / "stock")
+        assert not (out / "stock").exists()
+        with pytest.raises(ValueError, match=r"the state_dict holds 40 PC entries"):
+            model.save_pretrained(out / "stock", state_dict=model.state_dict())
+        model.save_pretrained(out / "merged", state_dict=pcopt.merged_state_dict(model))
+        loaded, info = transformers.LlamaForCausalLM.from_pretrained(out / "merged", output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+        # W_eff is written in float32 and the loaded model computes in float32: equal up to the order of the
+        # float32 sums in its matmuls (a few ulp of logits of size ~1), the bound of the other saves here
+        torch.testing.assert_close(_logits(loaded.eval()), _logits(model), rtol=1e-5, atol=1e-6)
+
+        twin = copy.deepcopy(model)  # the copy's guard checks the copy, not the original
+        pcopt.merge(twin)
+        twin.save_pretrained(out / "twin")  # merged: nothing to refuse
+        torch.testing.assert_close(
+            _logits(transformers.LlamaForCausalLM.from_pretrained(out / "twin").eval()), _logits(model),
+            rtol=1e-5, atol=1e-6,
+        )  # fmt: skip
+        with pytest.raises(RuntimeError, match=r"would write the PC entries of 8"):
+            model.save_pretrained(out / "stock")  # the original is still preconditioned and guarded
+
+    dense = transformers.LlamaForCausalLM(_config())
+    assert "save_pretrained" not in vars(dense)
+    dense.save_pretrained(tmp_path / "dense")  # a model without PC saves as transformers does
+    assert (tmp_path / "dense" / "config.json").is_file()
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    pcopt.precondition_model(plain, targets=r"^0$")
+    assert not hasattr(plain, "save_pretrained")  # only transformers models get a save_pretrained guard
+
+
 def test_training_state_resumes_bit_for_bit(trained, tmp_path):
     model, opt = trained
     hf.save_training_state(model, tmp_path)
