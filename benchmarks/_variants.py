@@ -31,13 +31,24 @@ the run's cache key, so variant runs never collide with default runs. Names:
   (the rest keeps 0.1); applied exactly as ``W_new + lr (wd - X) W_old`` after the step, for optimizers whose
   decay is ``W <- (1 - lr wd) W`` (Muon and AdamW both are).
 
-Optimizer state under the retractions: scaling ``W`` by ``c`` scales its gradient by ``1 / c`` (and gamma's
-by ``c``), so the first moments of the raw weight (Muon's ``momentum_buffer``, AdamW's ``exp_avg``) are
-multiplied by ``1 / c`` and AdamW's ``exp_avg_sq`` by ``1 / c^2``, and gamma's AdamW moments by ``c`` and
-``c^2``. The state then describes the rescaled weight as if it had always had that scale; with Muon, which
-orthogonalizes the momentum, only the mix of old momentum and new gradients depends on it. Weight decay on the
-raw weight has no lasting effect under a retraction (the retraction resets the scale); the decay of gamma is
-then the decay of ``W_eff``.
+Optimizer state under the retractions: a moment is an average of gradients, and it is only rescaled if the
+parameter's scale changed between the steps whose gradients it averages. The raw weight's did not: every
+gradient is taken at a retracted weight, at ``sigma0`` (or ``||W0||_F``); the unretracted ``W_t + dW_t`` only
+exists between the optimizer step and the retraction, and no gradient is taken there. So the raw weight's
+moments (Muon's ``momentum_buffer``, AdamW's ``exp_avg``, ``exp_avg_sq``) are left as they are. Gamma's scale
+does change, by ``1 / c`` per step, and at a fixed ``W_eff`` its gradient scales by ``c``. So gamma's AdamW
+moments are multiplied by ``c`` and ``c^2``, which leaves its Adam direction ``m / sqrt(v)`` unchanged.
+(Until this was fixed, the raw weight's moments were also multiplied by ``1 / c`` at every step. With Muon the
+buffer ``B <- 0.95 B + 0.05 g`` then became ``0.95 / c`` old momentum plus new gradient, and the old momentum
+never decayed once ``1 / c > 1 / 0.95``; see docs/study.md, issue 32.) Weight decay on the raw weight has no
+lasting effect under a retraction (the retraction resets the scale); the decay of gamma is then the decay of
+``W_eff``.
+
+What a retraction does not bound: it keeps ``W_eff`` unchanged, so the growth of ``sigma`` that one step
+causes is kept too, now in gamma. With the raw weight held at ``sigma0``, Muon's step has a fixed size
+relative to ``sigma``, so this growth compounds (``gamma = prod 1/c``): ``W_eff`` grows geometrically. Without
+a retraction the same steps grow ``sigma`` additively. Gamma's own decay (``lr * wd`` per step) and its AdamW step
+(about ``lr``, additive) cannot stop it once gamma is large.
 
 Variants may be combined with ``+`` (``deg3+gamma_nowd``, ``retract_sigma+rel_step``); later parts override
 earlier ones where both set the same thing. Unknown names raise ``ValueError``.
@@ -355,7 +366,8 @@ class RawScaleControl(torch.optim.Optimizer):
             gammas = [pc.gamma.detach() for _, pc in group]
             torch._foreach_mul_(gammas, [1.0 / c for c in cs])
             for (_, pc), c in zip(group, cs):
-                self._rescale_state(pc.raw_weight, 1.0 / c)
+                # gamma's scale changed (its gradient at fixed W_eff scales by c); the raw weight's did not:
+                # its gradients are all taken at the retracted scale, so its moments keep their units
                 self._rescale_state(pc.gamma, c)
         return factors
 

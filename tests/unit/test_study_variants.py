@@ -192,3 +192,67 @@ def test_control_refuses_a_model_without_pc():
     pc_model = _model("per_forward")
     with pytest.raises(ValueError, match=r"retract must be None, 'sigma' or 'fro', got 'spectral'"):
         V.RawScaleControl(_sgd(pc_model, 0.1), pc_model, retract="spectral")
+
+
+def _muon_and_adamw(model: nn.Module, raw_optimizer: str, lr: float) -> torch.optim.Optimizer:
+    """Muon or AdamW on the raw PC weights, AdamW on gamma and the bias, as one optimizer (pcopt's layout)."""
+    raw_ids = {id(pc.raw_weight) for _, pc in pcopt.preconditioners(model)}
+    raws = [p for p in _params(model) if id(p) in raw_ids]
+    rest = [p for p in _params(model) if id(p) not in raw_ids]
+    if raw_optimizer == "muon":
+        first = pcopt.optim.Muon(raws, lr=lr, weight_decay=0.0, ns_dtype=torch.float64)
+    else:
+        first = torch.optim.AdamW(raws, lr=lr, weight_decay=0.0)
+    opt = pcopt.optim.CombinedOptimizer(
+        {"raw": first, "adamw": torch.optim.AdamW(rest, lr=lr, weight_decay=0.0)}
+    )
+    pcopt.PCState(model).attach(opt)
+    return opt
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("retract", ["sigma", "fro"])
+@pytest.mark.parametrize("raw_optimizer", ["muon", "adamw"])
+def test_retraction_keeps_the_raw_weights_moments(strategy, retract, raw_optimizer):
+    # Every gradient of a raw weight is taken at the retracted scale (sigma0 or ||W0||_F), so its moments must be
+    # the plain averages of those gradients: Muon's buffer B <- lerp(B, g, 1 - 0.95), AdamW's exp_avg
+    # <- lerp(m, g, 1 - 0.9) and exp_avg_sq <- 0.999 v + 0.001 g^2, whatever the weights do. The code before
+    # the fix multiplied them by 1 / c (1 / c^2) at every retraction, which made Muon's effective momentum
+    # 0.95 / c (> 1 for c < 0.95: old momentum never decays; in the issue-32 runs |B|_F grew 1e5-fold above its
+    # bound max_t |g_t|_F).
+    lr, steps = 0.3, 6
+    model = _model(strategy)
+    ctl = V.RawScaleControl(_muon_and_adamw(model, raw_optimizer, lr), model, retract=retract)
+    pcs = pcopt.preconditioners(model)
+    expect = {fqn: {} for fqn, _ in pcs}
+    applied: list[list[float]] = []  # the factors c of each step's retraction
+    retract_ = ctl.retract_
+    ctl.retract_ = lambda p: applied.append(retract_(p)) or applied[-1]
+    worst = 0.0
+    for step in range(steps):
+        _set_grads(model, seed=10 + step, scale=0.3)
+        # the reference moments: the optimizers' own update rules, replayed on the gradients
+        for fqn, pc in pcs:
+            g, e = pc.raw_weight.grad, expect[fqn]
+            if raw_optimizer == "muon":
+                e["momentum_buffer"] = torch.lerp(e.get("momentum_buffer", torch.zeros_like(g)), g, 1 - 0.95)
+            else:
+                e["exp_avg"] = torch.lerp(e.get("exp_avg", torch.zeros_like(g)), g, 1 - 0.9)
+                e["exp_avg_sq"] = e.get("exp_avg_sq", torch.zeros_like(g)) * 0.999 + 0.001 * g * g
+        ctl.step()
+        worst = max(worst, max(abs(1 - c) for c in applied[-1]))
+    for fqn, pc in pcs:
+        state = ctl.state[pc.raw_weight]
+        for key, want in expect[fqn].items():
+            got = state[key]
+            # Same float64 ops on the same gradients (up to foreach vs. single-tensor kernels): a few ulps of the
+            # largest value per step, over 6 steps. 64 ulps of max |want| covers it; the bug's 1 / c factors differ
+            # from 1 by more than 5% (checked below).
+            atol = 64 * F64 * float(want.abs().max())
+            assert torch.allclose(got, want, rtol=0, atol=atol), (
+                f"{fqn} {key}: max |got - want| = {float((got - want).abs().max()):.3e} > {atol:.3e}; "
+                f"|got|_F / |want|_F = {float(got.norm() / want.norm()):.4f}"
+            )
+    assert len(applied) == steps and worst > 0.05, (
+        f"the steps barely moved the scale (max |1 - c| = {worst}); make them larger"
+    )
