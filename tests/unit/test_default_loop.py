@@ -18,16 +18,32 @@ _SMALL = dict(vocab=64, dim=32, n_layers=2, n_heads=2, hidden=64)
 
 
 def _readme_loop(
-    strategy: str | None, *, dtype, accumulation=4, steps=3, clip=0.5, n_layers=2, profile=False, adamw=None
+    strategy: str | None,
+    *,
+    dtype,
+    accumulation=4,
+    steps=3,
+    clip=0.5,
+    n_layers=2,
+    profile=False,
+    adamw=None,
+    autocast=None,
+    record=None,
+    prepare=None,
 ):
     """The README snippet's loop plus accumulation and clipping; returns the final state (and a profile).
 
-    ``strategy``: None (``precondition_model``'s default), a strategy name, or ``"none"`` (no PC: the baseline)."""
+    ``strategy``: None (``precondition_model``'s default), a strategy name, or ``"none"`` (no PC: the baseline).
+    ``autocast``: a dtype to run forward and loss under ``torch.autocast("cpu", dtype=...)`` (AMP). ``record``: a
+    dict that gets each step's ``"losses"`` and its accumulated ``"grads"`` before clipping, by parameter name.
+    ``prepare``: called with the model after ``precondition_model``."""
     torch.manual_seed(0)
     model = TinyLlama(**{**_SMALL, "n_layers": n_layers}).to(dtype)
     if strategy != "none":
         kwargs = {} if strategy is None else {"strategy": strategy}
         pcopt.precondition_model(model, degree=5, **kwargs)
+    if prepare is not None:
+        prepare(model)
     opt = pcopt.build_optimizer(model, lr=1e-2, ns_dtype=dtype, adamw_kwargs=adamw or {})
     g = torch.Generator().manual_seed(1)
     prof = None
@@ -35,11 +51,20 @@ def _readme_loop(
         ctx = StepProfile() if profile and step == steps - 1 else None
         if ctx is not None:
             ctx.__enter__()
+        total = 0.0
         for _ in range(accumulation):
             x = torch.randint(0, _SMALL["vocab"], (4, 17), generator=g)
-            logits = model(x[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()) / accumulation
+            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                logits = model(x[:, :-1])
+                loss = (
+                    torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()) / accumulation
+                )
             loss.backward()
+            total = total + loss.detach() if record is not None else total
+        if record is not None:
+            record.setdefault("losses", []).append(float(total))
+            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+            record.setdefault("grads", []).append(grads)
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         opt.zero_grad()
@@ -79,6 +104,80 @@ def test_a_dropped_micro_batch_is_caught():
     _, ref, _ = _readme_loop("per_forward", dtype=torch.float32)
     _, short, _ = _readme_loop(None, dtype=torch.float32, accumulation=3)
     assert max((ref[k] - short[k]).abs().max().item() for k in ref) > 1e-3
+
+
+def _map_outside_autocast(model: torch.nn.Module) -> None:
+    """Per forward with its map in fp32 under AMP: the once-per-step map's precision (``pcopt.kernel`` computes
+    ``W_eff`` with autocast off), while the rest of the forward runs under autocast exactly as before."""
+    from pcopt.layer import PolynomialPC
+
+    for _, pc in pcopt.preconditioners(model):
+
+        def forward(W, pc=pc):
+            with torch.autocast("cpu", enabled=False):
+                return PolynomialPC.forward(pc, W)
+
+        pc.forward = forward
+
+
+def _normwise(a: dict, b: dict) -> float:
+    """``||a - b|| / ||b||`` over all tensors together (Frobenius)."""
+    num = sum(((a[k] - b[k]) ** 2).sum() for k in b) ** 0.5
+    return float(num / sum((b[k] ** 2).sum() for k in b) ** 0.5)
+
+
+U_BF16 = 2.0**-8  # bfloat16's unit roundoff: 8 significant bits, round to nearest
+
+
+# Which ops run in bf16 under torch.autocast("cpu", dtype=torch.bfloat16). The forward around PC is the same in both
+# strategies: every Linear casts its input and weight to bf16 and rounds its output; cross-entropy runs in fp32. The
+# map is not: once per step computes W_eff outside the forward with autocast off (fp32), while per forward runs the
+# map inside the forward, so autocast runs its matmuls (sigma's, the polynomial's) in bf16 - a W_eff off by ~u
+# normwise (measured 3.0e-3..3.8e-3 for these matrices), which is no rounding of the same computation. The right
+# reference is therefore per forward with its map outside autocast (_map_outside_autocast); plain per forward under
+# AMP is a different, less exact computation, and the test shows it lands outside the bound.
+#
+# Bound on the first step's gradients (same weights in both runs). The two W_eff are the same fp32 map in two
+# forms (closed-form Gram polynomial vs autograd's Horner on W), <= 16 fp32 ulps of max|W| apart (measured <= 11).
+# The Linear rounds each to bf16; an entry w lands on another bf16 value only if it lies within 2^-20 max|W| of a
+# rounding boundary (probability ~ 2 * 2^-20 max|W| / (2^-8 |w|)), and then moves by one bf16 ulp (<= 2^-7 |w|).
+# Summed over the entries, the squared normwise change is ~ 2^-27 max|W| sum|w| / ||W||^2 <= 2^-25 for dense
+# matrices (max|W| sum|w| <= 4 ||W||^2: max ~ 4 rms, sum|w| ~ 0.8 N rms): normwise <= 2^-12.5 (measured <= 1.6e-5).
+# Everything downstream is the same autocast ops on inputs that differ only there, and the gradients respond to a
+# weight perturbation with gain < 1 in this 2-layer, RMS-normalised model (the bf16 map's ~u moves them by ~u/4):
+# bound 2^-12 = u/16 normwise. Measured 3.8e-6 on the AMD EPYC here (AVX2), 2.0e-8 under ATEN_CPU_CAPABILITY=
+# default; plain per forward (bf16 map) 8.7e-4 and 9.2e-4. Nothing in it depends on the machine's bf16 kernels: an AVX-512-BF16 or AMX CPU rounds its bf16
+# matmuls differently, but both runs call the same kernel on the same operands except the flipped entries; only
+# which entries flip changes, and the count of flips is what the bound is made of.
+#
+# Bound on the 3 steps' losses. After step 1 the weights differ, so the trajectories are two runs of one
+# computation whose roundings differ: the updates are scale-free (Muon orthogonalises, AdamW normalises), so each
+# run's departure of the loss from L_0 carries at most one bf16 rounding, u relative, of its size, and the two
+# runs' at most 2u: |dL_k| <= 2u max_j |L_j - L_0| (here 0.072 -> 5.6e-4). Measured <= 3.7e-5 (AVX2) and 1.8e-5
+# (default); AMP against fp32 itself moves them by 1.7e-4. A dropped micro-batch changes each step's loss by ~1/4.
+def test_default_equals_per_forward_under_bf16_autocast():
+    runs = {}
+    for name, strategy, prepare in (
+        ("default", None, None),
+        ("reference", "per_forward", _map_outside_autocast),
+        ("bf16_map", "per_forward", None),
+    ):
+        runs[name] = {}
+        _readme_loop(
+            strategy, dtype=torch.float32, autocast=torch.bfloat16, record=runs[name], prepare=prepare
+        )
+    default, reference = runs["default"], runs["reference"]
+    grads, ref_grads = default["grads"][0], reference["grads"][0]
+    assert grads.keys() == ref_grads.keys() and any(".parametrizations.weight.original" in k for k in grads)
+    bound = U_BF16 / 16
+    assert _normwise(grads, ref_grads) <= bound, _normwise(grads, ref_grads)
+    # per forward as it is maps in bf16 under autocast: a different computation, outside the bound
+    assert _normwise(runs["bf16_map"]["grads"][0], ref_grads) > bound
+    losses, ref_losses = default["losses"], reference["losses"]
+    moved = max(abs(x - ref_losses[0]) for x in ref_losses)
+    assert moved > 1e-2  # it trains, so the bound below is not that of a frozen model
+    worst = max(abs(a - b) for a, b in zip(losses, ref_losses))
+    assert worst <= 2 * U_BF16 * moved, (worst, moved)
 
 
 def pc_ops(strategy: str | None, n_layers: int) -> tuple[int, int]:
