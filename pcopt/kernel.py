@@ -79,7 +79,7 @@ def _chunk_key(slot: PCSlot) -> tuple:
     raw, pc = local_tensor(slot.original), slot[0]
     return (
         tuple(raw.shape), slot.dim, raw.dtype, raw.device, slot.compute_dtype, id(slot.mesh), slot.mesh_dims,
-        slot.index is None, tuple(pc.coefficients), pc.eps, pc.gamma.requires_grad,
+        slot.placements, slot.index is None, tuple(pc.coefficients), pc.eps, pc.gamma.requires_grad,
     )  # fmt: skip
 
 
@@ -107,13 +107,19 @@ def _stack(tensors: list[Tensor], dim: int, dtype: torch.dtype) -> Tensor:
 def _vectors(chunk: list[PCSlot], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``(u_local, v_other)`` stacked: the vector along the sharded dim restricted to this rank, and the other."""
     s0 = chunk[0]
-    along = torch.stack([s[0].u if s0.dim == 0 else s[0].v for s in chunk])
+    along = torch.stack([s[0].u if s0.dim == 0 else s[0].v for s in chunk])  # (b, [E,] rows)
     other = torch.stack([s[0].v if s0.dim == 0 else s[0].u for s in chunk])
+    for s in chunk:  # once: the indices then live where the state does
+        if s.index is not None and s.index.device != along.device:
+            s.index = s.index.to(along.device)
+        if s.experts is not None and s.experts.device != along.device:
+            s.experts = s.experts.to(along.device)
+    if s0.experts is not None:  # this rank's experts of a stack sharded on its expert dim (one layout per chunk)
+        along, other = along.index_select(1, s0.experts), other.index_select(1, s0.experts)
     if s0.index is not None:
-        for s in chunk:
-            if s.index.device != along.device:  # once: the index then lives where the state does
-                s.index = s.index.to(along.device)
-        along = along.gather(-1, torch.stack([s.index for s in chunk]))
+        index = torch.stack([s.index for s in chunk])  # (b, rows_local)
+        index = index.view(len(chunk), *[1] * (along.ndim - 2), -1).expand(*along.shape[:-1], -1)
+        along = along.gather(-1, index)
     return along.to(dtype), other.to(dtype)
 
 

@@ -38,6 +38,7 @@ class PCSlot(nn.Module):
         self.mesh = None
         self.mesh_dims: tuple[int, ...] = ()  # mesh dims that shard `dim`
         self.index: Tensor | None = None  # this rank's indices along `dim` (None: all), on the state's device
+        self.experts: Tensor | None = None  # a sharded (E, m, n) stack: this rank's experts (None: all)
         self.compute_dtype: torch.dtype | None = None  # of the map; None: bf16 on CUDA, else fp32 (map_dtype)
         self.placements: tuple | None = None  # of W_eff and raw when bound (None: plain tensors)
         self.stamp: tuple[int, ...] | None = None  # versions of raw, gamma, u, v when W_eff was written

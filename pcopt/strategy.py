@@ -6,8 +6,8 @@ One declaration, :func:`pcopt.precondition_model`, gives every selected weight o
 
 ``"per_forward"`` (what :func:`pcopt.precondition_model` registers)
     the ``torch.nn.utils.parametrize`` registration: every forward maps ``W`` and autograd differentiates the
-    map in every micro-batch. The reference semantics; needed for batched (3-D) weights and for pipeline or
-    tensor parallelism, where a module never holds its full matrix.
+    map in every micro-batch. The reference semantics; needed under pipeline parallelism, and where a module
+    never holds its full matrix in forward (tensor or expert parallelism) only once per step works.
 
 ``"once_per_step"``
     ``module.weight`` is an ordinary parameter that holds ``W_eff`` (FSDP2 all-gathers, reshards,
@@ -16,8 +16,10 @@ One declaration, :func:`pcopt.precondition_model`, gives every selected weight o
     backward, pulls the accumulated ``dL/dW_eff`` back to ``dL/dW`` and ``dL/dgamma``. The map then costs once
     per step, not once per micro-batch, and on FSDP2 shards it runs on each rank's shard: every PC matrix is
     sharded on its larger dim (:func:`shard_placement_fn`), so its small-side Gram is a sum of local Grams
-    (one all-reduce) and ``p(X) = X q(X^T X)`` is applied locally. Gradients and steps equal the per-forward
-    strategy's up to rounding.
+    (one all-reduce) and ``p(X) = X q(X^T X)`` is applied locally. A MoE expert stack ``(E, m, n)`` is batched
+    per expert (its own ``gamma``, ``u``, ``v`` each); sharded on its expert dim (FSDP2's default ``Shard(0)``, or
+    expert parallelism) each rank maps and pulls back its whole experts with no collective, and its ``gamma`` is
+    sharded like the experts. Gradients and steps equal the per-forward strategy's up to rounding.
 
 Both keep the raw weight at ``<module>.parametrizations.weight.original`` and the rest of the state at
 ``<module>.parametrizations.weight.0.{gamma,u,v,pc_meta}``, so checkpoints move between them unchanged
@@ -265,13 +267,6 @@ def set_strategy(
         _to_per_forward(model)
         pcs = preconditioners(model)
     todo = [(fqn, pc) for fqn, pc in pcs if pc.strategy == "per_forward"]
-    if shard is not None:
-        batched = [f"{fqn} {tuple(pc.raw_weight.shape)}" for fqn, pc in todo if pc.batch_shape]
-        if batched:
-            raise ValueError(
-                f"The once-per-step strategy shards PC matrices (2-D weights); {batched[:3]} are batched. Run "
-                "them unsharded (shard=None) or per forward."
-            )
     placement_fn = shard_placement_fn(model)
     pending = []
     for fqn, pc in todo:
@@ -361,31 +356,25 @@ def _bind(
     """Register ``module.parametrizations.<name>`` = :class:`PCSlot`, the raw weight placed like W_eff."""
     w = module._parameters[name]
     local = local_tensor(w).detach().clone()
+    experts = None
     if is_dtensor(w):
-        from torch.distributed.tensor import DTensor, Partial, Replicate
+        from torch.distributed.tensor import DTensor, Replicate
 
         mesh, placements = w.device_mesh, tuple(w.placements)
-        shard_dims = {p.dim for p in placements if shards(p)}
-        if (
-            any(isinstance(p, Partial) for p in placements)
-            or len(shard_dims) > 1
-            or any(shards(p) and type(p).__name__ not in ("Shard", "_StridedShard") for p in placements)
-        ):
-            raise ValueError(
-                f"set_strategy: {fqn} is placed as {placements}; the once-per-step strategy needs every sharded "
-                "mesh dim to shard the same tensor dim (FSDP2, HSDP, or FSDP2 over tensor parallelism on the dim "
-                "the tensor-parallel plan shards). Pass shard_placement_fn=placement_fn (the second argument of "
-                "shard) to fully_shard."
-            )
+        dim, mesh_dims, expert_dims = _sharded_dims(fqn, w)
         raw = nn.Parameter(
             DTensor.from_local(local, mesh, placements, shape=w.shape, stride=w.stride()), requires_grad=True
         )
+        gamma = local_tensor(pc.gamma.detach()).to(local.device)
+        gamma_placements = [Replicate()] * mesh.ndim
+        if expert_dims:  # each rank's gamma entries are those of its experts (no collective in the pull-back)
+            experts = shard_indices(tuple(w.shape), 0, mesh, _only_dim(placements, 0, w.ndim))
+            gamma = gamma[experts.to(gamma.device)]
+            gamma_placements = [placements[i] if i in expert_dims else Replicate() for i in range(mesh.ndim)]
         gamma = DTensor.from_local(
-            local_tensor(pc.gamma.detach()).to(local.device), mesh, [Replicate()] * mesh.ndim
+            gamma, mesh, gamma_placements, shape=pc.gamma.shape, stride=pc.gamma.stride()
         )
         pc.gamma = nn.Parameter(gamma, requires_grad=pc.gamma.requires_grad)
-        mesh_dims = tuple(i for i, p in enumerate(placements) if shards(p))
-        dim = shard_dims.pop() if shard_dims else _larger_dim(tuple(w.shape))
     else:  # one device: the raw parameter keeps its identity (an optimizer built before keeps working)
         raw = w
         module._parameters[name] = nn.Parameter(local, requires_grad=True)  # W_eff
@@ -397,7 +386,9 @@ def _bind(
     slot.dim, slot.mesh, slot.mesh_dims, slot.compute_dtype = dim, mesh, mesh_dims, compute_dtype
     slot.placements = tuple(w.placements) if is_dtensor(w) else None
     if mesh_dims:
-        slot.index = shard_indices(tuple(w.shape), dim, mesh, placements)
+        at = w.ndim - 2 + dim
+        slot.index = shard_indices(tuple(w.shape), at, mesh, _only_dim(placements, at, w.ndim))
+    slot.experts = experts
     holder = module._modules.get("parametrizations")
     if not isinstance(holder, PCHolder):
         holder = PCHolder()
@@ -409,6 +400,38 @@ def _bind(
         module.register_load_state_dict_pre_hook(_keep_effective)
         module.register_load_state_dict_post_hook(_rewrite_after_load)
     return slot
+
+
+def _only_dim(placements: tuple, dim: int, ndim: int) -> tuple:
+    """``placements`` with every placement that does not shard tensor dim ``dim`` replaced by ``Replicate``."""
+    from torch.distributed.tensor import Replicate
+
+    return tuple(p if shards(p) and p.dim % ndim == dim else Replicate() for p in placements)
+
+
+def _sharded_dims(fqn: str, w: Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """``(dim, mesh_dims, expert_dims)`` of a DTensor PC weight: the matrix dim (0 rows, 1 columns) its rows are
+    oriented along (the sharded one, else the larger), the mesh dims that shard that matrix dim (its Gram is a sum
+    over them), and the mesh dims that shard the expert dim of a ``(E, m, n)`` stack (local, whole matrices)."""
+    from torch.distributed.tensor import Partial
+
+    placements, ndim = tuple(w.placements), w.ndim
+    matrix = {p.dim % ndim - (ndim - 2) for p in placements if shards(p) and p.dim % ndim >= ndim - 2}
+    if (
+        any(isinstance(p, Partial) for p in placements)
+        or len(matrix) > 1
+        or any(shards(p) and type(p).__name__ not in ("Shard", "_StridedShard") for p in placements)
+    ):
+        raise ValueError(
+            f"set_strategy: {fqn} is placed as {placements}; the once-per-step strategy needs every mesh dim that "
+            "shards a matrix dim to shard the same one (FSDP2, HSDP, or FSDP2 over tensor parallelism on the dim "
+            "the tensor-parallel plan shards; an expert stack may also be sharded on its expert dim). Pass "
+            "shard_placement_fn=placement_fn (the second argument of shard) to fully_shard."
+        )
+    mesh_dims = tuple(i for i, p in enumerate(placements) if shards(p) and p.dim % ndim >= ndim - 2)
+    expert_dims = tuple(i for i, p in enumerate(placements) if shards(p) and p.dim % ndim < ndim - 2)
+    dim = matrix.pop() if matrix else _larger_dim(tuple(w.shape[-2:]))
+    return dim, mesh_dims, expert_dims
 
 
 def _to_per_forward(model: nn.Module) -> list[str]:
@@ -455,7 +478,7 @@ def _warn_small_dim(all_slots: list[PCSlot]) -> None:
     bad = [
         f"{tuple(s.original.shape)} on dim {s.dim}"
         for s in all_slots
-        if s.mesh_dims and s.original.shape[s.dim] < s.original.shape[1 - s.dim]
+        if s.mesh_dims and s.original.shape[-2:][s.dim] < s.original.shape[-2:][1 - s.dim]
     ]
     if bad:
         warnings.warn(

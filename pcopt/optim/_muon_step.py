@@ -73,17 +73,18 @@ def check_split(p: Tensor, split_sizes: tuple[int, ...]) -> None:
 
 def whole_locally(p: Tensor) -> bool:
     """Whether every matrix of ``p`` lies whole in this rank's local tensor: a plain tensor, or a stack of
-    matrices ``(..., m, n)`` whose DTensor placements shard only the stack dims (MoE experts under FSDP2 ``Shard(0)``
-    or expert parallelism) or replicate. Such a parameter needs no collective: each rank orthogonalizes its own
-    matrices."""
+    matrices ``(..., m, n)`` whose DTensor placements shard only the stack dims (MoE experts under FSDP2 ``Shard(0)``,
+    expert parallelism, or both: torchtitan's ``(_StridedShard(0), Shard(0))``) or replicate. Such a parameter needs
+    no collective: each rank orthogonalizes its own matrices."""
     if not _is_dtensor(p):
         return True
     if p.ndim <= 2:
         return False
-    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import Replicate
 
     return all(
-        isinstance(pl, Replicate) or (type(pl) is Shard and pl.dim % p.ndim < p.ndim - 2)
+        isinstance(pl, Replicate)
+        or (type(pl).__name__ in ("Shard", "_StridedShard") and pl.dim % p.ndim < p.ndim - 2)
         for pl in p.placements
     )
 
