@@ -142,7 +142,7 @@ class PolynomialPC(nn.Module):
 
     # -- the map -------------------------------------------------------------------------------------------
     def forward(self, W: Tensor) -> Tensor:
-        if self._fresh is not None and not self._warned_stale and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and self._fresh is not None and not self._warned_stale:
             self._check_fresh(W)
         if is_dtensor(W):
             raise RuntimeError(

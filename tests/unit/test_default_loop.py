@@ -233,18 +233,27 @@ def test_a_backward_that_fails_does_not_leave_the_pull_back_off():
 
 
 @pytest.mark.slow
-def test_torch_compile_of_the_default_model_matches_eager():
-    """``torch.compile(model)`` in the README loop: the once-per-step model is plain Linears to dynamo (0 graph
-    breaks, one graph) and the auto pull-back still runs at each backward. Bound: inductor fuses and reorders the
-    forward's fp32 reductions (a few ulps, ~1e-6 relative, per step), which 20 steps of Muon carry into the losses
-    (~4 nats): measured 4.8e-7; 1e-4 leaves 200x, while a lost pull-back (no update of the raw weights) changes
-    the loss by > 1e-2 within 20 steps."""
+@pytest.mark.parametrize("strategy", [None, "per_forward"])
+def test_torch_compile_matches_eager(strategy):
+    """``torch.compile(model)`` in the README loop, in both strategies. Once per step (default) the model is plain
+    Linears to dynamo and the auto pull-back still runs at each backward; per forward dynamo traces the parametrize
+    registration, so the map and its backward are compiled into the model's graph. Either way: 0 graph breaks, one
+    graph, and no recompilation over 20 steps (the per-forward map once guarded on the raw weight's version, which
+    every step changes, and recompiled each step until dynamo's limit sent it back to eager).
+
+    Bound: inductor fuses and reorders the forward's (and per forward the map's) fp32 reductions (a few ulps, ~1e-6
+    relative, per step), which 20 steps of Muon carry into the losses (~4 nats): measured 4.8e-7 in both
+    strategies; 1e-4 leaves 200x, while a lost pull-back (no update of the raw weights) changes the loss by > 1e-2
+    within 20 steps."""
+    from torch._dynamo.utils import counters
     from torch._inductor.utils import fresh_cache
+
+    kwargs = {} if strategy is None else {"strategy": strategy}
 
     def run(compiled: bool, steps: int = 20):
         torch.manual_seed(0)
         model = TinyLlama(**_SMALL)
-        pcopt.precondition_model(model, degree=5)
+        pcopt.precondition_model(model, degree=5, **kwargs)
         opt = pcopt.build_optimizer(model, lr=1e-2, ns_dtype=torch.float32)
         fwd = torch.compile(model) if compiled else model
         g = torch.Generator().manual_seed(1)
@@ -261,8 +270,12 @@ def test_torch_compile_of_the_default_model_matches_eager():
 
     with fresh_cache():  # a private inductor cache (its key leaves out ATEN_CPU_CAPABILITY)
         eager, model = run(False)
+        counters.clear()
         compiled, _ = run(True)
+        graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
         explained = torch._dynamo.explain(model)(torch.randint(0, _SMALL["vocab"], (4, 16)))
+    assert pcopt.strategy_of(model) == (strategy or "once_per_step")
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    assert (graphs, breaks) == (1, 0), (graphs, dict(counters["graph_break"]))  # one compile for all 20 steps
     assert max(abs(a - b) for a, b in zip(eager, compiled)) <= 1e-4
     assert eager[-1] < eager[0] - 1e-2  # it trains: the bound is far below what a lost update does
