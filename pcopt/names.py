@@ -23,6 +23,8 @@ __all__ = [
     "ATTENTION_FFN_MODULES",
     "PC_TARGETS",
     "EMBEDDING_MODULES",
+    "EXPERT_STACK_TARGETS",
+    "EXPERT_STACKS",
     "GAMMA_PARAMS",
     "WEIGHT_PARAMS",
     "HEAD_MODULES",
@@ -50,6 +52,14 @@ ATTENTION_FFN_MODULES = (
 )
 """Every attention (q, k, v, fused qkv, MLA's low-rank ``wq_a``/``wq_b``/``wkv_a``/``wkv_b``, output) and FFN
 matrix (dense, or a MoE's shared experts): what GMCN averages and Muon optimizes."""
+
+EXPERT_STACK_TARGETS = r"(^|\.)routed_experts\.inner_experts$"
+"""torchtitan's MoE routed experts (``GroupedExperts``: the 3-D stacks ``w1_EFD``, ``w2_EDF``, ``w3_EFD``), which
+``torchtitan_ext``'s converter preconditions per expert besides :data:`PC_TARGETS`."""
+
+EXPERT_STACKS = r"(^|\.)inner_experts\.(parametrizations\.)?(w1_EFD|w2_EDF|w3_EFD)(\.original)?$"
+"""Parameter-FQN regex of torchtitan's routed-expert stacks ``(E, out, in)``, plain or the raw stack of a
+preconditioned one (Muon per expert)."""
 
 EMBEDDING_MODULES = r"(^|\.)(tok_embeddings|embed_tokens|wte|wpe|word_embeddings)$"
 """Token and position embeddings (AdamW in the paper's Muon recipe)."""

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 import warnings
@@ -28,20 +29,24 @@ from torchtitan.config import ParallelismConfig
 from torchtitan.config.override import derive
 from torchtitan.distributed import ParallelDims
 from torchtitan.models.common.linear import Linear
+from torchtitan.models.common.moe import GroupedExperts
 from torchtitan.models.llama3.parallelize import parallelize_llama
 from torchtitan.protocols.model import ModelConfigConverter
 from torchtitan.protocols.module import Module
 
 import pcopt
 from pcopt import PCOptions
-from pcopt.names import PC_TARGETS
+from pcopt.names import EXPERT_STACK_TARGETS, PC_TARGETS
 from torchtitan_ext.compat import check_spmd_backend, force_sum_reduction_on_gloo
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_TARGETS",
+    "EXPERT_STACKS",
     "PC_STRATEGIES",
     "PCConverter",
+    "PCGroupedExperts",
     "PCLinear",
     "attach_pc_state",
     "canonical_strategy",
@@ -85,6 +90,29 @@ def _options(c) -> PCOptions:
     )
 
 
+DEFAULT_TARGETS = f"{PC_TARGETS}|{EXPERT_STACK_TARGETS}"
+""":class:`PCConverter`'s default: the paper's matrices (attention output, dense and shared-expert FFN) and the
+routed experts' stacks (``moe.routed_experts.inner_experts``: ``w1_EFD``, ``w2_EDF``, ``w3_EFD``, per expert)."""
+
+EXPERT_STACKS = ("w1_EFD", "w2_EDF", "w3_EFD")
+"""The 3-D parameters of torchtitan's ``GroupedExperts`` that get PC, one state per expert matrix."""
+
+
+def _require_pc(module, name: str, what: str) -> None:
+    """A converted module must have its PC layer by its first forward: never train it without PC silently."""
+    if module.__dict__.get("_pc_checked", False):
+        return
+    if not pcopt.is_preconditioned(module, name):
+        raise RuntimeError(
+            f"This {type(module).__name__} ({what}) reached its forward without the PC layer: its model was "
+            "converted by PCConverter, but nothing attached PC before parallelizing it, so it would train "
+            "without PC. Build the run with torchtitan_ext.with_pc(config) (or a torchtitan_ext config such as "
+            "<stock name>_muon_pc), which wraps the model spec's parallelize_fn; outside torchtitan, call "
+            f"{type(module).__name__}.attach() on every converted module before fully_shard."
+        )
+    module._pc_checked = True
+
+
 class PCLinear(Linear):
     """A torchtitan ``Linear`` whose weight gets the PC layer before parallelization."""
 
@@ -112,17 +140,7 @@ class PCLinear(Linear):
         self._pc_config = config
 
     def forward(self, x):
-        if not self.__dict__.get("_pc_checked", False):
-            if not pcopt.is_preconditioned(self):
-                raise RuntimeError(
-                    f"This PCLinear ({self.in_features} -> {self.out_features}) reached its forward without the PC "
-                    "layer: its model was converted by PCConverter, but nothing attached PC before parallelizing "
-                    "it, so it would train as a plain Linear. Build the run with torchtitan_ext.with_pc(config) "
-                    "(or a torchtitan_ext config such as <stock name>_muon_pc), which wraps the model spec's "
-                    "parallelize_fn; outside torchtitan, call PCLinear.attach() on every PCLinear before "
-                    "fully_shard."
-                )
-            self._pc_checked = True
+        _require_pc(self, "weight", f"{self.in_features} -> {self.out_features}")
         return super().forward(x)
 
     def attach(self) -> None:
@@ -149,14 +167,56 @@ class PCLinear(Linear):
         pcopt.reset_preconditioners(self)
 
 
+class PCGroupedExperts(GroupedExperts):
+    """torchtitan's routed-expert stacks ``(E, out, in)`` with the PC layer on ``w1_EFD``, ``w2_EDF``, ``w3_EFD``.
+
+    Each expert matrix has its own ``gamma``, ``u``, ``v`` (batched: ``gamma (E,)``, ``u (E, out)``), the paper's
+    per-matrix rule applied to every matrix of the stack. Attached before parallelization like
+    :class:`PCLinear`; once per step, expert parallelism and FSDP2 shard ``W_eff`` and the raw stack alike.
+    """
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(GroupedExperts.Config):
+        degree: int = 9
+        """Degree of the PC polynomial (see :class:`PCLinear.Config`)."""
+
+        num_power_iterations: int = 10
+        learn_gamma: bool = True
+        eps: float = 1e-7
+        pc_mode: str = "auto"
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self._pc_config = config
+
+    def forward(self, x_RD, num_tokens_per_expert_E):
+        _require_pc(self, EXPERT_STACKS[0], f"{self.num_experts} routed experts")
+        return super().forward(x_RD, num_tokens_per_expert_E)
+
+    def attach(self) -> None:
+        """Register the PC layer on the three stacks (idempotent). Must precede parallelization."""
+        for name in EXPERT_STACKS:
+            if not pcopt.is_preconditioned(self, name):
+                pcopt.precondition(self, name, options=_options(self._pc_config))
+
+    def _init_self_parameters(self) -> None:
+        if not pcopt.is_preconditioned(self, EXPERT_STACKS[0]):
+            GroupedExperts._init_self_parameters(self)
+            return
+        for name in EXPERT_STACKS:  # the baseline's draws, in its order (w1, w2, w3), into the raw stacks
+            self._init_param(name, self.parametrizations[name].original)
+        pcopt.reset_preconditioners(self)
+
+
 class PCConverter(ModelConfigConverter):
     """Swap target ``Linear`` configs for :class:`PCLinear` configs (see the module docstring)."""
 
     @dataclass(kw_only=True, slots=True)
     class Config(ModelConfigConverter.Config):
-        targets: str = PC_TARGETS
-        """Regex searched in module FQNs (e.g. ``layers.3.feed_forward.w1``) selecting the PC matrices
-        (default :data:`pcopt.names.PC_TARGETS`: attention output and FFN, as in the paper)."""
+        targets: str = DEFAULT_TARGETS
+        """Regex searched in module FQNs (e.g. ``layers.3.feed_forward.w1``, ``layers.3.moe.routed_experts
+        .inner_experts``) selecting the PC ``Linear`` layers and expert stacks (default :data:`DEFAULT_TARGETS`:
+        attention output, dense and shared-expert FFN as in the paper, and the routed experts)."""
 
         degree: int = 9
         num_power_iterations: int = 10
@@ -179,34 +239,44 @@ class PCConverter(ModelConfigConverter):
         config.mode = canonical_strategy(config.mode)
         self.config = config
         self.converted: list[str] = []
+        self.skipped: list[str] = []  # matched expert stacks of a layout PC does not take (logged)
 
     def convert(self, model_config: Module.Config) -> Module.Config:
         c = self.config
+        pc_fields = dict(
+            degree=c.degree, num_power_iterations=c.num_power_iterations, learn_gamma=c.learn_gamma, eps=c.eps,
+            pc_mode=c.mode,
+        )  # fmt: skip
         linears = list(model_config.traverse(Linear.Config))
+        stacks = list(model_config.traverse(GroupedExperts.Config))
         matched = 0
-        for fqn, cfg, parent, attr in linears:
+        for fqn, cfg, parent, attr in [*linears, *stacks]:
             if not self.pattern.search(fqn):
                 continue
-            if isinstance(cfg, PCLinear.Config):
+            if isinstance(cfg, (PCLinear.Config, PCGroupedExperts.Config)):
                 raise ValueError(f"{fqn} already has the PC layer; apply PCConverter once.")
-            if type(cfg) is not Linear.Config:
-                raise ValueError(
-                    f"PC target {fqn} is a {type(cfg).__qualname__}, but the PC layer supports plain "
-                    "torchtitan Linear layers only. Narrow the targets regex or drop the other converter."
-                )
-            if cfg.param_init is None or "weight" not in cfg.param_init:
-                raise ValueError(
-                    f"PC target {fqn} has no param_init['weight']; set it so the raw weight is initialised."
-                )
-            new = derive(
-                cfg,
-                PCLinear.Config,
-                degree=c.degree,
-                num_power_iterations=c.num_power_iterations,
-                learn_gamma=c.learn_gamma,
-                eps=c.eps,
-                pc_mode=c.mode,
-            )
+            if isinstance(cfg, GroupedExperts.Config):
+                if type(cfg) is not GroupedExperts.Config:  # gpt_oss: gate and up interleaved in one stack
+                    self.skipped.append(f"{fqn} ({type(cfg).__qualname__})")
+                    continue
+                missing = [n for n in EXPERT_STACKS if cfg.param_init is None or n not in cfg.param_init]
+                if missing:
+                    raise ValueError(
+                        f"PC target {fqn} has no param_init for {missing}; set it so the raw stacks are initialised."
+                    )
+                new = derive(cfg, PCGroupedExperts.Config, **pc_fields)
+            else:
+                if type(cfg) is not Linear.Config:
+                    raise ValueError(
+                        f"PC target {fqn} is a {type(cfg).__qualname__}, but the PC layer supports plain "
+                        "torchtitan Linear layers and GroupedExperts stacks only. Narrow the targets regex or drop "
+                        "the other converter."
+                    )
+                if cfg.param_init is None or "weight" not in cfg.param_init:
+                    raise ValueError(
+                        f"PC target {fqn} has no param_init['weight']; set it so the raw weight is initialised."
+                    )
+                new = derive(cfg, PCLinear.Config, **pc_fields)
             if parent is None:
                 model_config = new
             elif isinstance(parent, list):
@@ -216,14 +286,21 @@ class PCConverter(ModelConfigConverter):
             matched += 1
             self.converted.append(fqn)
         if matched == 0:
-            available = [fqn for fqn, *_ in linears]
+            available = [fqn for fqn, *_ in [*linears, *stacks]]
+            what = "Linear layer or expert stack" if stacks else "Linear layer"
             raise ValueError(
-                f"PC targets {c.targets!r} matched no Linear layer of the model. Its {len(available)} Linear "
-                f"layers: {_abbreviate(available)}. Fix the regex (it is searched in these module FQNs)."
+                f"PC targets {c.targets!r} matched no {what} of the model. Its {len(available)} Linear layers"
+                f"{' and expert stacks' if stacks else ''}: {_abbreviate(available)}. Fix the regex (it is "
+                "searched in these module FQNs)."
             )
+        n_stacks = sum(f in self.converted for f, *_ in stacks)
         logger.info(
-            "PC layer (%s) will be applied to %d matrices matching %r", self.options, matched, c.targets
-        )
+            "PC layer (%s) will be applied to %d modules matching %r (%d Linear layers, %d expert modules: their "
+            "w1/w2/w3 stacks, state per expert)%s",
+            self.options, matched, c.targets, matched - n_stacks, n_stacks,
+            f"; without PC: {len(self.skipped)} expert stacks {_abbreviate(self.skipped)} (interleaved gate/up "
+            "rows, not supported yet)" if self.skipped else "",
+        )  # fmt: skip
         return model_config
 
 
@@ -292,7 +369,12 @@ def _shard_larger_dim(placement_fn):
         else:  # a MoE block's own placement (experts on the EP mesh): PC matrices first, the rest as torchtitan says
 
             def composed(param, _ours=placement_fn, _theirs=theirs):
-                return _ours(param) or _theirs(param)
+                ours, result = _ours(param), _theirs(param)
+                if ours is None:
+                    return result
+                if hasattr(result, "mesh_info"):  # a per-parameter mesh (EP > 1): ours on the mesh torchtitan chose
+                    return dataclasses.replace(result, placement=ours)
+                return ours
 
             kwargs["shard_placement_fn"] = composed
         return original(module, *args, **kwargs)
@@ -305,10 +387,11 @@ def _shard_larger_dim(placement_fn):
 
 
 def attach_pc(model) -> list[str]:
-    """Register the PC layer on every :class:`PCLinear` of ``model``; returns their FQNs."""
+    """Register the PC layer on every :class:`PCLinear` and :class:`PCGroupedExperts` of ``model``; returns their
+    FQNs."""
     fqns = []
     for fqn, module in model.named_modules():
-        if isinstance(module, PCLinear):
+        if isinstance(module, (PCLinear, PCGroupedExperts)):
             module.attach()
             fqns.append(fqn)
     return fqns
@@ -316,13 +399,10 @@ def attach_pc(model) -> list[str]:
 
 def _skipped_report(model) -> str:
     """What the PC targets leave out of a model, and why (one clause per kind)."""
-    experts = [n for n, p in model.named_parameters() if p.ndim == 3]
+    experts = [n for n, p in model.named_parameters() if p.ndim == 3 and ".parametrizations." not in n]
     parts = []
     if experts:
-        parts.append(
-            f"{len(experts)} MoE routed-expert stacks ({_abbreviate(experts)}: 3-D, PC on routed experts is not "
-            "implemented yet)"
-        )
+        parts.append(f"{len(experts)} MoE expert stacks ({_abbreviate(experts)}: not in the PC targets)")
     parts.append("q/k/v, embeddings, LM head, routers and norms (the paper's rule)")
     return "; ".join(parts)
 
@@ -345,7 +425,7 @@ def parallelize_with_pc(
     """
     check_spmd_backend(parallelism.spmd_backend)
     kwargs = dict(parallel_dims=parallel_dims, parallelism=parallelism, **kwargs)
-    pc_modules = {fqn: m for fqn, m in model.named_modules() if isinstance(m, PCLinear)}
+    pc_modules = {fqn: m for fqn, m in model.named_modules() if isinstance(m, (PCLinear, PCGroupedExperts))}
     lost = [f for f in expected if not any(k == f or k.endswith("." + f) for k in pc_modules)]
     if lost:
         raise RuntimeError(
@@ -371,6 +451,14 @@ def parallelize_with_pc(
                 f"strategy {sorted(modes)}. Set context_parallel_degree to 1, and use once per step (a _pc config, "
                 "not _per_forward) with tensor parallelism."
             )
+        if parallel_dims.ep_enabled and modes & {"per_forward"} and any(
+            isinstance(m, PCGroupedExperts) for m in pc_modules.values()
+        ):
+            raise ValueError(
+                f"PC per forward maps a whole weight in every forward, but expert parallelism (degree "
+                f"{parallel_dims.ep}) leaves each rank its own experts only. Use PC once per step (strategy 'auto' "
+                "or 'once_per_step', the _pc configs), or set expert_parallel_degree to 1."
+            )
         if len(modes) > 1:
             raise ValueError(
                 f"All PC layers of a model run in one strategy, got {sorted(modes)}; set one PCConverter mode."
@@ -386,9 +474,11 @@ def parallelize_with_pc(
             "pipeline_parallel_degree to 1 or use PCConverter.Config(mode='per_forward') (or 'auto')."
         )
     if mode is not None:
+        n_stacks = sum(isinstance(m, PCGroupedExperts) for m in pc_modules.values())
         logger.info(
-            "PC layer on %d matrices, %s%s: %s. Without PC: %s",
-            len(pc_modules),
+            "PC layer on %d matrices%s, %s%s: %s. Without PC: %s",
+            len(pc_modules) - n_stacks,
+            f" and {len(EXPERT_STACKS) * n_stacks} expert stacks (state per expert)" if n_stacks else "",
             mode,
             " (FSDP2 shards)" if mode == "once_per_step" else "",
             _abbreviate(list(pc_modules)),

@@ -43,11 +43,18 @@ from torchtitan.protocols.model_spec import ModelSpec
 from torchtitan.trainer import Trainer
 
 from pcopt import recipes
-from pcopt.names import ATTENTION_FFN_MODULES, PC_TARGETS, param_pattern
+from pcopt.names import ATTENTION_FFN_MODULES, EXPERT_STACKS, param_pattern
 from torchtitan_ext.checkpoint import PCCheckpointManager
 from torchtitan_ext.metrics import PCMetricsProcessor
 from torchtitan_ext.optimizer import PCOptimizersContainer, muon_kwargs
-from torchtitan_ext.pc import PCConverter, PCLinear, canonical_strategy, parallelize_with_pc, with_pc_state
+from torchtitan_ext.pc import (
+    DEFAULT_TARGETS,
+    PCConverter,
+    PCLinear,
+    canonical_strategy,
+    parallelize_with_pc,
+    with_pc_state,
+)
 from torchtitan_ext.state_dict_adapter import pc_state_dict_adapter
 from torchtitan_ext.trainer import PCTrainer
 
@@ -71,8 +78,8 @@ FAMILIES = ("llama3", "qwen3", "qwen3_5", "deepseek_v3", "kimi_k2_7", "gpt_oss")
 RECIPES = {"_muon": ("muon", False), "_muon_pc": ("muon", True), "_adamw_pc": ("adamw", True)}
 """Config-name suffix -> (optimizer, PC): ``<stock name>_muon_pc`` is Muon + PC on torchtitan's ``<stock name>``."""
 
-ROUTED_EXPERTS = r"(^|\.)inner_experts\.(w1_EFD|w2_EDF|w3_EFD)$"
-"""MoE routed-expert stacks ``(E, out, in)`` with one matrix per expert (Muon per expert)."""
+ROUTED_EXPERTS = EXPERT_STACKS
+"""MoE routed-expert stacks ``(E, out, in)`` with one matrix per expert, plain or PC raw (Muon per expert)."""
 
 _INTERLEAVED_EXPERTS = r"(^|\.)inner_experts\.mlp[12]_weight_E[A-Z]+$"
 """gpt_oss's expert stacks (``mlp1`` interleaves gate and up rows): AdamW until the MoE issue splits them."""
@@ -148,8 +155,9 @@ def with_pc(
         config: any torchtitan ``Trainer.Config`` (not modified).
         degree: the PC polynomial's degree (3, 5, 7, 9); None: the paper's, 5 if the config already uses Muon
             (apply :func:`with_muon` first), else 9.
-        targets: regex searched in ``Linear`` module FQNs; None: :data:`pcopt.names.PC_TARGETS` (attention output,
-            dense FFN and shared-expert FFN matrices; never q/k/v, embeddings, LM head, router or norms).
+        targets: regex searched in the FQNs of ``Linear`` modules and expert stacks; None:
+            :data:`torchtitan_ext.pc.DEFAULT_TARGETS` (attention output, dense FFN and shared-expert FFN matrices,
+            and the MoE routed experts' stacks per expert; never q/k/v, embeddings, LM head, router or norms).
         strategy: ``"auto"`` (once per step unless pipeline parallel), ``"once_per_step"`` or ``"per_forward"``.
 
     Raises:
@@ -161,7 +169,7 @@ def with_pc(
     if degree is None:
         degree = recipes.pc_degree("muon" if _uses_muon(config) else "adamw")
     converter = PCConverter.Config(
-        targets=PC_TARGETS if targets is None else targets,
+        targets=DEFAULT_TARGETS if targets is None else targets,
         degree=degree,
         num_power_iterations=num_power_iterations,
         learn_gamma=learn_gamma,
@@ -454,8 +462,8 @@ def for_cpu(config: Trainer.Config, *, quiet: bool = False) -> Trainer.Config:
     The stock debug configs name ``./tests/assets/tokenizer`` and ``c4_test``, which the torchtitan wheel does not
     ship: a missing tokenizer folder becomes the embedded one and a missing dataset the embedded text sample.
     Sequences are cut to 256 tokens and the local batch to 2, FlexAttention (no CPU backward) becomes dense-mask
-    SDPA, fused optimizer kernels become foreach, the validator is off, and the SPMD backend is torchtitan's
-    ``partial_dtensor`` (the only correct one on torch < 2.14). The model is not changed.
+    SDPA, fused optimizer kernels become foreach, the validator and CUDA graphs are off, and the SPMD backend is
+    torchtitan's ``partial_dtensor`` (the only correct one on torch < 2.14). The model is not changed.
     """
     import os
 
@@ -493,6 +501,9 @@ def for_cpu(config: Trainer.Config, *, quiet: bool = False) -> Trainer.Config:
     if getattr(config.optimizer, "implementation", None) == "fused":
         change("optimizer.implementation", "fused", "foreach")
         config.optimizer.implementation = "foreach"
+    if not getattr(t, "disable_cuda_graphs", True):  # torchtitan refuses EP's all-to-all dispatcher under them
+        change("training.disable_cuda_graphs", False, True)
+        t.disable_cuda_graphs = True
     if config.validator.enable:
         change("validator.enable", True, False)
         config.validator.enable = False

@@ -39,8 +39,8 @@ from torchtitan_ext.cpu_attention import DENSE_ATTENTION_OVERRIDE  # noqa: E402
 from torchtitan_ext.export import build_model, export, hf_config  # noqa: E402
 from torchtitan_ext.pc import PCConverter  # noqa: E402
 
-# The paper's PC targets plus DeepSeek's shared experts (the routed experts are 3-D GroupedExperts stacks).
-TARGETS = r"(^|\.)(attention\.wo|feed_forward\.w[123]|shared_experts\.w[123])$"
+# The paper's PC targets, DeepSeek's shared experts and its routed experts (3-D stacks, state per expert).
+TARGETS = r"(^|\.)(attention\.wo|feed_forward\.w[123]|shared_experts\.w[123]|routed_experts\.inner_experts)$"
 N_LAYERS = 2
 BATCH, SEQ = 2, 64
 U32 = 2.0**-24  # fp32 unit roundoff
@@ -54,6 +54,9 @@ HF_NAME = {
     "moe.shared_experts.w1": "mlp.shared_experts.gate_proj",
     "moe.shared_experts.w3": "mlp.shared_experts.up_proj",
     "moe.shared_experts.w2": "mlp.shared_experts.down_proj",
+    "moe.routed_experts.inner_experts.w1_EFD": "mlp.experts.{}.gate_proj",
+    "moe.routed_experts.inner_experts.w3_EFD": "mlp.experts.{}.up_proj",
+    "moe.routed_experts.inner_experts.w2_EDF": "mlp.experts.{}.down_proj",
 }
 
 
@@ -191,7 +194,9 @@ def test_export_matches_torchtitan_logits(family, tmp_path, monkeypatch):
     # Non-trivial PC state: gamma in [0.5, 1.5], u and v refreshed further (W_eff != W even at gamma 1).
     g = torch.Generator().manual_seed(1)
     pcs = pcopt.preconditioners(model)
-    assert len(pcs) == 4 * N_LAYERS  # wo and w1, w2, w3 (dense FFN or shared experts) per layer
+    n_moe = sum(isinstance(m, GroupedExperts) for m in model.modules())
+    # wo and w1, w2, w3 (dense FFN or shared experts) per layer, and the 3 routed stacks of each MoE layer
+    assert len(pcs) == 4 * N_LAYERS + 3 * n_moe and n_moe == (family == "deepseek_v3")
     with torch.no_grad():
         for _, pc in pcs:
             pc.gamma.copy_(0.5 + torch.rand(pc.gamma.shape, generator=g, dtype=torch.float64))
@@ -267,16 +272,16 @@ def test_export_matches_torchtitan_logits(family, tmp_path, monkeypatch):
     assert len(tensors) - sum(per_layer.values()) == n_other
     assert not any("parametrizations" in k for k in tensors)
     for fqn, _ in pcs:
-        layer, module = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", fqn).groups()
-        exported = tensors[f"model.layers.{layer}.{HF_NAME[module]}.weight"]
-        # the same float64 computation on the same (DCP round-tripped, float64) values; another BLAS may sum in
-        # another order: <= k u64 sum|a||b| with k <= 1024 and O(1) terms, ~1e-13
-        torch.testing.assert_close(
-            exported,
-            pcopt.effective_weight(model.get_submodule(f"layers.{layer}.{module}")),
-            rtol=0,
-            atol=1e-12,
-        )
+        layer, module, name = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|w[123]_E[DF]{2})", fqn).groups()
+        effective = pcopt.effective_weight(model.get_submodule(f"layers.{layer}.{module}"), name)
+        hf_name = HF_NAME[module if name == "weight" else f"{module}.{name}"]
+        # an expert stack: each expert's matrix of the merged stack (its own gamma, u, v), one HF tensor each
+        per_expert = effective.unbind(0) if effective.ndim == 3 else [effective]
+        for e, matrix in enumerate(per_expert):
+            exported = tensors[f"model.layers.{layer}.{hf_name.format(e)}.weight"]
+            # the same float64 computation on the same (DCP round-tripped, float64) values; another BLAS may sum
+            # in another order: <= k u64 sum|a||b| with k <= 1024 and O(1) terms, ~1e-13
+            torch.testing.assert_close(exported, matrix, rtol=0, atol=1e-12)
 
 
 def _named(family: str, name: str):

@@ -1,8 +1,10 @@
 """PC and Muon on torchtitan's own model families: the transform, the recipes by name, and no silent no-op.
 
 In-process tests read the transformed configs (and models built on the meta device or the CPU); the runs at the
-end train ``llama3_debugmodel``, ``qwen3_debugmodel`` and ``deepseek_v3_debugmodel`` with PC + Muon on 2 gloo
-ranks (FSDP2), check that PC is active and that a resume is bit-exact.
+end train ``llama3_debugmodel``, ``qwen3_debugmodel``, ``deepseek_v3_debugmodel`` (FSDP2; DeepSeek's routed experts
+sharded on their expert dim) and 2-layer cuts of ``deepseek_v3_debugmodel`` and ``qwen3_moe_debug`` under expert
+parallelism 2, with PC (routed experts too) + Muon on 2 gloo ranks, check that PC is active and that a resume is
+bit-exact.
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ def _pc_fqns(config) -> list[str]:
     ]
 
 
+def _pc_stacks(config) -> list[str]:
+    from torchtitan.models.common.moe import GroupedExperts
+
+    from torchtitan_ext.pc import PCGroupedExperts
+
+    stacks = config.model_spec.model.traverse(GroupedExperts.Config)
+    return [f for f, c, *_ in stacks if isinstance(c, PCGroupedExperts.Config)]
+
+
 def _linears(config) -> list[str]:
     from torchtitan.models.common.linear import Linear
 
@@ -67,6 +78,10 @@ def test_with_pc_targets_attention_output_and_every_ffn_matrix(stock):
         assert "layers.0.feed_forward.w1" in got and "layers.1.moe.shared_experts.w2" in got
     n_layers = len(config.model_spec.model.layers)
     assert len([f for f in got if f.endswith("attention.wo")]) == n_layers
+    # the routed experts of every MoE layer, per expert (independent rule: a layer with a MoE block)
+    moe_layers = [i for i, layer in enumerate(config.model_spec.model.layers) if getattr(layer, "moe", None)]
+    assert _pc_stacks(pc) == [f"layers.{i}.moe.routed_experts.inner_experts" for i in moe_layers]
+    assert bool(moe_layers) == (stock == "deepseek_v3_debugmodel")
 
 
 @pytest.mark.parametrize("stock", sorted(FAMILIES))
@@ -103,13 +118,14 @@ def test_with_pc_degree_follows_the_optimizer():
     assert degrees(with_pc(_stock("llama3_debugmodel"), degree=3)) == {3}
 
 
-def test_targets_matching_nothing_list_the_models_linears():
+def test_targets_matching_nothing_list_the_models_linears_and_expert_stacks():
     from torchtitan_ext import with_pc
 
     with pytest.raises(
         ValueError,
-        match=r"PC targets 'no_such' matched no Linear layer of the model\. Its \d+ Linear layers: .*"
-        r"layers\.\*\.attention\.wkv_a.*layers\.\*\.moe\.router\.gate",
+        match=r"PC targets 'no_such' matched no Linear layer or expert stack of the model\. Its \d+ Linear layers "
+        r"and expert stacks: .*layers\.\*\.attention\.wkv_a.*layers\.\*\.moe\.router\.gate.*"
+        r"layers\.\*\.moe\.routed_experts\.inner_experts",
     ):
         with_pc(_stock("deepseek_v3_debugmodel"), targets="no_such")
 
@@ -277,7 +293,15 @@ def test_pc_raw_weights_get_the_baselines_init_draw():
 
 # -- 2-rank runs ------------------------------------------------------------------------------------------------------
 STEPS, EVERY = 4, 2
-_EXPECTED_PC = {"llama3_debugmodel": 24, "qwen3_debugmodel": 32, "deepseek_v3_debugmodel": 24}
+_EP = ("--parallelism.expert_parallel_degree", "2")
+# run -> (config, module, extra flags, PC Linear matrices, PC expert modules (3 stacks each))
+_RUNS = {
+    "llama3_debugmodel": ("llama3_debugmodel_muon_pc", "torchtitan_ext", (), 24, 0),
+    "qwen3_debugmodel": ("qwen3_debugmodel_muon_pc", "torchtitan_ext", (), 32, 0),
+    "deepseek_v3_debugmodel": ("deepseek_v3_debugmodel_muon_pc", "torchtitan_ext", (), 24, 5),  # FSDP2 on experts
+    "deepseek_v3_tiny": ("deepseek_v3_tiny_muon_pc", "tests.torchtitan.tt_configs", _EP, 8, 1),
+    "qwen3_moe_tiny": ("qwen3_moe_tiny_muon_pc", "tests.torchtitan.tt_configs", _EP, 2, 2),
+}
 
 
 @pytest.fixture(scope="module")
@@ -285,15 +309,18 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("families")
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def _train(name: str, dump, *extra: str):
+    config, module, flags, *_ = _RUNS[name]
+    return torchrun(
+        config, dump, "--training.steps", str(STEPS), "--checkpoint.enable", "--checkpoint.interval", str(EVERY),
+        *flags, *extra, module=module, timeout=400,
+    ).check()  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=sorted(_RUNS))
 def pc_run(request, workdir):
     stock = request.param
-    dump = workdir / stock
-    run = torchrun(
-        f"{stock}_muon_pc", dump, "--training.steps", str(STEPS), "--checkpoint.enable",
-        "--checkpoint.interval", str(EVERY), "--metrics.pc_log_freq", str(EVERY), timeout=400,
-    ).check()  # fmt: skip
-    return stock, run
+    return stock, _train(stock, workdir / stock, "--metrics.pc_log_freq", str(EVERY))
 
 
 @pytest.mark.slow
@@ -302,8 +329,10 @@ def test_family_trains_with_pc_and_muon(pc_run):
     losses = run.losses
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert losses[STEPS] < losses[1], losses
-    n = _EXPECTED_PC[stock]
-    assert re.search(rf"PC layer on {n} matrices, once_per_step \(FSDP2 shards\)", run.log), run.log[-3000:]
+    *_, n, n_experts = _RUNS[stock]
+    stacks = f" and {3 * n_experts} expert stacks \\(state per expert\\)" if n_experts else ""
+    pc_line = rf"PC layer on {n} matrices{stacks}, once_per_step \(FSDP2 shards\)"
+    assert re.search(pc_line, run.log), run.log[-3000:]
     assert re.search(r"step 2 PC metrics: \{'pc/sigma_mean'", run.log)
     assert re.search(r"optimizer Muon, pattern .*", run.log) and "CPU run (no GPU)" in run.log
     # the checkpoint holds the raw weights of the PC matrices (W_eff is recomputed), plain ones elsewhere
@@ -317,6 +346,10 @@ def test_family_trains_with_pc_and_muon(pc_run):
     raw = {k for k in keys if k.endswith(".parametrizations.weight.original")}
     assert len(raw) == n and "layers.0.attention.wo.parametrizations.weight.original" in raw
     assert not any(k.endswith("attention.wo.weight") for k in keys)
+    expert_state = r"inner_experts\.parametrizations\.w[123]_E[DF]{2}\.(original|0\.gamma)$"
+    stacks = {k for k in keys if re.search(expert_state, k)}
+    assert len(stacks) == 6 * n_experts, sorted(stacks)[:6]
+    assert not any(re.search(r"inner_experts\.w[123]_E[DF]{2}$", k) for k in keys)  # W_eff is recomputed
 
 
 @pytest.mark.slow
@@ -325,10 +358,7 @@ def test_family_resume_is_bit_exact(pc_run, workdir):
     dump = workdir / f"{stock}-resumed"
     (dump / "checkpoint").mkdir(parents=True)
     shutil.copytree(run.dump / "checkpoint" / f"step-{EVERY}", dump / "checkpoint" / f"step-{EVERY}")
-    resumed = torchrun(
-        f"{stock}_muon_pc", dump, "--training.steps", str(STEPS), "--checkpoint.enable",
-        "--checkpoint.interval", str(EVERY), timeout=400,
-    ).check()  # fmt: skip
+    resumed = _train(stock, dump)
     assert sorted(resumed.steps) == list(range(EVERY + 1, STEPS + 1))
     for step in resumed.steps:
         assert resumed.steps[step] == run.steps[step], (step, resumed.steps[step], run.steps[step])

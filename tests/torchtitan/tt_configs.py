@@ -53,3 +53,40 @@ def debug_muon_pc_lr_x1_1():
     for group in config.optimizer.param_groups:
         group.optimizer_kwargs = {**group.optimizer_kwargs, "lr": group.optimizer_kwargs["lr"] * 1.1}
     return config
+
+
+def qwen3_moe_tiny_muon_pc():
+    """torchtitan's ``qwen3_moe_debug`` (Qwen3 MoE: 8 layers of 64 experts (768, 256), 2.7 min a step on 2 CPU
+    ranks) cut to 2 layers of 8 experts (64, 256), top 2, with pcopt's Muon and PC, for the CI's EP runs."""
+    import torch
+    from torchtitan.models.common.rope import CosSinRoPE
+    from torchtitan.models.qwen3 import _build_qwen3_moe_layers
+    from torchtitan.models.qwen3.config_registry import qwen3_moe_debug
+
+    from torchtitan_ext import for_cpu, with_muon, with_pc
+
+    config = qwen3_moe_debug()
+    model = config.model_spec.model
+    dim, head_dim = model.dim, 64
+    model.layers = _build_qwen3_moe_layers(
+        n_layers=2, dim=dim, n_heads=4, n_kv_heads=2, head_dim=head_dim, moe_hidden_dim=64, num_experts=8,
+        top_k=2, attn_backend="flex", moe_comm_backend="standard",
+        rope=CosSinRoPE.Config(dim=head_dim, max_seq_len=4096, theta=1000000.0),
+    )  # fmt: skip
+    config = with_pc(with_muon(config))
+    return config if torch.cuda.is_available() else for_cpu(config)
+
+
+def deepseek_v3_tiny_muon_pc():
+    """torchtitan's ``deepseek_v3_debugmodel`` cut to its dense layer 0 and one MoE layer (8 experts (256, 256), top
+    3, 2 shared), with pcopt's Muon and PC, for the CI's EP runs (the 6-layer stock model takes ~105 s a step on
+    2 CPU ranks under EP 2, with or without PC)."""
+    import torch
+    from torchtitan.models.deepseek_v3.config_registry import deepseek_v3_debugmodel
+
+    from torchtitan_ext import for_cpu, with_muon, with_pc
+
+    config = deepseek_v3_debugmodel()
+    config.model_spec.model.layers = config.model_spec.model.layers[:2]
+    config = with_pc(with_muon(config))
+    return config if torch.cuda.is_available() else for_cpu(config)

@@ -256,3 +256,20 @@ def test_pc_layouts_smoke(capsys):
         # all-reduces per power iteration (10) for all three matrices
         assert r["all_reduces"] == 2 + 2 + 2 * 10, (layout, r["all_reduces"])
         assert r["time"] > 0
+
+
+def test_pc_experts_smoke(capsys):
+    """``benchmarks/pc_experts.py --smoke``: PC on a MoE layer's stacks costs docs/scale.md's 2-D formula per expert,
+    its op count is the same at E and 2E experts, it reads nothing on the host, and pcopt's batched Muon equals
+    torch.optim.Muon looped over the experts (same defaults: bitwise) with the same FLOPs."""
+    from benchmarks import pc_experts
+
+    res = pc_experts.main(["--smoke"])
+    (pc,), (muon,) = res["pc"], res["muon"]
+    assert "PC  smoke" in capsys.readouterr().out
+    # uncounted by the formula: sigma = u^T A v in the map and the pull-back (4 m n of 12 m n^2 per matrix) and
+    # the elementwise scalings, so the ratio exceeds 1 by about 1 / (3 n): 1.4% at n = 24
+    n = min(pc["D"], pc["F"])
+    assert 1 <= pc["flops_ratio"] <= 1 + 1 / n, pc
+    assert pc["ops"] == pc["ops_2x_experts"] and pc["syncs"] == 0, pc
+    assert muon["update_rel_diff"] == 0 and muon["flops_pcopt"] == muon["flops_torch"] > 0, muon
