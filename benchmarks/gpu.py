@@ -1,10 +1,10 @@
 """Everything to measure on a CUDA GPU in one run (under 8 minutes on one H200), printed as markdown tables.
 
-    python -m benchmarks.gpu [--data outputs/corpora/python-docs.jsonl] [--only step,linear,ns,muon,probe]
+    python -m benchmarks.gpu [--data outputs/corpora/python-docs.jsonl] [--only step,linear,ns,muon,readme,probe]
     python -m benchmarks.gpu --smoke      # the same code paths on the CPU with tiny shapes, in seconds (CI)
 
 Needs only torch and the repository (no torchtitan, no datasets): GPU images carry torch 2.11 and no network.
-Five sections, each a table with the device named:
+Six sections, each a table with the device named:
 
 * ``step``: one training step of ``pcopt.demo.TinyLlama`` at the Llama-1B shape (dim 2048, 18 layers, FFN
   5632, vocab 32000), 4 x 4096 tokens per micro-batch, bf16 autocast with fp32 master weights, for fused
@@ -18,6 +18,12 @@ Five sections, each a table with the device named:
   block-triangular symmetric products); one symmetric product blocked against full, by size.
 * ``muon``: one Muon optimizer step over the 126 Llama-1B hidden matrices: torch.optim.Muon, pcopt with
   torch's arguments, build_optimizer's Muon; time, FLOPs and share of bf16 matmul throughput.
+* ``readme``: one step of the README's loop as printed (``precondition_model`` + ``build_optimizer``, a plain
+  ``backward()`` / ``step()`` / ``zero_grad()`` / scheduler loop, no pcopt call in it, fp32, no autocast) with the
+  model built on ``--device`` (the snippet's ``.cuda()``): the snippet's own demo model and batch (8 x 64 bytes),
+  and a Llama-1B-shaped TinyLlama at ``--readme-batch`` x ``--seq`` tokens. No PC, the default (once per step,
+  pull-back at the end of ``backward()``) and ``pcopt.set_strategy(model, "per_forward")``: median step time and
+  the ratio to no PC, all measured in one run.
 * ``probe``: token efficiency at 25M parameters (dim 512, 8 layers, byte-level), about one epoch of
   ``--data`` (a ``.jsonl``/``.txt`` corpus; the embedded sample if absent), AdamW / AdamW+PC / Muon / Muon+PC
   at the same learning rate per optimizer, PC in the once-per-step strategy: validation loss and step time.
@@ -46,13 +52,19 @@ from benchmarks.pc_cost import build, formula, training_step
 from pcopt import recipes
 from pcopt.hardware import describe, preferred_dtype
 
-SECTIONS = ("step", "linear", "ns", "muon", "probe")
+SECTIONS = ("step", "linear", "ns", "muon", "readme", "probe")
 ARMS_PROBED = ("adamw", "adamw_pc", "muon", "muon_pc")
 STRATEGIES = ("none", "per_forward", "once_per_step")
 OPTIMIZERS = ("adamw", "muon")
 # Llama-1B (the issue's table) and its smoke-sized stand-in
 STEP_MODEL = dict(vocab=32000, dim=2048, n_layers=18, n_heads=16, hidden=5632)
 SMOKE_STEP_MODEL = dict(vocab=128, dim=64, n_layers=2, n_heads=2, hidden=176)
+# the README loop's arms: no PC, precondition_model's default, set_strategy(model, "per_forward")
+README_ARMS = ("none", "once_per_step", "per_forward")
+# (name, TinyLlama kwargs, batch or None for --readme-batch, sequence or None for --seq) of the README table:
+# the snippet's own model and x = randint(0, 256, (8, 65)); the Llama-1B shape; under --smoke, a tiny model
+README_MODELS = [("snippet (demo TinyLlama)", {}, 8, 64), ("Llama-1B shape", STEP_MODEL, None, None)]
+SMOKE_README_MODELS = [("smoke TinyLlama", SMOKE_STEP_MODEL, 2, 16)]
 # (out, in) of the PC'd matrices at 1B (dim 2048, FFN 5632) and 8B (dim 4096, FFN 14336)
 LINEAR_SHAPES = [(2048, 2048), (5632, 2048), (4096, 4096), (14336, 4096)]
 SMOKE_LINEAR_SHAPES = [(48, 32), (32, 96)]
@@ -305,6 +317,60 @@ def section_muon(args, device, report) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------ the README loop
+def _readme_row(model_kw: dict, batch: int, seq: int, arm: str, args, device) -> dict:
+    """Median time of one step of the README's loop (the snippet with its model on ``device``) in ``arm``."""
+    from pcopt.demo import TinyLlama
+
+    torch.manual_seed(0)
+    with torch.device(device):  # the snippet's .cuda(), without a 1B init on the host first
+        model = TinyLlama(**model_kw)
+    if arm != "none":
+        pcopt.precondition_model(model, degree=5)  # the default: once per step, automatic pull-back
+        if arm == "per_forward":
+            pcopt.set_strategy(model, "per_forward")
+        assert pcopt.strategy_of(model) == arm, (arm, pcopt.strategy_of(model))
+    opt = pcopt.build_optimizer(model, lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
+    vocab = model.output.out_features
+    g = torch.Generator(device=device).manual_seed(1)
+
+    def step():  # the snippet's loop body, printing left out
+        x = torch.randint(0, vocab, (batch, seq + 1), generator=g, device=device)
+        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+
+    step()  # optimizer state, first-call kernels
+    _peak_reset(device)
+    ms = _median_ms(step, device, args.reps)
+    return {"ms": ms, "peak_gib": _peak_gib(device)}
+
+
+def section_readme(args, device, report) -> list[dict]:
+    report(f"## The README loop as printed, model on {device.type} (the snippet's `.cuda()`), fp32, "
+           f"build_optimizer's Muon + AdamW, median of {args.reps} steps")  # fmt: skip
+    rows, table = [], []
+    for name, model_kw, batch, seq in SMOKE_README_MODELS if args.smoke else README_MODELS:
+        batch, seq = batch or args.readme_batch, seq or args.seq
+        base = None
+        for arm in README_ARMS:
+            r = _guarded(args.smoke, _readme_row, model_kw, batch, seq, arm, args, device)
+            if isinstance(r, str):
+                rows.append({"model": name, "strategy": arm, "tokens": (batch, seq), "error": r})
+                table.append([name, f"{batch} x {seq}", arm, r, "", ""])
+                continue
+            base = r["ms"] if arm == "none" else base
+            ratio = r["ms"] / base if base else float("nan")
+            rows.append({"model": name, "strategy": arm, "tokens": (batch, seq), **r, "ratio": ratio})
+            mem = "" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
+            table.append([name, f"{batch} x {seq}", arm, f"{r['ms']:.1f}", mem, f"{ratio:.3f}"])
+    report.table(["model", "tokens", "PC", "step ms", "peak GiB", "x no PC"], table)
+    return rows
+
+
 # ------------------------------------------------------------------------------------ token-efficiency probe
 def _probe_data(args) -> tuple[torch.Tensor, torch.Tensor, str]:
     from pcopt.demo import load_sample_bytes
@@ -368,6 +434,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     p.add_argument("--batch", type=int, default=4, help="sequences per micro-batch of the model step")
     p.add_argument("--seq", type=int, default=4096, help="sequence length of the model step")
+    p.add_argument("--readme-batch", type=int, default=1,
+                   help="sequences per step of the README loop's Llama-1B row (fp32, no autocast: 4 x 4096 "
+                   "would not fit an 80 GB GPU)")  # fmt: skip
     p.add_argument("--reps", type=int, default=5, help="timed repetitions (median)")
     p.add_argument("--linear-tokens", type=int, default=8192)
     p.add_argument("--degree", type=int, default=5, help="PC degree of the per-Linear table")
@@ -396,7 +465,7 @@ def main(argv=None) -> dict:
     report()
     result: dict = {"device": describe(device), "torch": torch.__version__, "args": vars(args)}
     sections = {"step": section_step, "linear": section_linear, "ns": section_ns, "muon": section_muon,
-                "probe": section_probe}  # fmt: skip
+                "readme": section_readme, "probe": section_probe}  # fmt: skip
     t_start = time.perf_counter()
     for name in args.only:
         t0 = time.perf_counter()

@@ -151,8 +151,10 @@ def test_gpu_script_smoke(tmp_path):
     """``benchmarks/gpu.py --smoke`` runs every section's code path on the CPU (the GPU run is the same code
     with the Llama-1B/8B shapes): every optimizer x strategy x accumulation row of the model step, both
     strategies on one Linear, Newton-Schulz (single shapes, shape groups in both variants, symmetric products),
-    the Muon step, and all four probe arms, with no row reporting an error."""
-    from benchmarks.gpu import ARMS_PROBED
+    the Muon step, the README loop in its three arms, and all four probe arms, with no row reporting an error."""
+    import math
+
+    from benchmarks.gpu import ARMS_PROBED, README_ARMS
     from benchmarks.gpu import main as gpu
 
     result = gpu(["--smoke", "--out", str(tmp_path)])
@@ -174,6 +176,14 @@ def test_gpu_script_smoke(tmp_path):
     assert [r["flop_ratio"] for r in result["ns"]["symmetric"]] == [0.75, 0.75]  # (k + 1) / (2k), k = 2
     assert [r["arm"] for r in result["muon"]] == ["torch", "pcopt", "build_optimizer"]
     assert all(r["ms"] > 0 for r in result["muon"]) and result["muon"][1]["flop_ratio"] == 1.0
+    # the README loop: one row per arm, timed in this run; the ratio is this run's ms over its no-PC ms
+    readme = result["readme"]
+    assert [r["strategy"] for r in readme] == list(README_ARMS), readme
+    assert not any("error" in r for r in readme), readme
+    base = readme[0]["ms"]
+    for r in readme:
+        assert math.isfinite(r["ratio"]) and r["ratio"] > 0 and r["ratio"] == r["ms"] / base, r
     report = (tmp_path / "gpu.md").read_text()
     assert report.startswith("# pcopt GPU benchmarks on cpu")
-    assert report.count("## ") == 5 and (tmp_path / "gpu.json").exists()
+    assert "## The README loop as printed" in report
+    assert report.count("## ") == 6 and (tmp_path / "gpu.json").exists()
