@@ -1,7 +1,7 @@
 """PC and Muon on one MoE layer's expert stacks ``(E, F, D)``: FLOPs and time per step against the cost model.
 
     python -m benchmarks.pc_experts [--shapes qwen3-30b-a3b,deepseek-v3] [--experts 2] [--repeats 3]
-        [--threads 1] [--smoke]
+        [--threads 1] [--no-muon] [--smoke]
 
 Per shape (one MoE layer of the model: the ``w1``/``w3`` stacks ``(E, F, D)`` and ``w2`` ``(E, D, F)``), with
 ``--experts`` of its experts (time and FLOPs are linear in the experts of a stack, the op count is not: the
@@ -159,6 +159,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--experts", type=int, default=2, help="experts per stack to measure (costs are linear in E)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--no-muon", action="store_true", help="PC only (torch's Muon runs Newton-Schulz in bf16, slow on a "
+                   "CPU without native bf16)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat (CI)")
     args = p.parse_args(argv)
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
@@ -186,6 +188,8 @@ def main(argv=None) -> dict:
             f"{r['experts_per_layer']} experts on this CPU); PC / experts' fwd+bwd at {r['tokens_per_step']} "
             f"tokens per step: {r['pc_over_experts_fwd_bwd']:.3f}"
         )
+        if args.no_muon:
+            continue
         m = muon_row(name, args.experts, args.repeats)
         out["muon"].append(m)
         print(

@@ -293,7 +293,7 @@ def set_strategy(
         "PC once per step: %d weights, compute dtype %s, %d sharded, pull-back %s",
         len(out),
         compute_dtype or "auto (bf16 on CUDA, else fp32)",
-        sum(bool(s.mesh_dims) for s in slots(model)),
+        sum(bool(s.mesh_dims) or s.experts is not None for s in slots(model)),
         pull_back or ("auto" if shard is None else "after_backward"),
     )
     return out

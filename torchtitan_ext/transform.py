@@ -82,7 +82,7 @@ ROUTED_EXPERTS = EXPERT_STACKS
 """MoE routed-expert stacks ``(E, out, in)`` with one matrix per expert, plain or PC raw (Muon per expert)."""
 
 _INTERLEAVED_EXPERTS = r"(^|\.)inner_experts\.mlp[12]_weight_E[A-Z]+$"
-"""gpt_oss's expert stacks (``mlp1`` interleaves gate and up rows): AdamW until the MoE issue splits them."""
+"""gpt_oss's expert stacks (``mlp1`` interleaves gate and up rows): AdamW (no row split for interleaved rows yet)."""
 
 _FUSING_OVERRIDES = ("torchtitan.overrides.fused_swiglu.",)
 """Overrides that fuse ``w1``/``w3`` into one 3-D ``w13`` parameter: PC and per-matrix Muon need them apart."""
