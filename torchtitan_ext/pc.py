@@ -407,6 +407,40 @@ def _skipped_report(model) -> str:
     return "; ".join(parts)
 
 
+# torch._dynamo.config.recompile_limit's default: the recompilations dynamo allows one code object
+_STOCK_RECOMPILE_LIMIT = 8
+
+
+def allow_per_block_recompiles(model, compile_config) -> int | None:
+    """Raise dynamo's ``recompile_limit`` so that torchtitan's per-block compile of a per-forward PC model fits.
+
+    ``parametrize`` gives every PC module its own class and dynamo guards on it, so each TransformerBlock that
+    torchtitan compiles (``fullgraph=True``) is one more compilation of the same code; past the limit (8 by default)
+    the compile fails with ``FailOnRecompileLimitHit``. The limit becomes the number of blocks plus the stock limit
+    (what one block's own recompilations, e.g. a change of shapes, may use). Returns the new limit, or None where
+    compile is off (``compile_config.enable`` with ``"model"`` in ``components``, as torchtitan's parallelize
+    functions read it) or the limit already suffices. Once per step needs none of this: its blocks hold plain
+    Linears, one compilation for all."""
+    import torch._dynamo
+
+    if compile_config is None or not (compile_config.enable and "model" in compile_config.components):
+        return None
+    n_blocks = len(getattr(model, "layers", ()))
+    config = torch._dynamo.config
+    needed = n_blocks + _STOCK_RECOMPILE_LIMIT
+    if config.recompile_limit >= needed:
+        return None
+    config.recompile_limit = needed
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, needed)
+    logger.info(
+        "PC per forward with --compile.enable: torch._dynamo.config.recompile_limit raised to %d (%d blocks + %d): "
+        "parametrize gives every PC module its own class, so dynamo compiles each TransformerBlock once; past "
+        "the limit torchtitan's fullgraph block compile fails with FailOnRecompileLimitHit",
+        needed, n_blocks, needed - n_blocks,
+    )  # fmt: skip
+    return needed
+
+
 def parallelize_with_pc(
     model,
     *,
@@ -492,6 +526,8 @@ def parallelize_with_pc(
 
         pcopt.set_strategy(model, "once_per_step", shard=shard)
     else:
+        if mode == "per_forward":
+            allow_per_block_recompiles(model, kwargs.get("compile_config"))
         model = parallelize_fn(model, **kwargs)
     n = force_sum_reduction_on_gloo(model)
     if n:
