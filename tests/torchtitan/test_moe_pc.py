@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.torchtitan]
 
 pytest.importorskip("torchtitan")
 
-from torchtitan.models.common.moe import MoE, GroupedExperts  # noqa: E402
+from torchtitan.models.common.moe import GroupedExperts, MoE  # noqa: E402
 
 import pcopt  # noqa: E402
 from tests.torchtitan.test_export_families import _float64_grouped_experts  # noqa: E402
