@@ -24,6 +24,11 @@ the run's cache key, so variant runs never collide with default runs. Names:
   unchanged and the scale of ``W_eff`` lives in ``gamma`` alone. It runs inside the optimizer step, before the
   PC refresh (:class:`RawScaleControl`), in both strategies.
 * ``retract_fro``: the same with ``||W||_F`` held at its initial value (``c = ||W0||_F / ||W||_F``).
+* ``retract_sigma_drop``, ``retract_fro_drop``: the same rescaling ``W <- c W`` of the raw weight, but gamma
+  and its optimizer state are left alone, so the growth of the scale that the step caused is dropped instead of
+  moved into gamma. ``sigma`` scales with ``W``, so ``W_eff`` changes by ``c``: ``W_eff = gamma sigma0 p(W /
+  sigma)`` (``retract_sigma_drop``; ``||W||_F`` pinned instead for ``retract_fro_drop``). The scale of ``W_eff``
+  is then held by gamma, which only its own optimizer moves (fixed-norm training of the raw weight).
 * ``rel_step``: the update of each raw PC weight (decay included) is multiplied by ``sigma / sigma0``, with
   ``sigma`` the estimate before the step: a step of fixed size relative to the weight's top singular value,
   equal to the plain one at initialisation (so the lr grid keeps its meaning).
@@ -31,12 +36,13 @@ the run's cache key, so variant runs never collide with default runs. Names:
   (the rest keeps 0.1); applied exactly as ``W_new + lr (wd - X) W_old`` after the step, for optimizers whose
   decay is ``W <- (1 - lr wd) W`` (Muon and AdamW both are).
 
-Optimizer state under the retractions: a moment is an average of gradients, and it is only rescaled if the
+Optimizer state under the retractions (both kinds): a moment is an average of gradients, and it is only rescaled if the
 parameter's scale changed between the steps whose gradients it averages. The raw weight's did not: every
 gradient is taken at a retracted weight, at ``sigma0`` (or ``||W0||_F``); the unretracted ``W_t + dW_t`` only
 exists between the optimizer step and the retraction, and no gradient is taken there. So the raw weight's
-moments (Muon's ``momentum_buffer``, AdamW's ``exp_avg``, ``exp_avg_sq``) are left as they are. Gamma's scale
-does change, by ``1 / c`` per step, and at a fixed ``W_eff`` its gradient scales by ``c``. So gamma's AdamW
+moments (Muon's ``momentum_buffer``, AdamW's ``exp_avg``, ``exp_avg_sq``) are left as they are. Under the
+``_drop`` retractions gamma is not touched, and neither is its state. Under the others gamma's scale does change,
+by ``1 / c`` per step, and at a fixed ``W_eff`` its gradient scales by ``c``. So gamma's AdamW
 moments are multiplied by ``c`` and ``c^2``, which leaves its Adam direction ``m / sqrt(v)`` unchanged.
 (Until this was fixed, the raw weight's moments were also multiplied by ``1 / c`` at every step. With Muon the
 buffer ``B <- 0.95 B + 0.05 g`` then became ``0.95 / c`` old momentum plus new gradient, and the old momentum
@@ -44,11 +50,12 @@ never decayed once ``1 / c > 1 / 0.95``; see docs/study.md, issue 32.) Weight de
 lasting effect under a retraction (the retraction resets the scale); the decay of gamma is then the decay of
 ``W_eff``.
 
-What a retraction does not bound: it keeps ``W_eff`` unchanged, so the growth of ``sigma`` that one step
+What a retraction that keeps ``W_eff`` does not bound: it keeps ``W_eff`` unchanged, so the growth of ``sigma`` that one step
 causes is kept too, now in gamma. With the raw weight held at ``sigma0``, Muon's step has a fixed size
 relative to ``sigma``, so this growth compounds (``gamma = prod 1/c``): ``W_eff`` grows geometrically. Without
 a retraction the same steps grow ``sigma`` additively. Gamma's own decay (``lr * wd`` per step) and its AdamW step
-(about ``lr``, additive) cannot stop it once gamma is large.
+(about ``lr``, additive) cannot stop it once gamma is large. The ``_drop`` retractions are the variant this points
+to: the growth is discarded at every step.
 
 Variants may be combined with ``+`` (``deg3+gamma_nowd``, ``retract_sigma+rel_step``); later parts override
 earlier ones where both set the same thing. Unknown names raise ``ValueError``.
@@ -88,7 +95,8 @@ class Variant:
     gamma_weight_decay: float | None = None
     merge_fraction: float | None = None
     adjust_lr_fn: str | None = None
-    retract: str | None = None  # "sigma" | "fro": the raw weight's scale held fixed (gamma absorbs it)
+    retract: str | None = None  # "sigma" | "fro": the raw weight's scale held fixed
+    retract_drop: bool = False  # True: the step's growth of the scale is dropped; False: gamma absorbs it
     rel_step: bool = False  # raw PC weights' update scaled by sigma / sigma0
     pc_weight_decay: float | None = None  # decoupled decay of the raw PC weights only
     describe: list[str] = dataclasses.field(default_factory=list)
@@ -115,7 +123,12 @@ class Variant:
             )
         wrapped = [
             RawScaleControl(
-                o, model, retract=self.retract, rel_step=self.rel_step, pc_weight_decay=self.pc_weight_decay
+                o,
+                model,
+                retract=self.retract,
+                drop=self.retract_drop,
+                rel_step=self.rel_step,
+                pc_weight_decay=self.pc_weight_decay,
             )
             for o in opts
         ]
@@ -181,22 +194,28 @@ def _parse_one(part: str) -> Callable[[Variant], None]:
             setattr(v, "pc_weight_decay", wd),
             v.describe.append(f"weight decay {wd:g} on the raw PC weights only"),
         )
+    if m := re.fullmatch(r"retract_(sigma|fro)(_drop)?", part):
+        kind, drop = m.group(1), bool(m.group(2))
+        norm = "sigma" if kind == "sigma" else "Frobenius norm"
+        text = f"raw PC weights retracted to their initial {norm}, " + (
+            "the growth dropped (gamma untouched)" if drop else "gamma absorbs the scale"
+        )
+        return lambda v: (
+            setattr(v, "retract", kind),
+            setattr(v, "retract_drop", drop),
+            v.describe.append(text),
+        )
+    if part.startswith("retract_"):
+        raise ValueError(
+            f"variant {part!r}: expected retract_sigma, retract_fro, retract_sigma_drop or retract_fro_drop, got "
+            f"{part[8:]!r} after 'retract_'."
+        )
     if part.startswith("pcwd"):
         raise ValueError(
             f"variant {part!r}: expected pcwdX with X a non-negative decimal number (pcwd0, pcwd0.3, pcwd1), got "
             f"{part[4:]!r} after 'pcwd'."
         )
     simple = {
-        "retract_sigma": (
-            "retract",
-            "sigma",
-            "raw PC weights retracted to their initial sigma, gamma absorbs the scale",
-        ),
-        "retract_fro": (
-            "retract",
-            "fro",
-            "raw PC weights retracted to their initial Frobenius norm, gamma absorbs the scale",
-        ),
         "rel_step": ("rel_step", True, "update of the raw PC weights scaled by sigma / sigma0"),
         "ffn": ("targets", FFN_TARGETS, "PC on FFN matrices only"),
         "wo": ("targets", WO_TARGETS, "PC on attention output only"),
@@ -227,6 +246,8 @@ def names() -> list[str]:
         "adjust_original",
         "retract_sigma",
         "retract_fro",
+        "retract_sigma_drop",
+        "retract_fro_drop",
         "rel_step",
         "pcwdX",
     ]
@@ -256,7 +277,9 @@ class RawScaleControl(torch.optim.Optimizer):
     """Wraps the optimizer of a preconditioned model and controls the scale of its raw PC weights.
 
     ``step()`` runs the wrapped optimizer's step, then (in this order) the decay correction of ``pcwdX``, the
-    ``rel_step`` scaling of the update and the retraction (see the module docstring). It is a
+    ``rel_step`` scaling of the update and the retraction (see the module docstring). With ``drop=True`` the
+    retraction rescales the raw weights only (gamma and its state are left alone); otherwise gamma takes the
+    inverse factor. It is a
     ``torch.optim.Optimizer`` whose ``param_groups`` and ``state`` are the wrapped optimizer's, so lr schedulers
     and ``zero_grad`` act on the wrapped optimizer; the :class:`pcopt.PCState` attached to the wrapped optimizer
     defers its refresh (``u``, ``v``; ``W_eff`` once per step) to the end of this step, so the refresh sees the
@@ -273,6 +296,7 @@ class RawScaleControl(torch.optim.Optimizer):
         model: nn.Module,
         *,
         retract: str | None = None,
+        drop: bool = False,
         rel_step: bool = False,
         pc_weight_decay: float | None = None,
     ) -> None:
@@ -280,6 +304,10 @@ class RawScaleControl(torch.optim.Optimizer):
             raise TypeError(f"RawScaleControl wraps a torch.optim.Optimizer, got {type(optimizer).__name__}.")
         if retract not in (None, "sigma", "fro"):
             raise ValueError(f"retract must be None, 'sigma' or 'fro', got {retract!r}.")
+        if drop and retract is None:
+            raise ValueError(
+                "drop=True needs a retraction (retract='sigma' or 'fro'); there is nothing to drop."
+            )
         if pc_weight_decay is not None and not (
             isinstance(pc_weight_decay, (int, float)) and pc_weight_decay >= 0
         ):
@@ -291,7 +319,8 @@ class RawScaleControl(torch.optim.Optimizer):
                 "the optimizer."
             )
         self.optimizer, self.model = optimizer, model
-        self.retract, self.rel_step, self.pc_weight_decay = retract, rel_step, pc_weight_decay
+        self.retract, self.drop = retract, drop
+        self.rel_step, self.pc_weight_decay = rel_step, pc_weight_decay
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self.param_groups = optimizer.param_groups
         self.state = optimizer.state
@@ -352,7 +381,11 @@ class RawScaleControl(torch.optim.Optimizer):
 
     @torch.no_grad()
     def retract_(self, pcs) -> list[float]:
-        """Rescale every raw PC weight to its initial sigma (or Frobenius norm), gamma by the inverse; returns c."""
+        """Rescale every raw PC weight to its initial sigma (or Frobenius norm); returns the factors c.
+
+        Gamma is rescaled by ``1 / c`` (so ``W_eff`` is unchanged) unless ``drop``: then gamma and its optimizer
+        state are left as the optimizer made them, and ``W_eff`` changes by ``c``.
+        """
         if self.retract == "sigma":
             now = self._sigmas([pc for _, pc in pcs])
             factors = [(self.sigma0[fqn] - pc.eps) / (s - pc.eps) for (fqn, pc), s in zip(pcs, now)]
@@ -363,6 +396,8 @@ class RawScaleControl(torch.optim.Optimizer):
             cs = [c_of[fqn] for fqn, _ in group]
             raws = [pc.raw_weight.detach() for _, pc in group]
             torch._foreach_mul_(raws, cs)
+            if self.drop:
+                continue
             gammas = [pc.gamma.detach() for _, pc in group]
             torch._foreach_mul_(gammas, [1.0 / c for c in cs])
             for (_, pc), c in zip(group, cs):

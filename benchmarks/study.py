@@ -177,6 +177,22 @@ GRIDS: dict[str, Grid] = {
             data="outputs/corpora/kjv.jsonl",
         ),
         Grid(
+            "kjv-muon-retract-sigma-drop",
+            "Muon + PC with the raw PC weights retracted to their initial sigma after every step and the growth "
+            "dropped (gamma untouched, W_eff = gamma sigma0 p(W / sigma)), lr swept, vs Muon (KJV)",
+            (Arm("muon", MUON_LRS), Arm("muon_pc:retract_sigma_drop", MUON_LRS)),
+            data="outputs/corpora/kjv.jsonl",
+        ),
+        Grid(
+            "kjv-muon-retract-sigma-drop-pilot",
+            "the sigma retraction with the growth dropped at Muon's best lr 1.2e-2 only, seed 0, no sweep (its "
+            "run is the 1.2e-2 run of kjv-muon-retract-sigma-drop: run this first to get Muon's lr before the sweep)",
+            (Arm("muon", (1.2e-2,)), Arm("muon_pc:retract_sigma_drop", (1.2e-2,))),
+            data="outputs/corpora/kjv.jsonl",
+            seeds=(0,),
+            max_extend=0,
+        ),
+        Grid(
             "kjv-muon-relstep",
             "Muon + PC with the raw PC weights' update scaled by sigma / sigma0 (fixed relative step), lr swept, "
             "vs Muon (KJV)",

@@ -163,6 +163,11 @@ def test_pcwd_decays_only_the_raw_pc_weights(strategy):
         ("pcwd0.3", "pc_weight_decay", 0.3),
         ("deg3+retract_sigma", "retract", "sigma"),
         ("retract_fro+retract_sigma", "retract", "sigma"),  # later parts override
+        ("retract_sigma_drop", "retract_drop", True),
+        ("retract_fro_drop", "retract", "fro"),
+        ("retract_fro_drop", "retract_drop", True),
+        ("retract_sigma", "retract_drop", False),
+        ("retract_sigma_drop+retract_fro", "retract_drop", False),  # later parts override
     ],
 )
 def test_parser_accepts(name, field, value):
@@ -177,6 +182,13 @@ def test_parser_accepts(name, field, value):
         ("pcwd-1", r"variant 'pcwd-1': expected pcwdX with X a non-negative decimal number .* got '-1'"),
         ("pcwdx", r"expected pcwdX .* got 'x' after 'pcwd'"),
         ("rel_step+bogus", r"unknown variant 'bogus'"),
+        (
+            "retract_sigma_keep",
+            r"variant 'retract_sigma_keep': expected retract_sigma, retract_fro, retract_sigma_drop or "
+            r"retract_fro_drop, got 'sigma_keep' after 'retract_'\.",
+        ),
+        ("retract_drop", r"expected retract_sigma, .* got 'drop' after 'retract_'"),
+        ("merge10+retract_fro_drop", r"mergeK cannot be combined with retract_\*"),
         ("merge10+retract_sigma", r"mergeK cannot be combined with retract_\*, rel_step or pcwdX"),
     ],
 )
@@ -256,3 +268,98 @@ def test_retraction_keeps_the_raw_weights_moments(strategy, retract, raw_optimiz
     assert len(applied) == steps and worst > 0.05, (
         f"the steps barely moved the scale (max |1 - c| = {worst}); make them larger"
     )
+
+
+def _p_by_svd(w: torch.Tensor, s: float, coefficients) -> tuple[torch.Tensor, float]:
+    """``p(w / s)`` through the SVD (independent of pcopt's matmul form) and the largest ``x = sigma_i / s``."""
+    U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+    x = S / s
+    px = sum(ck * x ** (2 * k + 1) for k, ck in enumerate(coefficients))
+    return U @ torch.diag(px) @ Vh, float(x.max())
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("retract", ["sigma", "fro"])
+def test_drop_retraction_pins_the_raw_scale_and_leaves_gamma(strategy, retract):
+    # retract_*_drop: the raw weight goes back to its initial sigma (or ||W0||_F), gamma and every optimizer state
+    # are left as the optimizer made them, and W_eff = gamma * sigma0 * p(W / sigma) with W the plain step's
+    # weight: the direction of the plain step, the scale pinned to gamma sigma0. Muon on the raw weights, AdamW
+    # on gamma and the bias; a twin without the control gets the same gradients (they are synthetic, so they do
+    # not depend on the weights), so its gamma and all of its moments are what the optimizer alone produces.
+    lr, steps = 0.3, 6
+    model, twin = _model(strategy), _model(strategy)
+    ctl = V.RawScaleControl(_muon_and_adamw(model, "muon", lr), model, retract=retract, drop=True)
+    twin_opt = _muon_and_adamw(twin, "muon", lr)
+    pcs, pcs_twin = pcopt.preconditioners(model), pcopt.preconditioners(twin)
+    retract_ = ctl.retract_
+    worst = [0.0]
+
+    def checked_retract(p):
+        # Called inside ctl.step() after the optimizer's step and before the refresh: u, v are those of the last
+        # refresh, the raw weight is the plain step's W. Everything is float64.
+        before = {
+            fqn: (pc.raw_weight.detach().clone(), float(pc.sigma()), pc.gamma.detach().clone())
+            for fqn, pc in p
+        }
+        cs = retract_(p)
+        for (fqn, pc), c in zip(p, cs):
+            w, s_pre, gamma = before[fqn]
+            worst[0] = max(worst[0], abs(1 - c))
+            assert torch.equal(pc.gamma.detach(), gamma), f"{fqn}: the drop retraction changed gamma"
+            if retract == "sigma":
+                # sigma_hat = u^T (c W) v + eps = c (s_pre - eps) + eps = sigma0: one 12-term dot product and two
+                # roundings of c, ~1e-15 relative; 1e-13 leaves room
+                got, want = float(pc.sigma()), ctl.sigma0[fqn]
+            else:  # a norm of 144 float64 products: ~1e-15 relative
+                got, want = float(pc.raw_weight.detach().norm()), ctl.fro0[fqn]
+            assert abs(got - want) <= 1e-13 * want, f"{fqn}: scale {got} after the retraction, initial {want}"
+            # W_eff = gamma * S * p(W / s_pre), S = c s_pre (= sigma0 + (c - 1) eps for sigma: sigma0 to 1e-12
+            # relative, so S = sigma0 is what the sigma case checks). pcopt evaluates gamma s' p(c W / s') with
+            # s' = c (s_pre - eps) + eps, i.e. the same with s_pre -> s' / c and S -> s', both off by
+            # |1 - 1/c| eps relative to s' (s_pre, s' ~ 0.3-3 here). Per singular value d/ds [s p(w / s)] =
+            # -sum_k 2k c_k x^(2k+1) and p(x) itself is <= sum_k |c_k| x^(2k+1), so the eps terms are at most
+            # gamma * 2 * sum_k (2k+1) |c_k| x^(2k+1) * |1 - 1/c| eps; rounding (a few 12x12 float64 matmuls and an
+            # SVD, ~1e-14 relative) is covered by 1e-12 ||W_eff||_2.
+            scale = ctl.sigma0[fqn] if retract == "sigma" else c * s_pre
+            p_w, x_max = _p_by_svd(w, s_pre, pc.coefficients)
+            want_eff = gamma * scale * p_w
+            got_eff = pc.effective_weight()
+            k_sum = sum((2 * k + 1) * abs(ck) * x_max ** (2 * k + 1) for k, ck in enumerate(pc.coefficients))
+            norm = float(torch.linalg.matrix_norm(want_eff, 2))
+            bound = float(gamma.abs().max()) * 2 * k_sum * abs(1 - 1 / c) * EPS * max(1.0, 1 / s_pre)
+            bound += 1e-12 * norm
+            diff = float(torch.linalg.matrix_norm(got_eff - want_eff, 2))
+            assert diff <= bound, (
+                f"{fqn}: ||W_eff - gamma S p(W / s)||_2 = {diff:.3e} > {bound:.3e} (c = {c:.4f})"
+            )
+            # and this is not W_eff kept: the dropped growth is visible at this step's size
+            assert (
+                abs(norm - float(torch.linalg.matrix_norm(gamma * s_pre * p_w, 2))) >= 0.5 * abs(1 - c) * norm
+            )
+        return cs
+
+    ctl.retract_ = checked_retract
+    for step in range(steps):
+        _set_grads(model, seed=20 + step, scale=0.3)
+        _set_grads(twin, seed=20 + step, scale=0.3)
+        ctl.step()
+        twin_opt.step()
+        for (fqn, pc), (_, tw) in zip(pcs, pcs_twin):
+            assert torch.equal(pc.gamma.detach(), tw.gamma.detach()), (
+                f"{fqn} step {step}: gamma {pc.gamma.detach().tolist()} vs the optimizer's {tw.gamma.detach().tolist()}"
+            )
+            for param, twin_param in ((pc.gamma, tw.gamma), (pc.raw_weight, tw.raw_weight)):
+                st, want = ctl.state[param], twin_opt.state[twin_param]
+                assert st.keys() == want.keys()
+                for key in st:
+                    if torch.is_tensor(st[key]):
+                        assert torch.equal(st[key], want[key]), (
+                            f"{fqn} step {step}: {key} differs from the optimizer's"
+                        )
+    assert worst[0] > 0.05, f"the steps barely moved the scale (max |1 - c| = {worst[0]}); make them larger"
+
+
+def test_drop_needs_a_retraction():
+    model = _model("per_forward")
+    with pytest.raises(ValueError, match=r"drop=True needs a retraction \(retract='sigma' or 'fro'\)"):
+        V.RawScaleControl(_sgd(model, 0.1), model, drop=True)
