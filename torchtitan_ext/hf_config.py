@@ -8,6 +8,7 @@ family           Hugging Face class          torchtitan model
 ``llama2``       ``LlamaForCausalLM``        ``Llama3Model`` (the torchtitan_ext Llama-2 style configs)
 ``llama3``       ``LlamaForCausalLM``        ``Llama3Model``
 ``qwen3``        ``Qwen3ForCausalLM``        ``Qwen3Model``, dense layers
+``qwen3``        ``Qwen3MoeForCausalLM``     ``Qwen3Model`` with MoE layers (softmax routing, no shared experts)
 ``deepseek_v3``  ``DeepseekV3ForCausalLM``   ``DeepSeekV3Model`` (MLA, MoE with shared experts)
 ===============  ==========================  ======================================================
 
@@ -172,8 +173,9 @@ def _check_inner_attention(family: str, attn) -> None:
         )
 
 
-def _gqa(family: str, m, *, qk_norm: bool) -> tuple[dict, object]:
-    """The fields shared by Llama and Qwen3 (``GQAttention`` + a ``FeedForward`` in every layer), and the RoPE."""
+def _gqa(family: str, m, *, qk_norm: bool, moe: bool = False) -> tuple[dict, object]:
+    """The fields shared by Llama and Qwen3 (``GQAttention`` + a ``FeedForward`` in every layer, or a MoE block
+    where ``moe``), and the RoPE."""
     attns = [layer.attention for layer in m.layers]
     for a in attns:
         if not isinstance(a, GQAttention.Config):
@@ -187,6 +189,8 @@ def _gqa(family: str, m, *, qk_norm: bool) -> tuple[dict, object]:
                 f"Export a model with qk_norm {'set' if qk_norm else 'None'}.",
             )
     for i, layer in enumerate(m.layers):
+        if moe and getattr(layer, "moe", None) is not None:
+            continue
         if getattr(layer, "moe", None) is not None or type(layer.feed_forward) is not FeedForward.Config:
             got = (
                 "a MoE" if getattr(layer, "moe", None) is not None else type(layer.feed_forward).__qualname__
@@ -206,11 +210,14 @@ def _gqa(family: str, m, *, qk_norm: bool) -> tuple[dict, object]:
             f"RoPE dim {rope.dim} != head_dim {head_dim}",
             "torchtitan rotates the whole head; use rope.dim == head_dim.",
         )
+    dense = [layer for layer in m.layers if getattr(layer, "moe", None) is None]
     return {
         "hidden_size": m.dim,
         "intermediate_size": _uniform(
-            family, [layer.feed_forward.w1.out_features for layer in m.layers], "FFN hidden dim"
-        ),
+            family, [layer.feed_forward.w1.out_features for layer in dense], "FFN hidden dim"
+        )
+        if dense
+        else m.layers[0].moe.routed_experts.inner_experts.hidden_dim,  # unused: no dense layer
         "num_hidden_layers": len(m.layers),
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv,
@@ -239,10 +246,73 @@ def llama_config(m, family: str = "llama3") -> dict:
     }
 
 
+def _qwen3_moe(family: str, m) -> dict:
+    """The MoE fields of ``Qwen3MoeForCausalLM``: its router takes the softmax of the gate logits (fp32), the top
+    ``num_experts_per_tok``, renormalised when ``norm_topk_prob`` -- torchtitan's ``TokenChoiceTopKRouter`` with
+    ``score_func='softmax'``, no expert groups, ``route_scale`` 1, and no load-balance bias in the choice (checked
+    on the weights: :func:`qwen3_state_dict`). Dense layers are ``mlp_only_layers``; there are no shared
+    experts."""
+    moe_layers = [i for i, layer in enumerate(m.layers) if getattr(layer, "moe", None) is not None]
+    moes = [m.layers[i].moe for i in moe_layers]
+    routers = [mo.router for mo in moes]
+    checks = [
+        (_uniform(family, [r.score_func for r in routers], "router score_func") != "softmax",
+         "its router scores experts with sigmoid, but Qwen3MoeTopKRouter uses softmax", "score_func='softmax'"),
+        (any(r.num_expert_groups is not None for r in routers),
+         "its router limits experts to groups (node-limited routing), which Qwen3Moe has no field for",
+         "num_expert_groups=None"),
+        (_uniform(family, [r.route_scale for r in routers], "route_scale") != 1.0,
+         "its router scales the expert weights (route_scale != 1), which Qwen3Moe cannot", "route_scale=1.0"),
+        (any(r._debug_force_load_balance for r in routers),
+         "_debug_force_load_balance routes round-robin, which Hugging Face cannot express",
+         "debug.moe_force_load_balance off"),
+        (any(r.gate.bias for r in routers), "the router gate has a bias; Qwen3MoeTopKRouter has none",
+         "bias=False"),
+        (any(mo.shared_experts is not None for mo in moes),
+         "a MoE layer has shared experts, which Qwen3MoeSparseMoeBlock does not have", "shared_experts=None"),
+    ]  # fmt: skip
+    for bad, what, fix in checks:
+        if bad:
+            raise _fail(family, what, f"Train with {fix} to export as Qwen3MoeForCausalLM.")
+    return {
+        "num_experts": _uniform(family, [mo.num_experts for mo in moes], "num_experts"),
+        "num_experts_per_tok": _uniform(family, [r.top_k for r in routers], "router top_k"),
+        "moe_intermediate_size": _uniform(
+            family, [mo.routed_experts.inner_experts.hidden_dim for mo in moes], "expert hidden dim"
+        ),
+        "norm_topk_prob": bool(_uniform(family, [r.route_norm for r in routers], "route_norm")),
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [i for i in range(len(m.layers)) if i not in moe_layers],
+        "router_aux_loss_coef": 0.0,
+        "output_router_logits": False,
+    }
+
+
+def qwen3_state_dict(m, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Refuse a Qwen3-MoE model whose load-balance bias is set: torchtitan adds ``expert_bias_E`` to the scores
+    for the choice of experts, ``Qwen3MoeForCausalLM`` has no such term, so it would route other tokens. A zero
+    bias (load balancing off, or never updated) changes nothing and is left out."""
+    bias_keys = [k for k in state_dict if k.endswith("moe.expert_bias_E")]
+    biased = [k for k in bias_keys if bool((state_dict[k] != 0).any())]
+    if biased:
+        raise _fail(
+            "qwen3",
+            f"its MoE layers {biased[:3]} route with torchtitan's load-balance bias (expert_bias_E != 0), which "
+            "Qwen3MoeForCausalLM's router does not have, so it would send tokens to other experts",
+            "Train with load_balance_coeff=None to export this family's MoE, or export a DeepSeek-V3-style model "
+            "(its router has the bias).",
+        )
+    if bias_keys:
+        state_dict = {k: v for k, v in state_dict.items() if k not in bias_keys}
+    return state_dict
+
+
 def qwen3_config(m, family: str = "qwen3") -> dict:
-    """``Qwen3ForCausalLM`` (dense): q/k RMSNorm over head_dim with the model's ``rms_norm_eps``, rotate-half
-    RoPE (``CosSinRoPE``; the Qwen3 adapter does not permute), full attention in every layer."""
-    fields, rope = _gqa(family, m, qk_norm=True)
+    """``Qwen3ForCausalLM`` (dense) or ``Qwen3MoeForCausalLM`` (MoE layers, :func:`_qwen3_moe`): q/k RMSNorm
+    over head_dim with the model's ``rms_norm_eps``, rotate-half RoPE (``CosSinRoPE``; the Qwen3 adapter does
+    not permute), full attention in every layer."""
+    moe = any(getattr(layer, "moe", None) is not None for layer in m.layers)
+    fields, rope = _gqa(family, m, qk_norm=True, moe=moe)
     eps = _main_norm_eps(family, m)
     qk_eps = _uniform(
         family, [_norm_eps(family, layer.attention.qk_norm, "qk_norm") for layer in m.layers], "qk_norm eps"
@@ -256,9 +326,10 @@ def qwen3_config(m, family: str = "qwen3") -> dict:
     rope_parameters = _rope_parameters(family, rope, interleaved=False)
     n = fields["num_hidden_layers"]
     return {
-        "architectures": ["Qwen3ForCausalLM"],
-        "model_type": "qwen3",
+        "architectures": ["Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"],
+        "model_type": "qwen3_moe" if moe else "qwen3",
         **fields,
+        **(_qwen3_moe(family, m) if moe else {}),
         "rms_norm_eps": eps,
         "rope_parameters": rope_parameters,
         "use_sliding_window": False,
@@ -469,7 +540,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "llama2": Family("llama2", "LlamaForCausalLM", llama_config),
     "llama3": Family("llama3", "LlamaForCausalLM", llama_config),
-    "qwen3": Family("qwen3", "Qwen3ForCausalLM", qwen3_config),
+    "qwen3": Family("qwen3", "Qwen3ForCausalLM", qwen3_config, qwen3_state_dict),  # Qwen3MoeForCausalLM with MoE
     "deepseek_v3": Family("deepseek_v3", "DeepseekV3ForCausalLM", deepseek_v3_config, deepseek_v3_state_dict),
 }
 

@@ -1,8 +1,9 @@
 """Hugging Face export of torchtitan's own model families, against torchtitan's forward (one process, CPU).
 
-For each family -- torchtitan's ``llama3``, ``qwen3`` and ``deepseek_v3`` debug models and torchtitan_ext's
-Llama-2 style ``debug_muon_pc`` -- shrunk to 2 layers (DeepSeek: one dense, one MoE layer) with the PC layer
-on the attention output, the FFN and DeepSeek's shared experts:
+For each family -- torchtitan's ``llama3``, ``qwen3``, Qwen3-MoE (``qwen3_moe_debug``, 8 experts) and
+``deepseek_v3`` debug models and torchtitan_ext's Llama-2 style ``debug_muon_pc`` -- shrunk to 2 layers
+(DeepSeek: one dense, one MoE layer) with the PC layer on the attention output, the FFN, DeepSeek's shared experts
+and the MoE routed experts (per expert):
 
 1. the PC state is made non-trivial (gamma drawn in [0.5, 1.5], three power-iteration refreshes; DeepSeek's
    load-balance bias drawn too), and torchtitan's logits are computed in float64;
@@ -32,6 +33,7 @@ transformers = pytest.importorskip("transformers")
 
 import torch.distributed.checkpoint as dcp  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+from torchtitan.models.common.feed_forward import FeedForward  # noqa: E402
 from torchtitan.models.common.moe import GroupedExperts, TokenChoiceTopKRouter  # noqa: E402
 
 import pcopt  # noqa: E402
@@ -94,6 +96,13 @@ def _deepseek_v3():
     return tc
 
 
+def _qwen3_moe_export():
+    from tests.torchtitan.tt_configs import qwen3_moe_tiny
+
+    # qwen3_moe_debug's routing (softmax, renormalised top k, no shared experts) on 8 experts (64, 256), top 2
+    return qwen3_moe_tiny()
+
+
 # family -> (stock trainer config, tensors per dense layer, per MoE layer, non-layer tensors,
 #            fp32 rounding sites per layer / per MoE layer on a token's path; see _tolerance)
 FAMILIES = {
@@ -103,6 +112,9 @@ FAMILIES = {
     # dense: q, kv_a, kv_a_norm, kv_b, o, gate, up, down, 2 norms; MoE: 5 attention + 2 norms + router gate and
     # bias + 3 shared + 3 per routed expert (8)
     "deepseek_v3": (_deepseek_v3, 10, 12 + 3 * 8, 3, 4, 2),
+    # MoE: q, k, v, o, q_norm, k_norm, 2 norms, router gate, 3 per routed expert (8); HF's router softmax is fp32
+    # and torchtitan combines the experts' outputs in fp32: 2 islands per MoE layer, as DeepSeek's
+    "qwen3_moe": (_qwen3_moe_export, 11, 9 + 3 * 8, 3, 4, 2),
 }
 
 
@@ -111,7 +123,7 @@ def _trainer_config(family: str):
     tc = make()
     m = tc.model_spec.model
     m.layers = m.layers[:N_LAYERS]  # CPU-sized; DeepSeek keeps its dense layer 0 and MoE layer 1
-    if family != "llama2":  # the stock torchtitan configs get the PC layer here
+    if family != "llama2":  # the stock torchtitan configs get the PC layer here (routed experts per expert)
         tc.model_spec.model = PCConverter.Config(degree=5, targets=TARGETS).build().convert(m)
     if DENSE_ATTENTION_OVERRIDE not in tc.override.imports:  # every debug model uses FlexAttention
         tc.override.imports.append(DENSE_ATTENTION_OVERRIDE)
@@ -196,14 +208,16 @@ def test_export_matches_torchtitan_logits(family, tmp_path, monkeypatch):
     pcs = pcopt.preconditioners(model)
     n_moe = sum(isinstance(m, GroupedExperts) for m in model.modules())
     # wo and w1, w2, w3 (dense FFN or shared experts) per layer, and the 3 routed stacks of each MoE layer
-    assert len(pcs) == 4 * N_LAYERS + 3 * n_moe and n_moe == (family == "deepseek_v3")
+    n_ffn = sum(isinstance(m, FeedForward) for m in model.modules())  # dense or shared experts: w1, w2, w3
+    assert len(pcs) == N_LAYERS + 3 * n_ffn + 3 * n_moe
+    assert n_moe == {"deepseek_v3": 1, "qwen3_moe": N_LAYERS}.get(family, 0)
     with torch.no_grad():
         for _, pc in pcs:
             pc.gamma.copy_(0.5 + torch.rand(pc.gamma.shape, generator=g, dtype=torch.float64))
         for _ in range(3):
             pcopt.refresh(model)
         for name, buf in model.named_buffers():
-            if name.endswith("moe.expert_bias_E"):
+            if name.endswith("moe.expert_bias_E") and family == "deepseek_v3":  # Qwen3-MoE routes without one
                 # fp32 values: Hugging Face keeps e_score_correction_bias in fp32 (_keep_in_fp32_modules_strict)
                 buf.copy_((0.1 * torch.rand(buf.shape, generator=g) - 0.05).float())
 
@@ -224,7 +238,7 @@ def test_export_matches_torchtitan_logits(family, tmp_path, monkeypatch):
     out = export(tc, tmp_path / "ckpt", tmp_path / "hf", dtype=torch.float64)
 
     # HF's grouped_mm experts kernel has no float64 on the CPU; its eager loop computes the same experts.
-    kwargs = {"experts_implementation": "eager"} if family == "deepseek_v3" else {}
+    kwargs = {"experts_implementation": "eager"} if family in ("deepseek_v3", "qwen3_moe") else {}
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         out, dtype=torch.float64, attn_implementation="sdpa", **kwargs
     ).eval()
@@ -296,11 +310,11 @@ def _softmax_router():
     return deepseek_v3_debugmodel()  # the stock debug model: softmax routing
 
 
-def _qwen3_moe():
-    from torchtitan.models.qwen3 import model_registry
-    from torchtitan.trainer import Trainer
-
-    return Trainer.Config(model_spec=model_registry("debugmodel_moe"))
+def _qwen3_moe_sigmoid():
+    tc = _trainer_config("qwen3_moe")
+    for layer in tc.model_spec.model.layers:
+        layer.moe.router.score_func = "sigmoid"
+    return tc
 
 
 def _biased_attention():
@@ -318,10 +332,11 @@ def _biased_attention():
             r"qwen3 -> Qwen3ForCausalLM, deepseek_v3 -> DeepseekV3ForCausalLM; .*'not_a_family'",
         ),
         (_softmax_router, r"router scores experts with 'softmax'.*always uses sigmoid.*score_func='sigmoid'"),
-        (_qwen3_moe, r"qwen3 model.*layer 0 has a MoE instead of a dense SwiGLU FeedForward"),
+        (_qwen3_moe_sigmoid, r"qwen3 model to Hugging Face: its router scores experts with sigmoid, but Qwen3MoeTopKRouter uses "
+         r"softmax\. Train with score_func='softmax'"),
         (_biased_attention, r"Linear layers with a bias: \['layers\.0\.attention\.wo'\]"),
     ],
-    ids=["unknown-family", "softmax-router", "qwen3-moe", "bias"],
+    ids=["unknown-family", "softmax-router", "qwen3-moe-sigmoid", "bias"],
 )
 def test_export_refuses(make, match, tmp_path):
     tc = make()
@@ -330,3 +345,14 @@ def test_export_refuses(make, match, tmp_path):
     # export refuses before it looks for the checkpoint (there is none)
     with pytest.raises(ValueError, match=match):
         export(tc, tmp_path / "no-checkpoint", tmp_path / "out")
+
+
+def test_qwen3_moe_export_refuses_a_load_balance_bias():
+    """torchtitan routes with ``scores + expert_bias_E``; Qwen3MoeForCausalLM has no such term."""
+    from torchtitan_ext.hf_config import qwen3_state_dict
+
+    w = torch.ones(2, 2)
+    zero = {"layers.0.moe.expert_bias_E": torch.zeros(4), "layers.0.attention.wo.weight": w}
+    assert qwen3_state_dict(None, zero) == {"layers.0.attention.wo.weight": w}  # no bias: nothing to write
+    with pytest.raises(ValueError, match=r"expert_bias_E != 0.*load_balance_coeff=None"):
+        qwen3_state_dict(None, {"layers.0.moe.expert_bias_E": torch.tensor([0.0, 1e-3, 0.0, 0.0])})

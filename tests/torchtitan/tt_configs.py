@@ -55,15 +55,12 @@ def debug_muon_pc_lr_x1_1():
     return config
 
 
-def qwen3_moe_tiny_muon_pc():
+def qwen3_moe_tiny():
     """torchtitan's ``qwen3_moe_debug`` (Qwen3 MoE: 8 layers of 64 experts (768, 256), 2.7 min a step on 2 CPU
-    ranks) cut to 2 layers of 8 experts (64, 256), top 2, with pcopt's Muon and PC, for the CI's EP runs."""
-    import torch
+    ranks) cut to 2 layers of 8 experts (64, 256), top 2, its routing unchanged."""
     from torchtitan.models.common.rope import CosSinRoPE
     from torchtitan.models.qwen3 import _build_qwen3_moe_layers
     from torchtitan.models.qwen3.config_registry import qwen3_moe_debug
-
-    from torchtitan_ext import for_cpu, with_muon, with_pc
 
     config = qwen3_moe_debug()
     model = config.model_spec.model
@@ -73,7 +70,16 @@ def qwen3_moe_tiny_muon_pc():
         top_k=2, attn_backend="flex", moe_comm_backend="standard",
         rope=CosSinRoPE.Config(dim=head_dim, max_seq_len=4096, theta=1000000.0),
     )  # fmt: skip
-    config = with_pc(with_muon(config))
+    return config
+
+
+def qwen3_moe_tiny_muon_pc():
+    """:func:`qwen3_moe_tiny` with pcopt's Muon and PC, for the CI's EP runs."""
+    import torch
+
+    from torchtitan_ext import for_cpu, with_muon, with_pc
+
+    config = with_pc(with_muon(qwen3_moe_tiny()))
     return config if torch.cuda.is_available() else for_cpu(config)
 
 
