@@ -5,7 +5,7 @@
 
 One process builds three copies of the same torchtitan Llama (``benchmarks/_common.py``; the
 token-efficiency model by default): without PC, with PC recomputing ``W_eff`` in every micro-batch, and
-with PC under :func:`pcopt.accumulation.once_per_step` (one ``W_eff`` and one backward through the PC map
+with PC under :meth:`pcopt.PCState.accumulate` (one ``W_eff`` and one backward through the PC map
 per optimizer step). A step is forward + backward of every micro-batch + gradient clipping + optimizer
 step + power-iteration refresh. The variants are timed round-robin, step by step (the start rotates), so
 load from other processes hits them alike; the medians and their ratios to the no-PC step are reported.
@@ -30,7 +30,6 @@ from torch import nn
 
 import pcopt
 from benchmarks import _common as C
-from pcopt.accumulation import once_per_step
 from pcopt.hardware import describe
 
 VARIANTS = ("no_pc", "pc", "pc_once")
@@ -105,7 +104,7 @@ class _Arm:
     def step(self, micro_batches: list[torch.Tensor]) -> float:
         t0 = time.perf_counter()
         with C.autocast(self.dtype):
-            ctx = once_per_step(self.model) if self.variant == "pc_once" else contextlib.nullcontext()
+            ctx = pcopt.PCState(self.model).accumulate() if self.variant == "pc_once" else contextlib.nullcontext()
             with ctx:
                 for mb in micro_batches:
                     (C.lm_loss(self.model, mb) / len(micro_batches)).backward()
