@@ -368,9 +368,9 @@ def _bind(
         gamma = local_tensor(pc.gamma.detach()).to(local.device)
         gamma_placements = [Replicate()] * mesh.ndim
         if expert_dims:  # each rank's gamma entries are those of its experts (no collective in the pull-back)
-            experts = shard_indices(tuple(w.shape), 0, mesh, _only_dim(placements, 0, w.ndim))
+            gamma_placements = _only_dim(placements, 0, w.ndim)  # gamma (E,) placed as the expert dim
+            experts = shard_indices(tuple(w.shape), 0, mesh, gamma_placements)
             gamma = gamma[experts.to(gamma.device)]
-            gamma_placements = [placements[i] if i in expert_dims else Replicate() for i in range(mesh.ndim)]
         gamma = DTensor.from_local(
             gamma, mesh, gamma_placements, shape=pc.gamma.shape, stride=pc.gamma.stride()
         )
