@@ -6,9 +6,9 @@
 * Partial checkpoints: a step folder without DCP's completion marker (``.metadata``) is never loaded,
   and a save that overwrites a complete folder removes the old marker first.
 * Kill test: a 2-rank run is SIGKILLed (torchrun and its workers, which run in their own sessions)
-  after its step-3 checkpoint and two more steps; a partially written step-6 folder is planted; the
-  same command resumes from step 3 and gives the uninterrupted run's losses and final checkpoint bit
-  for bit.
+  after its step-4 checkpoint and two more steps; a partially written step-8 folder is planted; the
+  same command resumes from step 4 and gives the uninterrupted run's losses and final checkpoint bit
+  for bit (the uninterrupted run is the shared one of ``conftest.py``, the same command).
 * A PC checkpoint continues in a config without PC the way the layout error says: export, then
   ``--checkpoint.initial_load_in_hf``; the dense model computes what the PC model computes.
 """
@@ -38,6 +38,7 @@ from torchtitan.components.checkpoint import AsyncMode, ModelWrapper  # noqa: E4
 
 import pcopt  # noqa: E402
 from tests.torchtitan._harness import COMMON, REPO, parse_steps, torchrun  # noqa: E402
+from tests.torchtitan.conftest import MUON_PC_ARGS, MUON_PC_EVERY, MUON_PC_STEPS  # noqa: E402
 from torchtitan_ext.checkpoint import PCCheckpointManager  # noqa: E402
 from torchtitan_ext.config_registry import llama2_model  # noqa: E402
 from torchtitan_ext.pc import PCConverter, attach_pc  # noqa: E402
@@ -488,8 +489,8 @@ def test_overwriting_a_complete_checkpoint_removes_its_marker_first(tmp_path, mo
 # ---------------------------------------------------------------------------------------------------
 # Kill test: SIGKILL mid-training, restart with the same command
 # ---------------------------------------------------------------------------------------------------
-STEPS, EVERY = 6, 3
-CKPT_ARGS = ("--training.steps", str(STEPS), "--checkpoint.enable", "--checkpoint.interval", str(EVERY))
+STEPS, EVERY = MUON_PC_STEPS, MUON_PC_EVERY
+CKPT_ARGS = MUON_PC_ARGS  # the command of the shared run (tests/torchtitan/conftest.py): its uninterrupted reference
 
 
 @pytest.fixture(scope="module")
@@ -498,8 +499,8 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(workdir):
-    return torchrun("debug_muon_pc", workdir / "uninterrupted", *CKPT_ARGS).check()
+def uninterrupted(muon_pc_run):
+    return muon_pc_run
 
 
 def _alive(pid: int) -> bool:
@@ -579,7 +580,7 @@ def killed_and_resumed(workdir):
     killed_log, killed_steps = _run_and_kill(dump, kill_after_step=EVERY + 2)
     ckpt = dump / "checkpoint"
     assert (ckpt / f"step-{EVERY}" / ".metadata").is_file(), sorted(p.name for p in ckpt.iterdir())
-    _plant_partial(ckpt / f"step-{STEPS}", ckpt / f"step-{EVERY}")  # as if killed while saving step 6
+    _plant_partial(ckpt / f"step-{STEPS}", ckpt / f"step-{EVERY}")  # as if killed while saving the last step
     snapshot = _dcp_contents(ckpt / f"step-{EVERY}", workdir)
     resumed = torchrun("debug_muon_pc", dump, *CKPT_ARGS).check()
     return killed_steps, snapshot, resumed
@@ -598,7 +599,7 @@ def test_killed_run_resumes_exactly(uninterrupted, killed_and_resumed, workdir):
     # (raw weights, gamma, u, v, optimizer, lr scheduler, dataloader position, step).
     _assert_same(killed_ckpt, _dcp_contents(uninterrupted.dump / "checkpoint" / f"step-{EVERY}", workdir))
 
-    # The same command resumes from that checkpoint, skipping the partial step-6 folder ...
+    # The same command resumes from that checkpoint, skipping the partial last-step folder ...
     assert re.search(rf"Loading the checkpoint from \S*step-{EVERY}\.", resumed.log), resumed.log[-3000:]
     assert f"Training starts at step {EVERY + 1}" in resumed.log
     # ... and recomputes the lost steps and the rest bit for bit.

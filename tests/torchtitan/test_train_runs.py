@@ -23,6 +23,8 @@ import torch
 
 from pcopt.hardware import preferred_dtype
 from tests.torchtitan._harness import torchrun
+from tests.torchtitan.conftest import MUON_PC_EVERY as PC_CKPT_EVERY
+from tests.torchtitan.conftest import MUON_PC_STEPS as PC_STEPS
 
 pytestmark = [pytest.mark.torchtitan, pytest.mark.slow]
 
@@ -30,7 +32,6 @@ pytestmark = [pytest.mark.torchtitan, pytest.mark.slow]
 # the fp32 one on a CPU with native bf16 by capping ATen to AVX2: ATEN_CPU_CAPABILITY=avx2 PCOPT_REGEN_GOLDEN=1.
 _NS_DTYPE = {torch.bfloat16: "bf16", torch.float32: "fp32"}[preferred_dtype("cpu")]
 GOLDEN = Path(__file__).parent / "golden" / f"debug_muon_pc_losses_{_NS_DTYPE}.json"
-PC_STEPS, PC_CKPT_EVERY = 8, 4
 
 
 @pytest.fixture(scope="module")
@@ -48,21 +49,9 @@ def baseline(workdir):
 
 
 @pytest.fixture(scope="module")
-def pc_muon(workdir):
-    """PC (degree 5) + Muon; checkpoints at steps 4 and 8; PC metrics every 4 steps."""
-    dump = workdir / "pc_muon"
-    return torchrun(
-        "debug_muon_pc",
-        dump,
-        "--training.steps",
-        str(PC_STEPS),
-        "--checkpoint.enable",
-        "--checkpoint.interval",
-        str(PC_CKPT_EVERY),
-        "--metrics.pc_log_freq",
-        "4",
-        "--metrics.enable_tensorboard",
-    ).check()
+def pc_muon(muon_pc_run):
+    """PC (degree 5) + Muon; checkpoints at steps 4 and 8; PC metrics every 4 steps (tests/torchtitan/conftest.py)."""
+    return muon_pc_run
 
 
 def _decreases(losses: dict[int, float]) -> None:
