@@ -81,18 +81,3 @@ def qwen3_moe_tiny_muon_pc():
 
     config = with_pc(with_muon(qwen3_moe_tiny()))
     return config if torch.cuda.is_available() else for_cpu(config)
-
-
-def deepseek_v3_tiny_muon_pc():
-    """torchtitan's ``deepseek_v3_debugmodel`` cut to its dense layer 0 and one MoE layer (8 experts (256, 256), top
-    3, 2 shared), with pcopt's Muon and PC, for the CI's EP runs (the 6-layer stock model takes ~105 s a step on
-    2 CPU ranks under EP 2, with or without PC)."""
-    import torch
-    from torchtitan.models.deepseek_v3.config_registry import deepseek_v3_debugmodel
-
-    from torchtitan_ext import for_cpu, with_muon, with_pc
-
-    config = deepseek_v3_debugmodel()
-    config.model_spec.model.layers = config.model_spec.model.layers[:2]
-    config = with_pc(with_muon(config))
-    return config if torch.cuda.is_available() else for_cpu(config)
