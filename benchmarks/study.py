@@ -184,6 +184,13 @@ GRIDS: dict[str, Grid] = {
             data="outputs/corpora/kjv.jsonl",
         ),
         Grid(
+            "kjv-muon-retract-fro-drop",
+            "Muon + PC with the raw PC weights retracted to their initial Frobenius norm after every step and the "
+            "growth dropped (gamma untouched), lr swept around retract_sigma_drop's KJV optimum 3.4e-2, vs Muon (KJV)",
+            (Arm("muon", MUON_LRS), Arm("muon_pc:retract_fro_drop", _sqrt2_grid(3.4e-2, 1, 1))),
+            data="outputs/corpora/kjv.jsonl",
+        ),
+        Grid(
             "kjv-muon-retract-sigma-drop-pilot",
             "the sigma retraction with the growth dropped at Muon's best lr 1.2e-2 only, seed 0, no sweep (its "
             "run is the 1.2e-2 run of kjv-muon-retract-sigma-drop: run this first to get Muon's lr before the sweep)",
