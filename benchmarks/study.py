@@ -396,6 +396,43 @@ class Budget(Exception):
     """Raised when ``--max-runs`` new runs have been trained."""
 
 
+RECORDS = Path(__file__).resolve().parent / "records" / "study"
+"""Run records kept in the repository (``<RECORDS>/<corpus>/runs/*.json``, the same files as the run cache): a
+fresh checkout reuses them instead of training the runs again. ``--save-records`` copies a grid's runs there."""
+
+
+def save_records(runs: dict, dest: Path) -> int:
+    """Copy the records behind ``runs`` (``runs[arm][lr][seed]``) into ``dest``; returns how many were new."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    new = 0
+    for by_lr in runs.values():
+        for by_seed in by_lr.values():
+            for rec in by_seed.values():
+                src = Path(rec["file"])
+                if not (dest / src.name).exists():
+                    shutil.copy2(src, dest / src.name)
+                    new += 1
+    print(f"[study] {new} new run records in {dest}")
+    return new
+
+
+def _same_run(stored: dict, wanted: dict) -> bool:
+    """Is the stored run's config the wanted one? The corpus is compared by content (its split statistics and the
+    validation set's hash), not by the path it was read from, so a record made from another checkout counts."""
+    strip = lambda c: {k: v for k, v in c.items() if k != "data"}  # noqa: E731
+    return strip(stored) == strip(wanted)
+
+
+def _stored(runner, pattern: str) -> list[Path]:
+    """The cached records matching ``pattern``: this run cache first, then the repository's records."""
+    own = sorted((runner.corpus_dir / "runs").glob(pattern))
+    kept = sorted((RECORDS / runner.corpus_dir.name / "runs").glob(pattern))
+    names = {p.name for p in own}
+    return own + [p for p in kept if p.name not in names]
+
+
 class Runner:
     """Trains or reuses single runs through ``token_efficiency.get_run``; one at a time."""
 
@@ -423,9 +460,9 @@ class Runner:
     def lookup(self, arm: Arm, lr: float, seed: int) -> dict | None:
         """The stored run, or None (a file in the cache whose recorded config matches)."""
         cfg = self.config(arm, lr, seed)
-        for path in sorted((self.corpus_dir / "runs").glob(f"{arm.arm}_lr{lr:g}_*.json")):
+        for path in _stored(self, f"{arm.arm}_lr{lr:g}_*.json"):
             rec = json.loads(path.read_text())
-            if rec.get("config") == cfg:
+            if _same_run(rec.get("config", {}), cfg):
                 rec["file"] = str(path)
                 return rec
         return None
@@ -512,10 +549,10 @@ def run_grid(grid: Grid, runner: Runner) -> tuple[dict, dict, bool]:
         complete = False
     # Whatever else is stored for these arms (e.g. same-lr runs of other seeds) is used by the tables.
     for arm in grid.arms:
-        for path in sorted((runner.corpus_dir / "runs").glob(f"{arm.arm}_lr*_*.json")):
+        for path in _stored(runner, f"{arm.arm}_lr*_*.json"):
             rec = json.loads(path.read_text())
             lr, seed = rec["lr"], rec["config"]["seed"]
-            if seed in grid.seeds and rec["config"] == runner.config(arm, lr, seed):
+            if seed in grid.seeds and _same_run(rec["config"], runner.config(arm, lr, seed)):
                 rec["file"] = str(path)
                 runs[arm.spec].setdefault(lr, {}).setdefault(seed, rec)
     return best, runs, complete
@@ -759,6 +796,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--max-runs", type=int, default=None, help="train at most N new runs, then summarize")
+    p.add_argument(
+        "--save-records", action="store_true",
+        help=f"copy the grid's run records into {RECORDS.relative_to(RECORDS.parents[2])}/<corpus>/runs (kept in the "
+        "repository, so that a fresh checkout reuses them)",
+    )  # fmt: skip
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -823,6 +865,8 @@ def main(argv=None) -> dict | None:
     (grid_dir / "tables.md").write_text(markdown(summary))
     report(summary)
     print(f"[study] wrote {grid_dir / 'summary.json'}{'' if complete else ' (partial: --max-runs reached)'}")
+    if args.save_records:
+        save_records(runs, RECORDS / corpus_dir.name / "runs")
     return summary
 
 

@@ -139,6 +139,29 @@ def test_resume_reuses_runs_and_budget_stops(smoke, tmp_path):
     assert json.loads((tmp_path / "smoke" / "summary.json").read_text())["complete"] is False
 
 
+def test_kept_records_from_another_checkout_are_reused_and_saved(smoke, tmp_path, monkeypatch):
+    """A fresh checkout has no run cache: the records kept in the repository (``--save-records``) stand in for it,
+    matched by the corpus's content even though they were made from another path."""
+    records = tmp_path / "records"
+    monkeypatch.setattr(study, "RECORDS", records)
+    argv = [*smoke["argv"], "--save-records", "--no-plots"]
+    saved = study.main(argv)  # the smoke cache: nothing trained, every run copied
+    kept = sorted((records / "tiny" / "runs").glob("*.json"))
+    assert saved["new_runs_trained"] == 0 and len(kept) == sum(1 for _ in (smoke["out"] / "tiny" / "runs").glob("*.json"))
+    moved = tmp_path / "elsewhere" / "tiny.jsonl"  # same corpus, another checkout's path
+    moved.parent.mkdir()
+    moved.write_bytes(smoke["data"].read_bytes())
+    fresh = ["--grid", "smoke", "--data", str(moved), "--out", str(tmp_path / "fresh_out"), "--no-progress",
+             "--threads", "1", "--no-plots", "--max-runs", "0"]  # fmt: skip
+    again = study.main(fresh)
+    assert again["complete"] is True and again["new_runs_trained"] == 0
+    assert again["arms"]["muon_pc"]["final_val_loss"] == smoke["summary"]["arms"]["muon_pc"]["final_val_loss"]
+    other = tmp_path / "other" / "tiny.jsonl"  # another corpus under the same name: not reused
+    other.parent.mkdir()
+    other.write_text(smoke["data"].read_text().replace("lord", "king"))
+    assert study.main([*fresh[:3], str(other), *fresh[4:]])["complete"] is False
+
+
 def test_plots_written(smoke):
     for kind in ("loss", "tokens_to_target", "lr", "gmcn"):
         assert (smoke["out"] / "smoke" / f"study_smoke_{kind}.png").stat().st_size > 1000, kind
