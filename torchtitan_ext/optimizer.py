@@ -43,6 +43,10 @@ def _training_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+_SHOWN_OPTIONS = {"split_sizes": None, "batched_weights": False, "row_interleave": 1}
+"""The matrix-layout options a param group's log line names when they differ from these defaults."""
+
+
 class PCOptimizersContainer(OptimizersContainer):
     """``OptimizersContainer`` + the ``Muon`` name + SPECTRA; skips once-per-step ``W_eff`` parameters."""
 
@@ -96,7 +100,7 @@ class PCOptimizersContainer(OptimizersContainer):
                     )
         for opt_name, gs in groups.items():
             for group, pattern in zip(gs, patterns[opt_name]):
-                extra = {k: group[k] for k in ("split_sizes", "batched_weights") if group.get(k)}
+                extra = {k: group[k] for k, off in _SHOWN_OPTIONS.items() if group.get(k, off) != off}
                 logger.info(
                     "optimizer %s, pattern %r: %d parameters, %d elements%s",
                     opt_name,

@@ -81,8 +81,12 @@ RECIPES = {"_muon": ("muon", False), "_muon_pc": ("muon", True), "_adamw_pc": ("
 ROUTED_EXPERTS = EXPERT_STACKS
 """MoE routed-expert stacks ``(E, out, in)`` with one matrix per expert, plain or PC raw (Muon per expert)."""
 
-_INTERLEAVED_EXPERTS = r"(^|\.)inner_experts\.mlp[12]_weight_E[A-Z]+$"
-"""gpt_oss's expert stacks (``mlp1`` interleaves gate and up rows): AdamW (no row split for interleaved rows yet)."""
+GPT_OSS_MLP1 = r"(^|\.)inner_experts\.mlp1_weight_EGD$"
+"""gpt_oss's fused gate/up expert stack ``(E, 2F, D)``: its rows alternate gate (``0::2``) and up (``1::2``), so Muon
+runs per expert and per gate/up matrix (``row_interleave=2``)."""
+
+GPT_OSS_MLP2 = r"(^|\.)inner_experts\.mlp2_weight_EDF$"
+"""gpt_oss's down-projection expert stack ``(E, D, F)``: Muon per expert."""
 
 _FUSING_OVERRIDES = ("torchtitan.overrides.fused_swiglu.",)
 """Overrides that fuse ``w1``/``w3`` into one 3-D ``w13`` parameter: PC and per-matrix Muon need them apart."""
@@ -279,8 +283,9 @@ def muon_param_groups(
     1. fused ``wqkv``: Muon with ``split_sizes`` (see :func:`_qkv_splits`), one group per distinct layout;
     2. every other attention and FFN matrix (:data:`pcopt.names.ATTENTION_FFN_MODULES`: q/k/v, MLA's
        ``wq``/``wq_a``/``wq_b``/``wkv_a``/``wkv_b``, output, dense and shared-expert FFN): Muon;
-    3. MoE routed-expert stacks ``(E, out, in)``: Muon per expert (``batched_weights=True``);
-    4. the rest (embeddings, LM head, norms, biases, routers, PC's ``gamma``, gpt_oss's interleaved experts):
+    3. MoE routed-expert stacks ``(E, out, in)``: Muon per expert (``batched_weights=True``); gpt_oss's ``mlp1``
+       per expert and per gate/up matrix (its rows interleave them: ``row_interleave=2``), its ``mlp2`` per expert;
+    4. the rest (embeddings, LM head, norms, biases (gpt_oss's expert biases too), routers, PC's ``gamma``):
        AdamW at ``adamw_lr`` (default ``lr``, as the paper's "moonlight" scale makes them share it).
 
     Groups that would match no parameter of the model are left out (torchtitan requires every pattern to match).
@@ -313,6 +318,8 @@ def muon_param_groups(
     add(param_pattern(ATTENTION_FFN_MODULES), "Muon", muon)
     if experts:
         add(ROUTED_EXPERTS, "Muon", {**muon, "batched_weights": True})
+        add(GPT_OSS_MLP1, "Muon", {**muon, "batched_weights": True, "row_interleave": 2})
+        add(GPT_OSS_MLP2, "Muon", {**muon, "batched_weights": True})
     groups.append(
         ParamGroupConfig(
             pattern=r".*", optimizer_name="AdamW", optimizer_kwargs={"lr": adamw_lr or lr, **recipes.ADAMW}

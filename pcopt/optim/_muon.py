@@ -25,6 +25,7 @@ from pcopt.optim._muon_step import (
     EPS,
     AdjustLrT,
     NsAlgorithmT,
+    check_interleave,
     check_split,
     muon,
     whole_locally,
@@ -93,6 +94,17 @@ def _validate_options(options: MutableMapping[str, Any], *, warn: bool = True) -
             "sequence of positive ints, the row counts of the blocks a fused weight stacks (e.g. "
             "(q_dim, kv_dim, kv_dim) for a fused QKV weight, (head_dim,) * n_heads per head)."
         )
+    k = options["row_interleave"]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(
+            f"Invalid row_interleave: {k!r}. Expected an int >= 1: 1 (default) orthogonalizes each matrix whole, k > 1 "
+            "treats a weight whose rows alternate between k matrices (gpt_oss's mlp1: gate and up rows, k=2) as those k."
+        )
+    if k > 1 and split is not None:
+        raise ValueError(
+            f"Muon got split_sizes={split!r} and row_interleave={k}: a weight's rows are either contiguous blocks or "
+            "interleaved matrices. Give each layout its own param group."
+        )
     if options["foreach"] is not None and not isinstance(options["foreach"], bool):
         raise ValueError(
             f"Invalid foreach: {options['foreach']!r}. Expected None (stack same-shaped matrices except on "
@@ -119,6 +131,7 @@ class Muon(Optimizer):
         ns_algorithm: NsAlgorithmT = "standard",
         batched_weights: bool = False,
         split_sizes: Sequence[int] | None = None,
+        row_interleave: int = 1,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -135,6 +148,7 @@ class Muon(Optimizer):
             "ns_algorithm": ns_algorithm,
             "batched_weights": batched_weights,
             "split_sizes": None if split_sizes is None else tuple(split_sizes),
+            "row_interleave": row_interleave,
         }
         _validate_options(defaults, warn=False)
         super().__init__(params, defaults)
@@ -157,6 +171,8 @@ class Muon(Optimizer):
             for p in group["params"]:
                 if group["split_sizes"] is not None:
                     check_split(p, group["split_sizes"])
+                if group["row_interleave"] > 1:
+                    check_interleave(p, group["row_interleave"])
                 if group["batched_weights"] and p.ndim > 2:
                     if not whole_locally(p):
                         raise ValueError(
@@ -187,6 +203,7 @@ class Muon(Optimizer):
             group.setdefault("ns_algorithm", "standard")
             group.setdefault("batched_weights", False)
             group.setdefault("split_sizes", None)
+            group.setdefault("row_interleave", 1)
 
     def _init_group(
         self,
@@ -257,6 +274,7 @@ class Muon(Optimizer):
                 ns_dtype=group["ns_dtype"],
                 ns_algorithm=group["ns_algorithm"],
                 split_sizes=group["split_sizes"],
+                row_interleave=group["row_interleave"],
             )
         return loss
 
@@ -327,6 +345,12 @@ Muon.__doc__ = r"""Implements Muon (MomentUm Orthogonalized by Newton-Schulz), c
             were a separate parameter (the momentum buffer stays one tensor). Plain tensors are split into row views;
             a DTensor (FSDP2, TP) is split on the owner rank of its full matrix, and each local row is updated
             with its block's lr, so the step equals the unsharded one.
+        row_interleave (int, optional): 1 (default, as torch) orthogonalizes each matrix whole; ``k > 1`` treats a
+            weight whose rows alternate between ``k`` matrices (row ``r`` belongs to matrix ``r % k``; gpt_oss's fused
+            ``mlp1`` stacks gate and up rows this way, ``k = 2``) as those ``k`` matrices: each gets its own
+            Newton-Schulz and its lr adjusted by its own shape ``(rows / k, cols)``, stepped as a contiguous copy
+            (bitwise the step of a separate parameter) and written back in place. Plain tensors, and DTensors whose matrices lie whole on each rank (stacks sharded on their stack
+            dims); not together with ``split_sizes``.
         batched_weights (bool, optional): False (default, as torch) refuses parameters that are not 2-D;
             True treats a ``(..., m, n)`` parameter (MoE experts ``(E, m, n)``) as a batch of matrices and
             orthogonalizes each 2-D slice on its own (lr adjusted by ``(m, n)``). Plain tensors only.

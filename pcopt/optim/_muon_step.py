@@ -71,6 +71,42 @@ def check_split(p: Tensor, split_sizes: tuple[int, ...]) -> None:
         )
 
 
+def check_interleave(p: Tensor, k: int) -> None:
+    """``ValueError`` unless ``p``'s rows split into ``k`` interleaved matrices that lie whole on this rank."""
+    if p.ndim < 2 or p.shape[-2] % k:
+        raise ValueError(
+            f"Muon(row_interleave={k}) treats a weight whose rows alternate between {k} matrices as those matrices; it "
+            f"needs a row count divisible by {k}, got shape {tuple(p.shape)}. Give such weights their own param group."
+        )
+    if not whole_locally(p):
+        raise ValueError(
+            f"Muon(row_interleave={k}) needs each interleaved weight whole on its rank (a plain tensor, or a stack "
+            f"sharded on its stack dims only); got a DTensor of shape {tuple(p.shape)} with placements "
+            f"{p.placements}, which splits its rows. Shard such stacks on the expert dim (FSDP2 Shard(0), expert "
+            "parallelism)."
+        )
+
+
+def _deinterleave(t: Tensor, k: int) -> list[Tensor]:
+    """The ``k`` matrices (stacks) whose rows ``t`` interleaves: matrix ``j`` holds the (local) rows ``j::k``, each
+    its own contiguous tensor (own allocation: elementwise kernels then treat every element as for a separate
+    parameter, whose vectorized body and scalar tail depend on the data's alignment)."""
+    local = _local(t)
+    return [m.contiguous() for m in local.unflatten(-2, (local.shape[-2] // k, k)).unbind(-2)]
+
+
+def _step_interleaved(k: int, params, grads, momentum_buffers, options: dict) -> None:
+    """The step of weights whose rows interleave ``k`` matrices: each matrix as a copy of its own (so the step is
+    bitwise that of separate parameters), stepped together, then written back in place."""
+    p_k, b_k = [_deinterleave(p, k) for p in params], [_deinterleave(b, k) for b in momentum_buffers]
+    g_k = [_deinterleave(g, k) for g in grads]
+    flat = lambda ts: [m for t in ts for m in t]  # noqa: E731
+    muon_impl(flat(p_k), flat(g_k), flat(b_k), **options)
+    for dst, src in (*zip(params, p_k), *zip(momentum_buffers, b_k)):
+        local = _local(dst)
+        local.unflatten(-2, (local.shape[-2] // k, k)).copy_(torch.stack(src, dim=-2))
+
+
 def whole_locally(p: Tensor) -> bool:
     """Whether every matrix of ``p`` lies whole in this rank's local tensor: a plain tensor, or a stack of
     matrices ``(..., m, n)`` whose DTensor placements shard only the stack dims (MoE experts under FSDP2 ``Shard(0)``,
@@ -254,8 +290,17 @@ def muon_impl(
     ns_dtype: torch.dtype | str,
     ns_algorithm: str,
     split_sizes: Sequence[int] | None = None,
+    row_interleave: int = 1,
 ) -> None:
     if not params:
+        return
+    if row_interleave > 1:  # whole on each rank (check_interleave): the k matrices stepped as matrices of their own
+        options = dict(
+            foreach=foreach, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+            ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps, adjust_lr_fn=adjust_lr_fn,
+            ns_coefficient_set=ns_coefficient_set, ns_dtype=ns_dtype, ns_algorithm=ns_algorithm,
+        )  # fmt: skip
+        _step_interleaved(row_interleave, params, grads, momentum_buffers, options)
         return
     if split_sizes is not None:  # plain weights: row views; DTensors: split on the owner of the full matrix
         plain = [i for i, p in enumerate(params) if not _is_dtensor(p)]
@@ -343,6 +388,7 @@ def muon(
     ns_dtype: torch.dtype | str = torch.bfloat16,
     ns_algorithm: NsAlgorithmT = "standard",
     split_sizes: Sequence[int] | None = None,
+    row_interleave: int = 1,
 ) -> None:
     r"""Functional Muon step (see :class:`Muon`). Updates ``params`` and ``momentum_buffers`` in place.
 
@@ -350,7 +396,7 @@ def muon(
     except large ones on CPUs (same bits either way). DTensor parameters (any placements) are gathered to one owner rank
     per matrix in every mode (every rank must call this). Parameters of shape ``(..., m, n)`` are batches of
     matrices, each orthogonalized on its own. ``split_sizes`` treats every parameter as the row blocks it stacks
-    (see :class:`Muon`).
+    (see :class:`Muon`), ``row_interleave`` as the matrices its rows interleave.
     """
     muon_impl(
         params,
@@ -369,4 +415,5 @@ def muon(
         ns_dtype=ns_dtype,
         ns_algorithm=ns_algorithm,
         split_sizes=split_sizes,
+        row_interleave=row_interleave,
     )

@@ -187,6 +187,30 @@ def test_muon_on_hidden_matrices_adamw_on_the_rest(stock):
             assert re.search(r"(tok_embeddings|lm_head|output|norm|router\.gate)\.weight$", name), name
 
 
+def test_gpt_oss_experts_get_muon_per_expert_and_per_gate_up_matrix():
+    """gpt_oss's ``mlp1 (E, 2F, D)`` alternates gate and up rows: Muon per expert with ``row_interleave=2``; its
+    ``mlp2 (E, D, F)`` per expert; the expert biases and sinks stay on AdamW. The group's kwargs build pcopt's Muon
+    on the stacks (the construction-time checks pass on the real shapes)."""
+    import torch
+
+    from pcopt.optim import Muon
+    from torchtitan_ext import with_muon
+    from torchtitan_ext.transform import _meta_parameters
+
+    config = with_muon(_stock("gpt_oss_debugmodel"))
+    shapes = _meta_parameters(config.model_spec.model)
+    got = _assignment(config)
+    mlp1 = {n: kw for n, (opt, kw) in got.items() if n.endswith("inner_experts.mlp1_weight_EGD")}
+    mlp2 = {n: kw for n, (opt, kw) in got.items() if n.endswith("inner_experts.mlp2_weight_EDF")}
+    assert mlp1 and len(mlp1) == len(mlp2)
+    assert all(got[n][0] == "Muon" and kw["row_interleave"] == 2 and kw["batched_weights"] for n, kw in mlp1.items())
+    assert all(got[n][0] == "Muon" and "row_interleave" not in kw and kw["batched_weights"] for n, kw in mlp2.items())
+    assert all(got[n][0] == "AdamW" for n in got if re.search(r"inner_experts\.mlp[12]_bias", n))
+    name = next(iter(mlp1))
+    kwargs = {k: v for k, v in mlp1[name].items() if k != "lr"}
+    Muon([{"params": [torch.nn.Parameter(torch.zeros(shapes[name]))], **kwargs}], lr=1e-2)
+
+
 @pytest.mark.parametrize("stock", ["llama3_debugmodel", "qwen3_debugmodel", "llama3_8b"])
 def test_fused_wqkv_is_split_per_q_k_v_block_of_each_kv_group(stock):
     from torchtitan.models.common.attention import FusedQKVLinear

@@ -348,6 +348,70 @@ def test_split_sizes_equal_torch_muon_on_each_block(split, foreach):
     assert not torch.allclose(a, b, atol=1e-3)
 
 
+@pytest.mark.parametrize("shape", [(3, 2 * 6, 10), (2 * 8, 12)])  # gpt_oss's (E, 2F, D) mlp1; a 2-D one
+@pytest.mark.parametrize("foreach", [None, False])
+def test_row_interleave_steps_each_interleaved_matrix_as_its_own_parameter(shape, foreach):
+    """A weight whose rows alternate between k = 2 matrices (gpt_oss's mlp1: gate rows 0::2, up rows 1::2) with
+    row_interleave=2 is those matrices, over steps: bitwise the step of pcopt's Muon on the rows[j::2] stacks as
+    separate parameters in the same mode, and, in the per-matrix reference loop (foreach=False), of
+    torch.optim.Muon on every (expert, j) matrix as a separate 2-D parameter (each its own Newton-Schulz and its
+    own lr adjustment by (rows / 2, cols)). The stacked mode is not compared with torch bit for bit: its fp32
+    update of a stack and torch's of one matrix may round one element differently (1 ulp, measured on an AVX-512
+    EPYC for plain stacks too); test_batched_weights_equal_torch_muon_on_each_slice covers that mode."""
+    gen = torch.Generator().manual_seed(0)
+    w = nn.Parameter(torch.randn(shape, generator=gen))
+
+    def stacks(t):  # rows j::2
+        return [t[..., j::2, :] for j in range(2)]
+
+    def pieces(t):  # matrix (e, j): rows j::2 of expert e
+        t = t.reshape(-1, *shape[-2:])
+        return [t[e, j::2] for e in range(t.shape[0]) for j in range(2)]
+
+    sep = [nn.Parameter(x.contiguous()) for x in stacks(w.detach())]
+    ref = [nn.Parameter(x.clone()) for x in pieces(w.detach())]
+    ours = Muon([{"params": [w], "row_interleave": 2}], lr=0.05, batched_weights=True, foreach=foreach,
+                adjust_lr_fn="original")  # fmt: skip
+    separate = Muon(sep, lr=0.05, batched_weights=True, foreach=foreach, adjust_lr_fn="original")
+    theirs = torch.optim.Muon(ref, lr=0.05, adjust_lr_fn="original")
+    for _ in range(3):
+        g = torch.randn(shape, generator=gen)
+        w.grad = g.clone()
+        for r, x in zip(sep, stacks(g)):
+            r.grad = x.contiguous()
+        for r, x in zip(ref, pieces(g)):
+            r.grad = x.clone()
+        ours.step()
+        separate.step()
+        theirs.step()
+    for got, want in zip(stacks(w.detach()), sep):
+        assert torch.equal(got, want.detach())
+    if foreach is False:
+        for got, want in zip(pieces(w.detach()), ref):
+            assert torch.equal(got, want.detach())
+    assert ours.state[w]["momentum_buffer"].shape == w.shape  # one buffer per parameter, as checkpoints hold
+    # and not the whole-matrix update: the option changes the result
+    a, b = (nn.Parameter(torch.ones(shape)) for _ in range(2))
+    a.grad, b.grad = g.clone(), g.clone()
+    Muon([{"params": [a], "row_interleave": 2}], lr=0.05, batched_weights=True).step()
+    Muon([b], lr=0.05, batched_weights=True).step()
+    assert not torch.allclose(a, b, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "group, message",
+    [
+        ({"row_interleave": 2, "shape": (2, 7, 4)}, r"row_interleave=2\) .* divisible by 2, got shape \(2, 7, 4\)"),
+        ({"row_interleave": 0, "shape": (4, 4)}, r"Invalid row_interleave: 0\. Expected an int >= 1"),
+        ({"row_interleave": 2, "split_sizes": (2, 2), "shape": (4, 4)}, r"split_sizes=\(2, 2\) and row_interleave=2"),
+    ],
+)
+def test_row_interleave_refuses_what_it_cannot_split(group, message):
+    shape = group.pop("shape")
+    with pytest.raises(ValueError, match=message):
+        Muon([{"params": [nn.Parameter(torch.zeros(shape))], **group}], batched_weights=True)
+
+
 @pytest.mark.parametrize(
     "split, shape, message",
     [
