@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from torchtitan.config import ParallelismConfig
 from torchtitan.config.override import derive
 from torchtitan.distributed import ParallelDims
-from torchtitan.models.common.linear import Linear
+from torchtitan.models.common.linear import Linear, ScaledBiasRowwiseLinear
 from torchtitan.models.common.moe import GroupedExperts
 from torchtitan.models.llama3.parallelize import parallelize_llama
 from torchtitan.protocols.model import ModelConfigConverter
@@ -48,6 +48,7 @@ __all__ = [
     "PCConverter",
     "PCGroupedExperts",
     "PCLinear",
+    "PCScaledBiasRowwiseLinear",
     "attach_pc_state",
     "canonical_strategy",
     "parallelize_llama_pc",
@@ -167,6 +168,31 @@ class PCLinear(Linear):
         pcopt.reset_preconditioners(self)
 
 
+class PCScaledBiasRowwiseLinear(PCLinear):
+    """torchtitan's ``ScaledBiasRowwiseLinear`` (a row-wise ``Linear`` whose bias is divided by the TP degree in
+    forward: gpt_oss's and Kimi's attention output) with the PC layer on its weight; the bias is untouched."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(PCLinear.Config):
+        pass
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self.tp_degree = 1
+
+    def parallelize(self, parallel_dims) -> None:
+        self.tp_degree = parallel_dims.tp
+        super().parallelize(parallel_dims)
+
+    def forward(self, x):
+        _require_pc(self, "weight", f"{self.in_features} -> {self.out_features}")
+        return ScaledBiasRowwiseLinear.forward(self, x)
+
+
+_PC_LINEAR_CONFIGS = {Linear.Config: PCLinear.Config, ScaledBiasRowwiseLinear.Config: PCScaledBiasRowwiseLinear.Config}
+"""The Linear configs the PC layer takes, and their PC counterparts (same fields plus the PC settings)."""
+
+
 class PCGroupedExperts(GroupedExperts):
     """torchtitan's routed-expert stacks ``(E, out, in)`` with the PC layer on ``w1_EFD``, ``w2_EDF``, ``w3_EFD``.
 
@@ -266,17 +292,17 @@ class PCConverter(ModelConfigConverter):
                     )
                 new = derive(cfg, PCGroupedExperts.Config, **pc_fields)
             else:
-                if type(cfg) is not Linear.Config:
+                if type(cfg) not in _PC_LINEAR_CONFIGS:
                     raise ValueError(
-                        f"PC target {fqn} is a {type(cfg).__qualname__}, but the PC layer supports plain "
-                        "torchtitan Linear layers and GroupedExperts stacks only. Narrow the targets regex or drop "
-                        "the other converter."
+                        f"PC target {fqn} is a {type(cfg).__qualname__}, but the PC layer supports torchtitan's "
+                        f"{', '.join(c.__qualname__.removesuffix('.Config') for c in _PC_LINEAR_CONFIGS)} layers and "
+                        "GroupedExperts stacks only. Narrow the targets regex or drop the other converter."
                     )
                 if cfg.param_init is None or "weight" not in cfg.param_init:
                     raise ValueError(
                         f"PC target {fqn} has no param_init['weight']; set it so the raw weight is initialised."
                     )
-                new = derive(cfg, PCLinear.Config, **pc_fields)
+                new = derive(cfg, _PC_LINEAR_CONFIGS[type(cfg)], **pc_fields)
             if parent is None:
                 model_config = new
             elif isinstance(parent, list):

@@ -1,10 +1,10 @@
 """PC and Muon on torchtitan's own model families: the transform, the recipes by name, and no silent no-op.
 
 In-process tests read the transformed configs (and models built on the meta device or the CPU); the runs at the
-end train ``llama3_debugmodel``, ``qwen3_debugmodel``, ``deepseek_v3_debugmodel`` (FSDP2; DeepSeek's routed experts
-sharded on their expert dim) and 2-layer cuts of ``deepseek_v3_debugmodel`` and ``qwen3_moe_debug`` under expert
+end train ``llama3_debugmodel``, ``qwen3_debugmodel``, ``deepseek_v3_debugmodel`` (FSDP2, DeepSeek's routed experts
+sharded on their expert dim, and under expert parallelism 2) and a 2-layer cut of ``qwen3_moe_debug`` under expert
 parallelism 2, with PC (routed experts too) + Muon on 2 gloo ranks, check that PC is active and that a resume is
-bit-exact.
+bit-exact; the stock ``qwen3_moe_debug`` trains 2 steps under expert parallelism 2.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import shutil
 import pytest
 import torch
 
+import pcopt
 from tests.torchtitan._harness import torchrun
 
 pytestmark = pytest.mark.torchtitan
@@ -209,6 +210,73 @@ def test_gpt_oss_experts_get_muon_per_expert_and_per_gate_up_matrix():
     name = next(iter(mlp1))
     kwargs = {k: v for k, v in mlp1[name].items() if k != "lr"}
     Muon([{"params": [torch.nn.Parameter(torch.zeros(shapes[name]))], **kwargs}], lr=1e-2)
+
+
+def test_gpt_oss_with_pc_preconditions_its_biased_attention_output(caplog):
+    """gpt_oss's ``wo`` is a ``ScaledBiasRowwiseLinear`` (bias divided by the TP degree): ``with_pc`` makes it a
+    :class:`PCScaledBiasRowwiseLinear` whose raw weight and bias get the baseline's draws; the interleaved expert
+    stacks are logged as left out. (gpt_oss's FlexAttention with sinks compiles on first use, and inductor refuses
+    it on a CPU, so its forward is tested on the layer, below.)"""
+    import logging
+
+    from torchtitan_ext import with_pc
+    from torchtitan_ext.export import build_model
+    from torchtitan_ext.pc import PCScaledBiasRowwiseLinear
+
+    config = _stock("gpt_oss_debugmodel")
+    config.model_spec.model.layers = config.model_spec.model.layers[:2]
+    with caplog.at_level(logging.INFO, logger="torchtitan_ext.pc"):
+        pc_config = with_pc(config)
+    assert re.search(r"without PC: 2 expert stacks .*GptOssGroupedExperts.*interleaved gate/up rows", caplog.text)
+    torch.manual_seed(0)
+    base = build_model(config)
+    torch.manual_seed(0)
+    model = build_model(pc_config)
+    assert [f for f, _ in pcopt.preconditioners(model)] == [f"layers.{i}.attention.wo.weight" for i in range(2)]
+    for i in range(2):
+        wo, ref = model.get_submodule(f"layers.{i}.attention.wo"), base.get_submodule(f"layers.{i}.attention.wo")
+        assert isinstance(wo, PCScaledBiasRowwiseLinear) and ref.bias is not None
+        assert torch.equal(wo.parametrizations.weight.original, ref.weight)
+        assert torch.equal(wo.bias, ref.bias)
+
+
+@pytest.mark.parametrize("strategy", pcopt.STRATEGIES)
+@pytest.mark.parametrize("tp_degree", [1, 2])
+def test_pc_scaled_bias_rowwise_linear_is_the_plain_layer_with_w_eff(strategy, tp_degree):
+    """Forward and gradients of the PC layer equal those of torchtitan's ``ScaledBiasRowwiseLinear`` holding
+    ``W_eff`` (float64: the same ops on both sides, so within a few ulps, bound 1e-12), with its bias divided by
+    ``tp_degree`` in forward (and so its gradient, as autograd gives torchtitan's layer)."""
+    from torchtitan.config.override import derive
+    from torchtitan.models.common.linear import ScaledBiasRowwiseLinear
+
+    from torchtitan_ext.pc import PCScaledBiasRowwiseLinear
+
+    wo = _stock("gpt_oss_debugmodel").model_spec.model.layers[0].attention.wo
+    small = derive(wo, ScaledBiasRowwiseLinear.Config, in_features=24, out_features=16)
+    layer = derive(small, PCScaledBiasRowwiseLinear.Config, degree=5).build().double()
+    layer.attach()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        layer.parametrizations.weight.original.copy_(torch.randn(16, 24, generator=gen, dtype=torch.float64))
+        layer.bias.copy_(torch.randn(16, generator=gen, dtype=torch.float64))
+    pcopt.reset_preconditioners(layer)
+    pcopt.set_strategy(layer, strategy)
+    layer.tp_degree = tp_degree
+    plain = small.build().double()
+    (pc,) = [m for _, m in pcopt.preconditioners(layer)]
+    with torch.no_grad():
+        plain.weight.copy_(pc.effective_weight())
+        plain.bias.copy_(layer.bias)
+    plain.tp_degree = tp_degree
+    x = torch.randn(3, 24, generator=gen, dtype=torch.float64)
+    y, y_ref = layer(x), plain(x)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(y_ref, x @ plain.weight.T + layer.bias / tp_degree, rtol=0, atol=1e-12)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(layer.bias.grad, plain.bias.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(plain.bias.grad, g.sum(0) / tp_degree, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("stock", ["llama3_debugmodel", "qwen3_debugmodel", "llama3_8b"])
