@@ -220,6 +220,14 @@ GRIDS: dict[str, Grid] = {
             max_extend=0,
         ),
         Grid(
+            "kjv-muon-pcwd-high",
+            "Muon + PC, weight decay of the raw PC weights only at 3 and 10 (kjv-muon-pcwd's best, 1, was its top "
+            "edge), at 2.4e-2, vs Muon (KJV)",
+            (Arm("muon", MUON_LRS), Arm("muon_pc:pcwd3", (2.4e-2,)), Arm("muon_pc:pcwd10", (2.4e-2,))),
+            data="outputs/corpora/kjv.jsonl",
+            max_extend=0,
+        ),
+        Grid(
             "kjv-muon-raw-scale",
             "every issue-32 variant against Muon on KJV (no runs of its own: the tables of the grids above)",
             (
