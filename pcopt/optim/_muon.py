@@ -349,8 +349,8 @@ Muon.__doc__ = r"""Implements Muon (MomentUm Orthogonalized by Newton-Schulz), c
             weight whose rows alternate between ``k`` matrices (row ``r`` belongs to matrix ``r % k``; gpt_oss's fused
             ``mlp1`` stacks gate and up rows this way, ``k = 2``) as those ``k`` matrices: each gets its own
             Newton-Schulz and its lr adjusted by its own shape ``(rows / k, cols)``, stepped as a contiguous copy
-            (bitwise the step of a separate parameter) and written back in place. Plain tensors, and DTensors whose matrices lie whole on each rank (stacks sharded on their stack
-            dims); not together with ``split_sizes``.
+            (bitwise the step of a separate parameter) and written back in place. Plain tensors, and DTensors
+            whose matrices lie whole on each rank (stacks sharded on their stack dims); not with ``split_sizes``.
         batched_weights (bool, optional): False (default, as torch) refuses parameters that are not 2-D;
             True treats a ``(..., m, n)`` parameter (MoE experts ``(E, m, n)``) as a batch of matrices and
             orthogonalizes each 2-D slice on its own (lr adjusted by ``(m, n)``). Plain tensors only.

@@ -87,12 +87,17 @@ def check_interleave(p: Tensor, k: int) -> None:
         )
 
 
+def _by_matrix(t: Tensor, k: int) -> Tensor:
+    """The (local) rows of ``t`` as ``(..., rows / k, k, cols)``: index ``j`` of dim -2 is the matrix of rows ``j::k``."""
+    local = _local(t)
+    return local.unflatten(-2, (local.shape[-2] // k, k))
+
+
 def _deinterleave(t: Tensor, k: int) -> list[Tensor]:
     """The ``k`` matrices (stacks) whose rows ``t`` interleaves: matrix ``j`` holds the (local) rows ``j::k``, each
     its own contiguous tensor (own allocation: elementwise kernels then treat every element as for a separate
     parameter, whose vectorized body and scalar tail depend on the data's alignment)."""
-    local = _local(t)
-    return [m.contiguous() for m in local.unflatten(-2, (local.shape[-2] // k, k)).unbind(-2)]
+    return [m.contiguous() for m in _by_matrix(t, k).unbind(-2)]
 
 
 def _step_interleaved(k: int, params, grads, momentum_buffers, options: dict) -> None:
@@ -103,8 +108,7 @@ def _step_interleaved(k: int, params, grads, momentum_buffers, options: dict) ->
     flat = lambda ts: [m for t in ts for m in t]  # noqa: E731
     muon_impl(flat(p_k), flat(g_k), flat(b_k), **options)
     for dst, src in (*zip(params, p_k), *zip(momentum_buffers, b_k)):
-        local = _local(dst)
-        local.unflatten(-2, (local.shape[-2] // k, k)).copy_(torch.stack(src, dim=-2))
+        _by_matrix(dst, k).copy_(torch.stack(src, dim=-2))
 
 
 def whole_locally(p: Tensor) -> bool:
