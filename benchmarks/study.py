@@ -411,8 +411,6 @@ fresh checkout reuses them instead of training the runs again. ``--save-records`
 
 def save_records(runs: dict, dest: Path) -> int:
     """Copy the records behind ``runs`` (``runs[arm][lr][seed]``) into ``dest``; returns how many were new."""
-    import shutil
-
     dest.mkdir(parents=True, exist_ok=True)
     new = 0
     for by_lr in runs.values():
@@ -420,10 +418,19 @@ def save_records(runs: dict, dest: Path) -> int:
             for rec in by_seed.values():
                 src = Path(rec["file"])
                 if not (dest / src.name).exists():
-                    shutil.copy2(src, dest / src.name)
+                    (dest / src.name).write_text(json.dumps(_portable(json.loads(src.read_text()))))
                     new += 1
     print(f"[study] {new} new run records in {dest}")
     return new
+
+
+def _portable(rec: dict) -> dict:
+    """``rec`` with its corpus path relative to the repository (where the corpus lies inside it): the kept records
+    name no folder of the machine that made them. The lookup does not read the path (:func:`_same_run`)."""
+    root, data = RECORDS.parents[2], Path(rec["config"]["data"])
+    if data.is_absolute() and data.is_relative_to(root):
+        rec["config"] = {**rec["config"], "data": str(data.relative_to(root))}
+    return rec
 
 
 def _same_run(stored: dict, wanted: dict) -> bool:
