@@ -228,6 +228,20 @@ GRIDS: dict[str, Grid] = {
             max_extend=0,
         ),
         Grid(
+            "kjv-muon-pcwd1",
+            "Muon + PC with weight decay 1 on the raw PC weights (kjv-muon-pcwd's best), its lr swept around "
+            "2.4e-2 until interior, 3 seeds at its best, vs Muon (KJV)",
+            (Arm("muon", MUON_LRS), Arm("muon_pc:pcwd1", MUON_PC_LRS)),
+            data="outputs/corpora/kjv.jsonl",
+        ),
+        Grid(
+            "python-docs-muon-pcwd1",
+            "the second corpus: Muon, Muon + PC (the paper's recipe) and Muon + PC with weight decay 1 on the raw "
+            "PC weights, each lr swept until interior, 3 seeds at its best, python-docs",
+            (Arm("muon", MUON_LRS), Arm("muon_pc", MUON_PC_LRS), Arm("muon_pc:pcwd1", MUON_PC_LRS)),
+            data="outputs/corpora/python-docs.jsonl",
+        ),
+        Grid(
             "kjv-muon-raw-scale",
             "every issue-32 variant against Muon on KJV (no runs of its own: the tables of the grids above)",
             (
