@@ -1,5 +1,5 @@
 """Internal tensor helpers shared by pcopt's modules, one per concept: DTensor and FSDP2 detection, local and full
-views, a DTensor laid out like another, and sums over the dims of a DeviceMesh."""
+views, a DTensor laid out like another, the matrices of an interleaved weight, and sums over the dims of a DeviceMesh."""
 
 from __future__ import annotations
 
@@ -36,6 +36,22 @@ def like(p: Tensor, local: Tensor) -> Tensor:
 def local_tensor(t: Tensor) -> Tensor:
     """This rank's local shard of a DTensor (an alias: in-place ops update the DTensor), else ``t`` itself."""
     return t.to_local() if is_dtensor(t) else t
+
+
+def split_rows(t: Tensor, k: int) -> Tensor:
+    """The matrices whose rows ``t`` ``(..., rows, cols)`` interleaves, as the view ``(..., k, rows / k, cols)``:
+    index ``j`` of dim -3 is the matrix of rows ``j::k`` (gpt_oss's fused gate/up expert stack: ``k = 2``). ``t``
+    itself for ``k = 1``. A view (no copy) of a plain tensor and of a DTensor sharded on its stack dims only."""
+    if k == 1:
+        return t
+    return t.unflatten(-2, (t.shape[-2] // k, k)).movedim(-2, -3)
+
+
+def join_rows(m: Tensor, k: int) -> Tensor:
+    """The inverse of :func:`split_rows`: ``(..., k, rows, cols)`` back to ``(..., k * rows, cols)`` (one copy)."""
+    if k == 1:
+        return m
+    return m.movedim(-3, -2).flatten(-3, -2)
 
 
 def is_fsdp_module(module: nn.Module) -> bool:

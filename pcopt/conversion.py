@@ -146,8 +146,8 @@ def _preserve_once_per_step(fqn: str, pc) -> None:
             "models. Load the dense weights before pcopt.set_strategy(..., shard=...)."
         )
     dense = pc.raw_weight.detach()
-    raw, u, v = dense_to_raw(dense, pc.coefficients, pc.gamma.detach(), pc.eps)
-    pc.raw_weight.copy_(raw.to(dense.dtype))
+    raw, u, v = dense_to_raw(pc.matrices(dense), pc.coefficients, pc.gamma.detach(), pc.eps)
+    pc.raw_weight.copy_(pc.weight_of(raw).to(dense.dtype))
     pc.u.copy_(u)
     pc.v.copy_(v)
     pc.mark_fresh()

@@ -80,6 +80,7 @@ def _chunk_key(slot: PCSlot) -> tuple:
     return (
         tuple(raw.shape), slot.dim, raw.dtype, raw.device, slot.compute_dtype, id(slot.mesh), slot.mesh_dims,
         slot.placements, slot.index is None, tuple(pc.coefficients), pc.eps, pc.gamma.requires_grad,
+        pc.row_interleave,
     )  # fmt: skip
 
 
@@ -99,9 +100,17 @@ def chunks(all_slots: list[PCSlot]) -> list[list[PCSlot]]:
     return out
 
 
-def _stack(tensors: list[Tensor], dim: int, dtype: torch.dtype) -> Tensor:
-    """``(b, rows, n)``: the oriented local blocks of a chunk, one stack copy (plus one cast)."""
-    return _oriented(torch.stack(tensors), dim).to(dtype)
+def _stack(chunk: list[PCSlot], tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """``(b, [E, [k,]] rows, n)``: the oriented local matrices of a chunk's blocks, one stack copy (plus one cast)."""
+    s0 = chunk[0]
+    return _oriented(s0[0].matrices(torch.stack(tensors)), s0.dim).to(dtype)
+
+
+def _unstacked(chunk: list[PCSlot], M: Tensor) -> Tensor:
+    """The inverse of :func:`_stack`'s layout: ``(b, *parameter shape)``, index ``i`` laid out like slot ``i``'s
+    parameter (a view of ``M``, or one copy where the slots' rows interleave matrices)."""
+    s0 = chunk[0]
+    return s0[0].weight_of(_oriented(M, s0.dim))
 
 
 def _vectors(chunk: list[PCSlot], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -148,7 +157,7 @@ def _effective(chunk: list[PCSlot]) -> Tensor:
     cd = map_dtype(s0)
     rd = torch.promote_types(cd, torch.float32)  # reductions, sigma and gamma: at least fp32
     with torch.autocast(device_type=local_tensor(s0.original).device.type, enabled=False):
-        A = _stack([local_tensor(s.original) for s in chunk], s0.dim, cd)
+        A = _stack(chunk, [local_tensor(s.original) for s in chunk], cd)
         u_loc, v_o = _vectors(chunk, cd)
         G, sig = _reduced(s0, _partial_sums(A, u_loc, v_o), rd)
         sigma = (sig + s0[0].eps)[..., None, None]
@@ -158,7 +167,7 @@ def _effective(chunk: list[PCSlot]) -> Tensor:
 
 @torch.no_grad()
 def _write_chunk(chunk: list[PCSlot]) -> None:
-    eff = _oriented(_effective(chunk), chunk[0].dim)  # laid out like the parameters
+    eff = _unstacked(chunk, _effective(chunk))  # laid out like the parameters
     torch._foreach_copy_([local_tensor(s.effective) for s in chunk], list(eff.unbind(0)))
     for s in chunk:
         s.stamp = stamp(s)
@@ -224,7 +233,7 @@ def _pull_back_chunk(chunk: list[PCSlot]) -> None:
     raw = local_tensor(s0.original)
     dA, dgamma = _raw_gradients(chunk)
     # Laid out like the parameters (contiguous, their dtype), as fused/foreach optimizers require.
-    dW = _oriented(dA, s0.dim).to(raw.dtype).contiguous()
+    dW = _unstacked(chunk, dA.to(raw.dtype)).contiguous()
     _accumulate([s.original for s in chunk], list(dW.unbind(0)))
     if s0[0].gamma.requires_grad:
         g = local_tensor(s0[0].gamma)
@@ -254,8 +263,8 @@ def _raw_gradients(chunk: list[PCSlot]) -> tuple[Tensor, Tensor]:
     with torch.autocast(device_type=local_tensor(s0.original).device.type, enabled=False):
         # Partial sums of this rank's blocks A of the raw weights and Y of dL/dW_eff, summed over the ranks:
         # G = sum A_r^T A_r, C = sum A_r^T Y_r, u^T W v (one all-reduce of b (2 n^2 + 1) floats per chunk).
-        A = _stack([local_tensor(s.original).detach() for s in chunk], s0.dim, cd)
-        Y = _stack([local_tensor(s.effective.grad).detach() for s in chunk], s0.dim, cd)
+        A = _stack(chunk, [local_tensor(s.original).detach() for s in chunk], cd)
+        Y = _stack(chunk, [local_tensor(s.effective.grad).detach() for s in chunk], cd)
         u_loc, v_o = _vectors(chunk, cd)
         G, C, sig = _reduced(s0, _partial_sums(A, u_loc, v_o, Y), rd)
         gamma = _gammas(chunk, sig.shape, rd)

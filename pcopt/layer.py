@@ -18,11 +18,12 @@ So the checkpoint keys are the same in both. Who updates ``u``, ``v`` and when: 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from pcopt._tensor import full_tensor, is_dtensor
+from pcopt._tensor import full_tensor, is_dtensor, join_rows, split_rows
 from pcopt.options import PCOptions
 from pcopt.polynomials import apply_polynomial
 from pcopt.power_iteration import init_singular_vectors, power_iteration_, sigma_estimate
@@ -45,10 +46,18 @@ class PolynomialPC(nn.Module):
     """
 
     def __init__(
-        self, shape: torch.Size, options: PCOptions, *, device: torch.device, dtype: torch.dtype
+        self,
+        shape: torch.Size,
+        options: PCOptions,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        row_interleave: int = 1,
     ) -> None:
         super().__init__()
         self.options = options
+        self.row_interleave = row_interleave
+        shape = self.matrix_shape(shape)
         self.batch_shape = tuple(shape[:-2])
         state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         gamma_shape = self.batch_shape if self.batch_shape else (1,)
@@ -93,7 +102,24 @@ class PolynomialPC(nn.Module):
         return (
             f"degree={o.effective_degree}, num_power_iterations={o.num_power_iterations}, eps={o.eps}, "
             f"learn_gamma={self.gamma.requires_grad}"
+            + (f", row_interleave={self.row_interleave}" if self.row_interleave > 1 else "")
         )
+
+    # -- the matrices of the weight -----------------------------------------------------------------------
+    def matrix_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape of the matrices a weight of ``shape`` holds: ``shape`` itself, or ``(..., k, rows / k, cols)``
+        when its rows interleave ``k = row_interleave`` matrices."""
+        *batch, rows, cols = shape
+        k = self.row_interleave
+        return (*batch, k, rows // k, cols) if k > 1 else tuple(shape)
+
+    def matrices(self, W: Tensor) -> Tensor:
+        """``W`` as its matrices, ``(*batch_shape, m, n)``: a view (:func:`pcopt._tensor.split_rows`)."""
+        return split_rows(W, self.row_interleave)
+
+    def weight_of(self, M: Tensor) -> Tensor:
+        """The inverse of :meth:`matrices`: the weight laid out as the raw parameter."""
+        return join_rows(M, self.row_interleave)
 
     # -- read API ------------------------------------------------------------------------------------------
     @property
@@ -127,7 +153,7 @@ class PolynomialPC(nn.Module):
         """
         raw = full_tensor(self.raw_weight.detach())
         dtype = torch.promote_types(raw.dtype, torch.float32)
-        return sigma_estimate(raw.to(dtype), self.u.to(dtype), self.v.to(dtype)) + self.eps
+        return sigma_estimate(self.matrices(raw.to(dtype)), self.u.to(dtype), self.v.to(dtype)) + self.eps
 
     @torch.no_grad()
     def effective_weight(self, *, include_gamma: bool = True) -> Tensor:
@@ -174,13 +200,13 @@ class PolynomialPC(nn.Module):
     def map(self, W: Tensor, gamma: Tensor) -> Tensor:
         """``gamma * sg(sigma) * p(W / sigma)`` computed in at least fp32, returned in ``W``'s dtype."""
         dtype = torch.promote_types(W.dtype, torch.float32)
-        Wc = W.to(dtype)
+        Wc = self.matrices(W.to(dtype))
         u = self.u.to(dtype, copy=True)  # copies: a later in-place refresh must not touch saved tensors
         v = self.v.to(dtype, copy=True)
         sigma = (sigma_estimate(Wc, u, v) + self.eps)[..., None, None]
         P = apply_polynomial(Wc / sigma, self.coefficients)
         scale = gamma.to(dtype).view(*self.batch_shape, 1, 1) * sigma.detach()
-        return (P * scale).to(W.dtype)
+        return self.weight_of(P * scale).to(W.dtype)
 
     @torch.no_grad()
     def right_inverse(self, value: Tensor) -> Tensor:
@@ -194,11 +220,11 @@ class PolynomialPC(nn.Module):
         from pcopt.inverse import dense_to_raw
 
         raw, u, v = dense_to_raw(
-            full_tensor(value), self.coefficients, full_tensor(self.gamma.detach()), self.eps
+            self.matrices(full_tensor(value)), self.coefficients, full_tensor(self.gamma.detach()), self.eps
         )
         self.u.copy_(u)
         self.v.copy_(v)
-        return raw.to(value.dtype)
+        return self.weight_of(raw).to(value.dtype)
 
     # -- power-iteration state -----------------------------------------------------------------------------
     def reset_state(self) -> None:
@@ -260,7 +286,7 @@ def refresh_(pcs: list[PolynomialPC], num_iterations: int | None = None) -> None
         by_iters.setdefault(num_iterations or pc.num_power_iterations, []).append(pc)
     for iters, group in by_iters.items():
         counts = power_iteration_(
-            [pc.raw_weight for pc in group],
+            [pc.matrices(pc.raw_weight) for pc in group],
             [pc.u for pc in group],
             [pc.v for pc in group],
             iters,

@@ -86,6 +86,7 @@ def precondition(
     num_power_iterations: int | None = None,
     learn_gamma: bool | None = None,
     eps: float | None = None,
+    row_interleave: int = 1,
 ) -> nn.Module:
     r"""Register the PC layer on ``module.<name>`` and return ``module``.
 
@@ -105,6 +106,9 @@ def precondition(
         num_power_iterations: iterations per refresh (default 10).
         learn_gamma: train ``gamma`` (default True; ``False`` freezes it at 1).
         eps: added to the sigma estimate (default 1e-7).
+        row_interleave: ``k > 1`` for a weight whose rows alternate between ``k`` matrices (gpt_oss's fused gate/up
+            expert stack ``(E, 2F, D)``: gate rows ``0::2``, up rows ``1::2``): each of them gets its own PC state
+            (``gamma (E, k)``, ``u (E, k, F)``) and map, as if they were separate weights.
 
     Must be called before ``fully_shard`` (FSDP2 then gives the parametrization the unsharded weight).
 
@@ -161,8 +165,18 @@ def precondition(
         )
     if not param.is_floating_point():
         raise ValueError(f"precondition expects a floating-point weight, got dtype {param.dtype}.")
+    if isinstance(row_interleave, bool) or not isinstance(row_interleave, int) or row_interleave < 1:
+        raise ValueError(
+            f"precondition expects row_interleave to be a positive int (the number of matrices whose rows the weight "
+            f"interleaves; 1: none), got {row_interleave!r}."
+        )
+    if param.shape[-2] % row_interleave:
+        raise ValueError(
+            f"precondition(row_interleave={row_interleave}) treats the rows of {name!r} as {row_interleave} interleaved "
+            f"matrices, so its row count must be divisible by {row_interleave}; got shape {tuple(param.shape)}."
+        )
 
-    pc = PolynomialPC(param.shape, opts, device=param.device, dtype=param.dtype)
+    pc = PolynomialPC(param.shape, opts, device=param.device, dtype=param.dtype, row_interleave=row_interleave)
     pc.label = f"{type(module).__name__}.{name} of shape {tuple(param.shape)}"
     parametrize.register_parametrization(module, name, pc)
     pc._identity_inverse = False

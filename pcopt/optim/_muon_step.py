@@ -17,6 +17,7 @@ from torch import Tensor
 
 from pcopt._tensor import is_dtensor as _is_dtensor
 from pcopt._tensor import local_tensor as _local
+from pcopt._tensor import split_rows
 from pcopt.optim._distributed import local_row_runs, map_full_matrices
 from pcopt.optim._newton_schulz import (
     CoeffSetT,
@@ -87,17 +88,11 @@ def check_interleave(p: Tensor, k: int) -> None:
         )
 
 
-def _by_matrix(t: Tensor, k: int) -> Tensor:
-    """The (local) rows of ``t`` as ``(..., rows / k, k, cols)``: index ``j`` of dim -2 is the matrix of rows ``j::k``."""
-    local = _local(t)
-    return local.unflatten(-2, (local.shape[-2] // k, k))
-
-
 def _deinterleave(t: Tensor, k: int) -> list[Tensor]:
     """The ``k`` matrices (stacks) whose rows ``t`` interleaves: matrix ``j`` holds the (local) rows ``j::k``, each
     its own contiguous tensor (own allocation: elementwise kernels then treat every element as for a separate
     parameter, whose vectorized body and scalar tail depend on the data's alignment)."""
-    return [m.contiguous() for m in _by_matrix(t, k).unbind(-2)]
+    return [m.contiguous() for m in split_rows(_local(t), k).unbind(-3)]
 
 
 def _step_interleaved(k: int, params, grads, momentum_buffers, options: dict) -> None:
@@ -108,7 +103,7 @@ def _step_interleaved(k: int, params, grads, momentum_buffers, options: dict) ->
     flat = lambda ts: [m for t in ts for m in t]  # noqa: E731
     muon_impl(flat(p_k), flat(g_k), flat(b_k), **options)
     for dst, src in (*zip(params, p_k), *zip(momentum_buffers, b_k)):
-        _by_matrix(dst, k).copy_(torch.stack(src, dim=-2))
+        split_rows(_local(dst), k).copy_(torch.stack(src, dim=-3))
 
 
 def whole_locally(p: Tensor) -> bool:

@@ -4,6 +4,10 @@ Three layouts of the stacks: FSDP2 on the expert dim (``Shard(0)``, FSDP2's defa
 experts), expert parallelism (the stack a ``Shard(0)`` DTensor on an EP mesh, each rank running its own experts
 and summing their outputs, as an EP dispatcher's combine does), and FSDP2 on a matrix dim (``Shard(1)``: the
 2-D case per expert, a small-side Gram summed over the ranks).
+
+Each also with gpt_oss's fused first stack ``(E, 2F, D)``, whose rows alternate gate and up (``row_interleave=2``:
+state per expert and per gate/up matrix); on a matrix dim it is sharded on its columns (``Shard(2)``), as
+sharding its interleaved rows is refused.
 """
 
 import pytest
@@ -20,11 +24,13 @@ DIM, HIDDEN, EXPERTS = 32, 48, 4
 
 
 class _Experts(nn.Module):
-    """A dense mixture ``y = sum_e g_e(x) W2[e] silu(W1[e] x)``, the stacks named as torchtitan's."""
+    """A dense mixture ``y = sum_e g_e(x) W2[e] silu(W1[e] x)``, the stacks named as torchtitan's; ``fused``:
+    ``W1[e]`` holds gate and up rows alternately and ``y = sum_e g_e(x) W2[e] (silu(gate x) * up x)`` (gpt_oss)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fused: bool = False) -> None:
         super().__init__()
-        self.w1_EFD = nn.Parameter(torch.randn(EXPERTS, HIDDEN, DIM) / DIM**0.5)
+        self.fused = fused
+        self.w1_EFD = nn.Parameter(torch.randn(EXPERTS, (1 + fused) * HIDDEN, DIM) / DIM**0.5)
         self.w2_EDF = nn.Parameter(torch.randn(EXPERTS, DIM, HIDDEN) / HIDDEN**0.5)
         self.ep = False  # expert parallel: the stacks are Shard(0) DTensors, each rank runs its own experts
 
@@ -35,7 +41,8 @@ class _Experts(nn.Module):
             local = _local_experts(dist.get_rank(), dist.get_world_size())
             gates = gates[..., local]
         h = torch.einsum("btd,efd->btef", x, w1)
-        y = torch.einsum("btef,edf,bte->btd", nn.functional.silu(h), w2, gates)
+        a = nn.functional.silu(h[..., ::2]) * h[..., 1::2] if self.fused else nn.functional.silu(h)
+        y = torch.einsum("btef,edf,bte->btd", a, w2, gates)
         return _SumOverRanks.apply(y) if self.ep else y
 
 
@@ -61,10 +68,10 @@ def _local_experts(rank, world):
 
 
 class _Model(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, fused: bool = False) -> None:
         super().__init__()
         self.router = nn.Linear(DIM, EXPERTS, bias=False)
-        self.experts = _Experts()
+        self.experts = _Experts(fused)
         self.wo = nn.Linear(DIM, DIM, bias=False)
 
     def forward(self, x):
@@ -72,10 +79,10 @@ class _Model(nn.Module):
         return self.wo(torch.tanh(x + self.experts(x, gates)))
 
 
-def _model(degree, with_wo=True):
+def _model(degree, with_wo=True, fused=False):
     torch.manual_seed(0)
-    model = _Model().double()
-    pcopt.precondition(model.experts, "w1_EFD", degree=degree)
+    model = _Model(fused).double()
+    pcopt.precondition(model.experts, "w1_EFD", degree=degree, row_interleave=1 + fused)
     pcopt.precondition(model.experts, "w2_EDF", degree=degree)
     if with_wo:
         pcopt.precondition(model.wo, degree=degree)
@@ -109,8 +116,9 @@ def _shard(layout, mesh):
         matrix = layout == "fsdp_matrix"
 
         def placement(p):
-            if matrix and p.ndim == 3:
-                return Shard(1)
+            if matrix and p.ndim == 3:  # the rows of a stack, or the columns of one whose rows interleave
+                fused = p.shape[-2] == 2 * HIDDEN
+                return Shard(2 if fused else 1)
             return placement_fn(p)
 
         fully_shard(model.experts, mesh=mesh, shard_placement_fn=placement)
@@ -126,21 +134,21 @@ def _shard(layout, mesh):
 TOL = 1e-12
 
 
-def _equality(rank, world, layout, kind):
+def _equality(rank, world, layout, kind, fused=False):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep" if layout == "ep" else "dp",))
     ep = layout == "ep"
     for accum in (1, 4):
-        ref = _model(degree=5, with_wo=not ep)
-        model = _model(degree=5, with_wo=not ep)
+        ref = _model(degree=5, with_wo=not ep, fused=fused)
+        model = _model(degree=5, with_wo=not ep, fused=fused)
         pcopt.set_strategy(model, "once_per_step", shard=_shard(layout, mesh))
         state = pcopt.PCState(model)
         w1 = model.experts.parametrizations.w1_EFD.original
-        assert isinstance(w1, DTensor) and w1.placements[0].dim == (1 if layout == "fsdp_matrix" else 0)
+        assert isinstance(w1, DTensor) and w1.placements[0].dim == (1 + fused if layout == "fsdp_matrix" else 0)
         gamma = model.experts.parametrizations.w1_EFD[0].gamma
-        assert gamma.shape == (EXPERTS,)
+        assert gamma.shape == ((EXPERTS, 2) if fused else (EXPERTS,))
         if layout != "fsdp_matrix":  # sharded like the experts, so the pull-back is local
             assert gamma.placements[0].is_shard(0), gamma.placements
 
@@ -150,8 +158,9 @@ def _equality(rank, world, layout, kind):
                 return [torch.optim.AdamW([p for _, p in named], lr=1e-2, weight_decay=0.1, eps=1e-4)]
             stacks = [p for n, p in named if n.endswith("original") and p.ndim == 3]
             rest = [p for n, p in named if not (n.endswith("original") and p.ndim == 3)]
+            groups = [{"params": [p], "row_interleave": 2 if p.shape[-2] == 2 * HIDDEN else 1} for p in stacks]
             return [
-                pcopt.optim.Muon(stacks, lr=2e-2, batched_weights=True, ns_dtype=torch.float64,
+                pcopt.optim.Muon(groups, lr=2e-2, batched_weights=True, ns_dtype=torch.float64,
                                  adjust_lr_fn="match_rms_adamw"),
                 torch.optim.AdamW(rest, lr=1e-2, weight_decay=0.1, eps=1e-4),
             ]  # fmt: skip
@@ -192,11 +201,34 @@ def _equality(rank, world, layout, kind):
                 assert _rel(_full(model.get_parameter(fqn)), w_ref) <= TOL, (layout, kind, step, fqn)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["stacks", "interleaved"])
 @pytest.mark.parametrize("layout", ["fsdp_experts", "ep", "fsdp_matrix"])
-def test_expert_stacks_once_per_step_match_unsharded_per_forward(layout):
-    run_distributed(_equality, layout, "adamw")
+def test_expert_stacks_once_per_step_match_unsharded_per_forward(layout, fused):
+    run_distributed(_equality, layout, "adamw", fused)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["stacks", "interleaved"])
 @pytest.mark.parametrize("layout", ["fsdp_experts", "ep"])
-def test_muon_on_expert_stacks_with_pc_matches_unsharded(layout):
-    run_distributed(_equality, layout, "muon")
+def test_muon_on_expert_stacks_with_pc_matches_unsharded(layout, fused):
+    run_distributed(_equality, layout, "muon", fused)
+
+
+def _interleaved_rows_sharded(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = _model(degree=5, fused=True)
+
+    def shard(m, placement_fn):
+        rows = lambda p: Shard(1) if p.ndim == 3 else placement_fn(p)  # noqa: E731
+        fully_shard(m.experts, mesh=mesh, shard_placement_fn=rows)
+        fully_shard(m, mesh=mesh, shard_placement_fn=rows)
+
+    with pytest.raises(ValueError, match=r"interleaves the rows of 2 matrices.*shards its rows.*expert dim"):
+        pcopt.set_strategy(model, "once_per_step", shard=shard)
+
+
+def test_sharding_the_rows_of_an_interleaved_stack_is_refused():
+    run_distributed(_interleaved_rows_sharded)
