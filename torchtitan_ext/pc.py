@@ -30,6 +30,7 @@ from torchtitan.config.override import derive
 from torchtitan.distributed import ParallelDims
 from torchtitan.models.common.linear import Linear, ScaledBiasRowwiseLinear
 from torchtitan.models.common.moe import GroupedExperts
+from torchtitan.models.gpt_oss.moe import GptOssGroupedExperts
 from torchtitan.models.llama3.parallelize import parallelize_llama
 from torchtitan.protocols.model import ModelConfigConverter
 from torchtitan.protocols.module import Module
@@ -46,6 +47,8 @@ __all__ = [
     "EXPERT_STACKS",
     "PC_STRATEGIES",
     "PCConverter",
+    "PCExperts",
+    "PCGptOssGroupedExperts",
     "PCGroupedExperts",
     "PCLinear",
     "PCScaledBiasRowwiseLinear",
@@ -193,13 +196,48 @@ _PC_LINEAR_CONFIGS = {Linear.Config: PCLinear.Config, ScaledBiasRowwiseLinear.Co
 """The Linear configs the PC layer takes, and their PC counterparts (same fields plus the PC settings)."""
 
 
-class PCGroupedExperts(GroupedExperts):
-    """torchtitan's routed-expert stacks ``(E, out, in)`` with the PC layer on ``w1_EFD``, ``w2_EDF``, ``w3_EFD``.
+class PCExperts:
+    """The PC layer on a MoE block's routed-expert stacks ``(E, out, in)``, one state per expert matrix (a mixin
+    before torchtitan's experts class: :class:`PCGroupedExperts`, :class:`PCGptOssGroupedExperts`).
 
     Each expert matrix has its own ``gamma``, ``u``, ``v`` (batched: ``gamma (E,)``, ``u (E, out)``), the paper's
-    per-matrix rule applied to every matrix of the stack. Attached before parallelization like
+    per-matrix rule applied to every matrix of the stack; a stack whose rows interleave ``k`` matrices (gpt_oss's
+    gate/up) has one per expert and matrix (``gamma (E, k)``). Attached before parallelization like
     :class:`PCLinear`; once per step, expert parallelism and FSDP2 shard ``W_eff`` and the raw stack alike.
     """
+
+    PC_STACKS: dict[str, int] = {}
+    """The stacks that get PC -> how many matrices their rows interleave (``row_interleave``)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._pc_config = config
+        self._init_order = [n for n, _ in self.named_parameters(recurse=False)]  # the baseline's init order
+
+    def forward(self, x_RD, num_tokens_per_expert_E):
+        _require_pc(self, next(iter(self.PC_STACKS)), f"{self.num_experts} routed experts")
+        return super().forward(x_RD, num_tokens_per_expert_E)
+
+    def attach(self) -> None:
+        """Register the PC layer on the stacks of :attr:`PC_STACKS` (idempotent). Must precede parallelization."""
+        for name, k in self.PC_STACKS.items():
+            if not pcopt.is_preconditioned(self, name):
+                pcopt.precondition(self, name, options=_options(self._pc_config), row_interleave=k)
+
+    def _init_self_parameters(self) -> None:
+        if not pcopt.is_preconditioned(self, next(iter(self.PC_STACKS))):
+            super()._init_self_parameters()
+            return
+        for name in self._init_order:  # the baseline's draws in its order, the PC stacks' into their raw stacks
+            param = self.parametrizations[name].original if name in self.PC_STACKS else self._parameters[name]
+            self._init_param(name, param)
+        pcopt.reset_preconditioners(self)
+
+
+class PCGroupedExperts(PCExperts, GroupedExperts):
+    """torchtitan's routed-expert stacks with the PC layer on ``w1_EFD``, ``w2_EDF``, ``w3_EFD`` (:class:`PCExperts`)."""
+
+    PC_STACKS = dict.fromkeys(EXPERT_STACKS, 1)
 
     @dataclass(kw_only=True, slots=True)
     class Config(GroupedExperts.Config):
@@ -211,27 +249,27 @@ class PCGroupedExperts(GroupedExperts):
         eps: float = 1e-7
         pc_mode: str = "auto"
 
-    def __init__(self, config: Config):
-        super().__init__(config)
-        self._pc_config = config
 
-    def forward(self, x_RD, num_tokens_per_expert_E):
-        _require_pc(self, EXPERT_STACKS[0], f"{self.num_experts} routed experts")
-        return super().forward(x_RD, num_tokens_per_expert_E)
+class PCGptOssGroupedExperts(PCExperts, GptOssGroupedExperts):
+    """gpt_oss's routed experts with the PC layer on ``mlp1_weight_EGD`` ``(E, 2F, D)``, whose rows alternate gate
+    (``0::2``) and up (``1::2``): a state per expert and per gate/up matrix (``row_interleave=2``), and on
+    ``mlp2_weight_EDF`` per expert. The biases are untouched (:class:`PCExperts`)."""
 
-    def attach(self) -> None:
-        """Register the PC layer on the three stacks (idempotent). Must precede parallelization."""
-        for name in EXPERT_STACKS:
-            if not pcopt.is_preconditioned(self, name):
-                pcopt.precondition(self, name, options=_options(self._pc_config))
+    PC_STACKS = {"mlp1_weight_EGD": 2, "mlp2_weight_EDF": 1}
 
-    def _init_self_parameters(self) -> None:
-        if not pcopt.is_preconditioned(self, EXPERT_STACKS[0]):
-            GroupedExperts._init_self_parameters(self)
-            return
-        for name in EXPERT_STACKS:  # the baseline's draws, in its order (w1, w2, w3), into the raw stacks
-            self._init_param(name, self.parametrizations[name].original)
-        pcopt.reset_preconditioners(self)
+    @dataclass(kw_only=True, slots=True)
+    class Config(GptOssGroupedExperts.Config):
+        degree: int = 9
+        """Degree of the PC polynomial (see :class:`PCLinear.Config`)."""
+
+        num_power_iterations: int = 10
+        learn_gamma: bool = True
+        eps: float = 1e-7
+        pc_mode: str = "auto"
+
+
+_PC_EXPERTS = {GroupedExperts.Config: PCGroupedExperts, GptOssGroupedExperts.Config: PCGptOssGroupedExperts}
+"""The routed-expert configs the PC layer takes -> their PC module classes (whose ``Config`` replaces them)."""
 
 
 class PCConverter(ModelConfigConverter):
@@ -275,22 +313,25 @@ class PCConverter(ModelConfigConverter):
         )  # fmt: skip
         linears = list(model_config.traverse(Linear.Config))
         stacks = list(model_config.traverse(GroupedExperts.Config))
-        matched = 0
+        matched = n_stacks = 0
         for fqn, cfg, parent, attr in [*linears, *stacks]:
             if not self.pattern.search(fqn):
                 continue
-            if isinstance(cfg, (PCLinear.Config, PCGroupedExperts.Config)):
+            if isinstance(cfg, (PCLinear.Config, *(m.Config for m in _PC_EXPERTS.values()))):
                 raise ValueError(f"{fqn} already has the PC layer; apply PCConverter once.")
             if isinstance(cfg, GroupedExperts.Config):
-                if type(cfg) is not GroupedExperts.Config:  # gpt_oss: gate and up interleaved in one stack
+                if type(cfg) not in _PC_EXPERTS:  # an experts class of another layout
                     self.skipped.append(f"{fqn} ({type(cfg).__qualname__})")
                     continue
-                missing = [n for n in EXPERT_STACKS if cfg.param_init is None or n not in cfg.param_init]
+                target = _PC_EXPERTS[type(cfg)]
+                names = list(target.PC_STACKS)
+                missing = [n for n in names if cfg.param_init is None or n not in cfg.param_init]
                 if missing:
                     raise ValueError(
                         f"PC target {fqn} has no param_init for {missing}; set it so the raw stacks are initialised."
                     )
-                new = derive(cfg, PCGroupedExperts.Config, **pc_fields)
+                new = derive(cfg, target.Config, **pc_fields)
+                n_stacks += len(names)
             else:
                 if type(cfg) not in _PC_LINEAR_CONFIGS:
                     raise ValueError(
@@ -319,13 +360,13 @@ class PCConverter(ModelConfigConverter):
                 f"{' and expert stacks' if stacks else ''}: {_abbreviate(available)}. Fix the regex (it is "
                 "searched in these module FQNs)."
             )
-        n_stacks = sum(f in self.converted for f, *_ in stacks)
+        n_modules = sum(f in self.converted for f, *_ in stacks)
         logger.info(
-            "PC layer (%s) will be applied to %d modules matching %r (%d Linear layers, %d expert modules: their "
-            "w1/w2/w3 stacks, state per expert)%s",
-            self.options, matched, c.targets, matched - n_stacks, n_stacks,
-            f"; without PC: {len(self.skipped)} expert stacks {_abbreviate(self.skipped)} (interleaved gate/up "
-            "rows, not supported yet)" if self.skipped else "",
+            "PC layer (%s) will be applied to %d modules matching %r (%d Linear layers, %d expert modules: %d "
+            "stacks, state per expert matrix)%s",
+            self.options, matched, c.targets, matched - n_modules, n_modules, n_stacks,
+            f"; without PC: {len(self.skipped)} expert modules {_abbreviate(self.skipped)} (a layout the PC layer "
+            "does not take)" if self.skipped else "",
         )  # fmt: skip
         return model_config
 
@@ -417,7 +458,7 @@ def attach_pc(model) -> list[str]:
     FQNs."""
     fqns = []
     for fqn, module in model.named_modules():
-        if isinstance(module, (PCLinear, PCGroupedExperts)):
+        if isinstance(module, (PCLinear, PCExperts)):
             module.attach()
             fqns.append(fqn)
     return fqns
@@ -485,7 +526,7 @@ def parallelize_with_pc(
     """
     check_spmd_backend(parallelism.spmd_backend)
     kwargs = dict(parallel_dims=parallel_dims, parallelism=parallelism, **kwargs)
-    pc_modules = {fqn: m for fqn, m in model.named_modules() if isinstance(m, (PCLinear, PCGroupedExperts))}
+    pc_modules = {fqn: m for fqn, m in model.named_modules() if isinstance(m, (PCLinear, PCExperts))}
     lost = [f for f in expected if not any(k == f or k.endswith("." + f) for k in pc_modules)]
     if lost:
         raise RuntimeError(
@@ -512,7 +553,7 @@ def parallelize_with_pc(
                 "not _per_forward) with tensor parallelism."
             )
         if parallel_dims.ep_enabled and modes & {"per_forward"} and any(
-            isinstance(m, PCGroupedExperts) for m in pc_modules.values()
+            isinstance(m, PCExperts) for m in pc_modules.values()
         ):
             raise ValueError(
                 f"PC per forward maps a whole weight in every forward, but expert parallelism (degree "
@@ -534,11 +575,12 @@ def parallelize_with_pc(
             "pipeline_parallel_degree to 1 or use PCConverter.Config(mode='per_forward') (or 'auto')."
         )
     if mode is not None:
-        n_stacks = sum(isinstance(m, PCGroupedExperts) for m in pc_modules.values())
+        n_modules = sum(isinstance(m, PCExperts) for m in pc_modules.values())
+        n_stacks = sum(len(m.PC_STACKS) for m in pc_modules.values() if isinstance(m, PCExperts))
         logger.info(
             "PC layer on %d matrices%s, %s%s: %s. Without PC: %s",
-            len(pc_modules) - n_stacks,
-            f" and {len(EXPERT_STACKS) * n_stacks} expert stacks (state per expert)" if n_stacks else "",
+            len(pc_modules) - n_modules,
+            f" and {n_stacks} expert stacks (state per expert matrix)" if n_stacks else "",
             mode,
             " (FSDP2 shards)" if mode == "once_per_step" else "",
             _abbreviate(list(pc_modules)),

@@ -81,12 +81,12 @@ RECIPES = {"_muon": ("muon", False), "_muon_pc": ("muon", True), "_adamw_pc": ("
 ROUTED_EXPERTS = EXPERT_STACKS
 """MoE routed-expert stacks ``(E, out, in)`` with one matrix per expert, plain or PC raw (Muon per expert)."""
 
-GPT_OSS_MLP1 = r"(^|\.)inner_experts\.mlp1_weight_EGD$"
-"""gpt_oss's fused gate/up expert stack ``(E, 2F, D)``: its rows alternate gate (``0::2``) and up (``1::2``), so Muon
-runs per expert and per gate/up matrix (``row_interleave=2``)."""
+GPT_OSS_MLP1 = r"(^|\.)inner_experts\.(parametrizations\.)?mlp1_weight_EGD(\.original)?$"
+"""gpt_oss's fused gate/up expert stack ``(E, 2F, D)``, plain or the raw stack of a preconditioned one: its rows
+alternate gate (``0::2``) and up (``1::2``), so Muon runs per expert and per gate/up matrix (``row_interleave=2``)."""
 
-GPT_OSS_MLP2 = r"(^|\.)inner_experts\.mlp2_weight_EDF$"
-"""gpt_oss's down-projection expert stack ``(E, D, F)``: Muon per expert."""
+GPT_OSS_MLP2 = r"(^|\.)inner_experts\.(parametrizations\.)?mlp2_weight_EDF(\.original)?$"
+"""gpt_oss's down-projection expert stack ``(E, D, F)``, plain or PC raw: Muon per expert."""
 
 _FUSING_OVERRIDES = ("torchtitan.overrides.fused_swiglu.",)
 """Overrides that fuse ``w1``/``w3`` into one 3-D ``w13`` parameter: PC and per-matrix Muon need them apart."""

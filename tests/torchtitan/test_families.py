@@ -210,34 +210,55 @@ def test_gpt_oss_experts_get_muon_per_expert_and_per_gate_up_matrix():
     name = next(iter(mlp1))
     kwargs = {k: v for k, v in mlp1[name].items() if k != "lr"}
     Muon([{"params": [torch.nn.Parameter(torch.zeros(shapes[name]))], **kwargs}], lr=1e-2)
+    # with PC the optimizer sees the raw stacks (``...parametrizations.<name>.original``): the same groups
+    for plain in (*mlp1, *mlp2):
+        module, _, stack = plain.rpartition(".")
+        raw = f"{module}.parametrizations.{stack}.original"
+        first = next(g for g in config.optimizer.param_groups if re.search(g.pattern, raw))
+        assert (first.optimizer_name, first.optimizer_kwargs) == got[plain], raw
 
 
-def test_gpt_oss_with_pc_preconditions_its_biased_attention_output(caplog):
+def test_gpt_oss_with_pc_preconditions_its_biased_attention_output_and_its_experts(caplog):
     """gpt_oss's ``wo`` is a ``ScaledBiasRowwiseLinear`` (bias divided by the TP degree): ``with_pc`` makes it a
-    :class:`PCScaledBiasRowwiseLinear` whose raw weight and bias get the baseline's draws; the interleaved expert
-    stacks are logged as left out. (gpt_oss's FlexAttention with sinks compiles on first use, and inductor refuses
-    it on a CPU, so its forward is tested on the layer, below.)"""
+    :class:`PCScaledBiasRowwiseLinear`. Its experts become :class:`PCGptOssGroupedExperts`: ``mlp1 (E, 2F, D)``
+    with a state per expert and per gate/up matrix (its rows interleave them), ``mlp2`` per expert. Every raw weight
+    and bias gets the baseline's draw. (gpt_oss's FlexAttention with sinks compiles on first use, and inductor
+    refuses it on a CPU, so forwards are tested on the layers, below, and on the stacks in tests/unit.)"""
     import logging
 
     from torchtitan_ext import with_pc
     from torchtitan_ext.export import build_model
-    from torchtitan_ext.pc import PCScaledBiasRowwiseLinear
+    from torchtitan_ext.pc import PCGptOssGroupedExperts, PCScaledBiasRowwiseLinear
 
     config = _stock("gpt_oss_debugmodel")
     config.model_spec.model.layers = config.model_spec.model.layers[:2]
     with caplog.at_level(logging.INFO, logger="torchtitan_ext.pc"):
         pc_config = with_pc(config)
-    assert re.search(r"without PC: 2 expert stacks .*GptOssGroupedExperts.*interleaved gate/up rows", caplog.text)
+    assert re.search(r"4 modules .*\(2 Linear layers, 2 expert modules: 4 stacks", caplog.text), caplog.text
+    assert "without PC" not in caplog.text
     torch.manual_seed(0)
     base = build_model(config)
     torch.manual_seed(0)
     model = build_model(pc_config)
-    assert [f for f, _ in pcopt.preconditioners(model)] == [f"layers.{i}.attention.wo.weight" for i in range(2)]
+    experts = "layers.{}.moe.routed_experts.inner_experts"
+    assert [f for f, _ in pcopt.preconditioners(model)] == [
+        f for i in range(2) for f in (f"layers.{i}.attention.wo.weight", *(
+            f"{experts.format(i)}.{n}" for n in ("mlp1_weight_EGD", "mlp2_weight_EDF")))
+    ]  # fmt: skip
     for i in range(2):
         wo, ref = model.get_submodule(f"layers.{i}.attention.wo"), base.get_submodule(f"layers.{i}.attention.wo")
         assert isinstance(wo, PCScaledBiasRowwiseLinear) and ref.bias is not None
         assert torch.equal(wo.parametrizations.weight.original, ref.weight)
         assert torch.equal(wo.bias, ref.bias)
+        pc, ref = model.get_submodule(experts.format(i)), base.get_submodule(experts.format(i))
+        assert isinstance(pc, PCGptOssGroupedExperts)
+        for name in ("mlp1_weight_EGD", "mlp2_weight_EDF"):
+            assert torch.equal(pc.parametrizations[name].original, getattr(ref, name)), (i, name)
+        for name in ("mlp1_bias_EG", "mlp2_bias_ED"):
+            assert torch.equal(getattr(pc, name), getattr(ref, name)), (i, name)
+        E, G, D = ref.mlp1_weight_EGD.shape
+        mlp1 = pc.parametrizations.mlp1_weight_EGD[0]
+        assert mlp1.gamma.shape == (E, 2) and mlp1.u.shape == (E, 2, G // 2) and mlp1.v.shape == (E, 2, D)
 
 
 @pytest.mark.parametrize("strategy", pcopt.STRATEGIES)
@@ -281,6 +302,43 @@ def test_pc_scaled_bias_rowwise_linear_is_the_plain_layer_with_w_eff(strategy, t
     y_ref.backward(g)
     torch.testing.assert_close(layer.bias.grad, plain.bias.grad, rtol=0, atol=1e-12)
     torch.testing.assert_close(plain.bias.grad, g.sum(0) / tp_degree, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", pcopt.STRATEGIES)
+def test_pc_gpt_oss_experts_run_torchtitans_forward_on_w_eff(strategy):
+    """:class:`PCGptOssGroupedExperts` is torchtitan's gpt_oss experts holding ``W_eff``: on the same tokens and
+    counts per expert, its output equals that of the plain module given its ``W_eff`` stacks and biases, bit for
+    bit (both cast the same fp32 ``W_eff`` to bf16 and run the same grouped matmuls), and the raw stacks and
+    biases got the plain module's init draws."""
+    from torchtitan.config.override import derive
+
+    from torchtitan_ext.pc import PCGptOssGroupedExperts
+
+    cfg = _stock("gpt_oss_debugmodel").model_spec.model.layers[0].moe.routed_experts.inner_experts
+    small = derive(cfg, type(cfg), num_experts=4, dim=24, hidden_dim=16)
+
+    def build(config, pc):
+        with torch.device("meta"):
+            module = config.build()
+        if pc:
+            module.attach()
+        module.to_empty(device="cpu")
+        torch.manual_seed(0)
+        with torch.no_grad():
+            module.init_states(buffer_device=torch.device("cpu"))
+        return module
+
+    layer, plain = build(derive(small, PCGptOssGroupedExperts.Config, degree=5), True), build(small, False)
+    for name in ("mlp1_weight_EGD", "mlp2_weight_EDF"):
+        assert torch.equal(layer.parametrizations[name].original, getattr(plain, name)), name
+    pcopt.set_strategy(layer, strategy)
+    if strategy == "once_per_step":
+        pcopt.PCState(layer).after_step()  # writes W_eff
+    with torch.no_grad():
+        for name in ("mlp1_weight_EGD", "mlp2_weight_EDF"):
+            getattr(plain, name).copy_(getattr(layer, name))
+    x, counts = torch.randn(10, 24), torch.tensor([3, 0, 5, 2])
+    assert torch.equal(layer(x, counts), plain(x, counts))
 
 
 @pytest.mark.parametrize("stock", ["llama3_debugmodel", "qwen3_debugmodel", "llama3_8b"])
