@@ -1,6 +1,6 @@
 """PC and Muon on one MoE layer's expert stacks ``(E, F, D)``: FLOPs and time per step against the cost model.
 
-    python -m benchmarks.pc_experts [--shapes qwen3-30b-a3b,deepseek-v3] [--experts 2] [--repeats 3]
+    python -m benchmarks.pc_experts [--shapes qwen3-30b-a3b,deepseek-v3,gpt-oss-20b] [--experts 2] [--repeats 3]
         [--threads 1] [--no-muon] [--smoke]
 
 Per shape (one MoE layer of the model: the ``w1``/``w3`` stacks ``(E, F, D)`` and ``w2`` ``(E, D, F)``), with
@@ -37,14 +37,30 @@ from pcopt.profiling import StepProfile
 SHAPES = {  # model -> (routed experts per layer, model dim D, expert hidden F, top_k)
     "qwen3-30b-a3b": (128, 2048, 768, 8),
     "deepseek-v3": (256, 7168, 2048, 8),
+    "gpt-oss-20b": (32, 2880, 2880, 4),  # fused: mlp1 (E, 2F, D) interleaves gate and up rows
     "smoke": (4, 48, 24, 2),
+    "smoke-fused": (4, 48, 24, 2),
 }
-STACKS = ("w1_EFD", "w2_EDF", "w3_EFD")
+FUSED = {"gpt-oss-20b", "smoke-fused"}
+"""Shapes laid out as gpt_oss's experts: ``mlp1_weight_EGD (E, 2F, D)`` whose rows alternate gate (``0::2``) and up
+(``1::2``), PC and Muon per expert and gate/up matrix (``row_interleave=2``), and ``mlp2_weight_EDF (E, D, F)``. The
+same ``3 E`` matrices as ``w1``/``w3``/``w2``, so the same formula: the rows show what the interleave costs."""
+
+
+def stacks_of(name: str) -> dict[str, int]:
+    """The layer's stacks -> how many matrices their rows interleave."""
+    if name in FUSED:
+        return {"mlp1_weight_EGD": 2, "mlp2_weight_EDF": 1}
+    return {"w1_EFD": 1, "w2_EDF": 1, "w3_EFD": 1}
 
 
 class Stacks(nn.Module):
-    def __init__(self, experts: int, dim: int, hidden: int) -> None:
+    def __init__(self, experts: int, dim: int, hidden: int, fused: bool = False) -> None:
         super().__init__()
+        if fused:
+            self.mlp1_weight_EGD = nn.Parameter(torch.randn(experts, 2 * hidden, dim) / dim**0.5)
+            self.mlp2_weight_EDF = nn.Parameter(torch.randn(experts, dim, hidden) / hidden**0.5)
+            return
         self.w1_EFD = nn.Parameter(torch.randn(experts, hidden, dim) / dim**0.5)
         self.w2_EDF = nn.Parameter(torch.randn(experts, dim, hidden) / hidden**0.5)
         self.w3_EFD = nn.Parameter(torch.randn(experts, hidden, dim) / dim**0.5)
@@ -57,11 +73,12 @@ def pc_formula(experts: int, dim: int, hidden: int, degree: int, iters: int) -> 
     return 3 * experts * (12 * m * n * n + 8 * (k - 2) * n**3 + 4 * iters * m * n)
 
 
-def _pc_model(experts: int, dim: int, hidden: int, degree: int) -> tuple[nn.Module, pcopt.PCState]:
+def _pc_model(name: str, experts: int, degree: int) -> tuple[nn.Module, pcopt.PCState]:
+    _, dim, hidden, _ = SHAPES[name]
     torch.manual_seed(0)
-    m = Stacks(experts, dim, hidden)
-    for name in STACKS:
-        pcopt.precondition(m, name, degree=degree)
+    m = Stacks(experts, dim, hidden, fused=name in FUSED)
+    for stack, k in stacks_of(name).items():
+        pcopt.precondition(m, stack, degree=degree, row_interleave=k)
     pcopt.set_strategy(m, "once_per_step", pull_back="after_backward")
     return m, pcopt.PCState(m)
 
@@ -78,11 +95,11 @@ def _pc_step(m: nn.Module, state: pcopt.PCState) -> None:
 
 def pc_row(name: str, experts: int, repeats: int, degree: int = 5, tokens: int = 8192) -> dict:
     e_model, dim, hidden, top_k = SHAPES[name]
-    m, state = _pc_model(experts, dim, hidden, degree)
+    m, state = _pc_model(name, experts, degree)
     _pc_step(m, state)  # warm-up (index and stack caches)
     with StepProfile() as prof:
         _pc_step(m, state)
-    twice, twice_state = _pc_model(2 * experts, dim, hidden, degree)
+    twice, twice_state = _pc_model(name, 2 * experts, degree)
     _pc_step(twice, twice_state)
     with StepProfile() as prof2:
         _pc_step(twice, twice_state)
@@ -91,13 +108,14 @@ def pc_row(name: str, experts: int, repeats: int, degree: int = 5, tokens: int =
         t0 = time.perf_counter()
         _pc_step(m, state)
         times.append(time.perf_counter() - t0)
-    iters = pcopt.preconditioner(m, STACKS[0]).num_power_iterations
+    iters = pcopt.preconditioner(m, next(iter(stacks_of(name)))).num_power_iterations
     flops = sum(prof.flops_by_dtype.values())
     model_flops = pc_formula(experts, dim, hidden, degree, iters)
     mm, nn_ = max(dim, hidden), min(dim, hidden)
     t_e = tokens * top_k / e_model  # routed tokens per expert per step
     return {
-        "shape": name, "experts_measured": experts, "experts_per_layer": e_model, "D": dim, "F": hidden,
+        "shape": name, "fused": name in FUSED, "experts_measured": experts, "experts_per_layer": e_model, "D": dim,
+        "F": hidden,
         "flops": flops, "flops_formula": model_flops, "flops_ratio": flops / model_flops,
         "ops": prof.total_ops, "ops_2x_experts": prof2.total_ops, "syncs": prof.total_syncs,
         "seconds": statistics.median(times), "seconds_layer": statistics.median(times) * e_model / experts,
@@ -108,12 +126,17 @@ def pc_row(name: str, experts: int, repeats: int, degree: int = 5, tokens: int =
 def muon_row(name: str, experts: int, repeats: int) -> dict:
     _, dim, hidden, _ = SHAPES[name]
     torch.manual_seed(0)
-    stacks = Stacks(experts, dim, hidden)
+    stacks = Stacks(experts, dim, hidden, fused=name in FUSED)
+    layout = stacks_of(name)
     grads = {n: torch.randn_like(p) for n, p in stacks.named_parameters()}
-    loose = [nn.Parameter(p.detach()[e].clone()) for p in stacks.parameters() for e in range(experts)]
-    loose_grads = [grads[n][e].clone() for n, p in stacks.named_parameters() for e in range(experts)]
-    ours = pcopt.optim.Muon(list(stacks.parameters()), lr=1e-2, batched_weights=True,
-                            adjust_lr_fn="match_rms_adamw", weight_decay=0.0)  # fmt: skip
+    # torch's Muon on every matrix as a parameter of its own: expert e, and for interleaved rows each j::k
+    views = [(n, e, j, k) for n, k in layout.items() for e in range(experts) for j in range(k)]
+    params = dict(stacks.named_parameters())
+    loose = [nn.Parameter(params[n].detach()[e, j::k].clone()) for n, e, j, k in views]
+    loose_grads = [grads[n][e, j::k].clone() for n, e, j, k in views]
+    groups = [{"params": [params[n]], "row_interleave": k} for n, k in layout.items()]
+    ours = pcopt.optim.Muon(groups, lr=1e-2, batched_weights=True, adjust_lr_fn="match_rms_adamw",
+                            weight_decay=0.0)  # fmt: skip
     theirs = torch.optim.Muon(loose, lr=1e-2, adjust_lr_fn="match_rms_adamw", weight_decay=0.0)
 
     def step_ours():
@@ -128,13 +151,13 @@ def muon_row(name: str, experts: int, repeats: int) -> dict:
 
     step_ours()  # warm-up: the first step also probes the CPU's bf16 matmul speed (pcopt.hardware)
     step_theirs()
-    before = [p.detach().double().clone() for p in stacks.parameters()]
+    before = {n: p.detach().double().clone() for n, p in params.items()}
     loose_before = [p.detach().double().clone() for p in loose]
     with StepProfile() as prof_ours:
         step_ours()
     with StepProfile() as prof_theirs:
         step_theirs()
-    ours_update = torch.cat([(p.detach().double() - b).reshape(-1) for p, b in zip(stacks.parameters(), before)])
+    ours_update = torch.cat([(params[n].detach().double() - before[n])[e, j::k].reshape(-1) for n, e, j, k in views])
     theirs_update = torch.cat([(p.detach().double() - b).reshape(-1) for p, b in zip(loose, loose_before)])
     diff = float((ours_update - theirs_update).norm() / theirs_update.norm())
     times = {"pcopt": [], "torch": []}
@@ -174,7 +197,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.smoke:
-        args.shapes, args.repeats = "smoke", 1
+        args.shapes, args.repeats = "smoke,smoke-fused", 1
     torch.set_num_threads(args.threads)
     print(describe(), f"| threads {torch.get_num_threads()}")
     out = {"pc": [], "muon": []}
@@ -182,7 +205,8 @@ def main(argv=None) -> dict:
         r = pc_row(name, args.experts, args.repeats)
         out["pc"].append(r)
         print(
-            f"PC  {name}: {r['experts_measured']} of {r['experts_per_layer']} experts, (E, {r['F']}, {r['D']}) x3: "
+            f"PC  {name}: {r['experts_measured']} of {r['experts_per_layer']} experts, "
+            f"{'(E, 2x' + str(r['F']) + ' interleaved, ' + str(r['D']) + ') + 1' if r['fused'] else '(E, ' + str(r['F']) + ', ' + str(r['D']) + ') x3'}: "
             f"FLOPs {r['flops']:.3g} = {r['flops_ratio']:.3f} x formula, ops {r['ops']} (2E: {r['ops_2x_experts']}), "
             f"syncs {r['syncs']}, {r['seconds'] * 1e3:.1f} ms ({r['seconds_layer']:.1f} s for the layer's "
             f"{r['experts_per_layer']} experts on this CPU); PC / experts' fwd+bwd at {r['tokens_per_step']} "

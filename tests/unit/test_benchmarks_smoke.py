@@ -265,11 +265,13 @@ def test_pc_experts_smoke(capsys):
     from benchmarks import pc_experts
 
     res = pc_experts.main(["--smoke"])
-    (pc,), (muon,) = res["pc"], res["muon"]
     assert "PC  smoke" in capsys.readouterr().out
-    # uncounted by the formula: sigma = u^T A v in the map and the pull-back (4 m n of 12 m n^2 per matrix) and
-    # the elementwise scalings, so the ratio exceeds 1 by about 1 / (3 n): 1.4% at n = 24
-    n = min(pc["D"], pc["F"])
-    assert 1 <= pc["flops_ratio"] <= 1 + 1 / n, pc
-    assert pc["ops"] == pc["ops_2x_experts"] and pc["syncs"] == 0, pc
-    assert muon["update_rel_diff"] == 0 and muon["flops_pcopt"] == muon["flops_torch"] > 0, muon
+    # the plain w1/w2/w3 stacks, and gpt_oss's layout (mlp1's rows interleaving gate and up: the same 3 E matrices)
+    assert [r["fused"] for r in res["pc"]] == [False, True]
+    for pc, muon in zip(res["pc"], res["muon"]):
+        # uncounted by the formula: sigma = u^T A v in the map and the pull-back (4 m n of 12 m n^2 per matrix) and
+        # the elementwise scalings, so the ratio exceeds 1 by about 1 / (3 n): 1.4% at n = 24
+        n = min(pc["D"], pc["F"])
+        assert 1 <= pc["flops_ratio"] <= 1 + 1 / n, pc
+        assert pc["ops"] == pc["ops_2x_experts"] and pc["syncs"] == 0, pc
+        assert muon["update_rel_diff"] == 0 and muon["flops_pcopt"] == muon["flops_torch"] > 0, muon
