@@ -488,7 +488,7 @@ def test_family_trains_with_pc_and_muon(pc_run):
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert losses[STEPS] < losses[1], losses
     *_, n, n_experts = _RUNS[stock]
-    stacks = f" and {3 * n_experts} expert stacks \\(state per expert\\)" if n_experts else ""
+    stacks = f" and {3 * n_experts} expert stacks \\(state per expert matrix\\)" if n_experts else ""
     pc_line = rf"PC layer on {n} matrices{stacks}, once_per_step \(FSDP2 shards\)"
     assert re.search(pc_line, run.log), run.log[-3000:]
     assert re.search(r"step 2 PC metrics: \{'pc/sigma_mean'", run.log)
@@ -532,7 +532,7 @@ def test_stock_qwen3_moe_debug_trains_with_pc_and_muon_under_ep(workdir):
         timeout=400,
     ).check()  # fmt: skip
     assert sorted(run.losses) == [1, 2] and run.losses[2] < run.losses[1], run.losses
-    assert re.search(r"PC layer on 8 matrices and 24 expert stacks \(state per expert\), once_per_step", run.log)
+    assert re.search(r"PC layer on 8 matrices and 24 expert stacks \(state per expert matrix\), once_per_step", run.log)
     assert re.search(r"optimizer Muon, pattern .*", run.log), run.log[-3000:]
 
 
