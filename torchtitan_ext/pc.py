@@ -117,11 +117,11 @@ def _require_pc(module, name: str, what: str) -> None:
     module._pc_checked = True
 
 
-class PCLinear(Linear):
-    """A torchtitan ``Linear`` whose weight gets the PC layer before parallelization."""
+def _pc_config(base: type) -> type:
+    """The config of a PC module: torchtitan's ``base`` config plus the PC settings."""
 
     @dataclass(kw_only=True, slots=True)
-    class Config(Linear.Config):
+    class Config(base):
         degree: int = 9
         """Degree of the PC polynomial (3, 5, 7 or 9; the paper: 9 with AdamW, 5 with Muon)."""
 
@@ -138,6 +138,14 @@ class PCLinear(Linear):
         """How PC executes: ``"per_forward"`` (the map in every forward), ``"once_per_step"`` (``W_eff`` once per
         optimizer step on the FSDP2 shards, :mod:`pcopt.strategy`) or ``"auto"`` (once per step unless pipeline
         parallel; see :class:`PCConverter.Config`)."""
+
+    return Config
+
+
+class PCLinear(Linear):
+    """A torchtitan ``Linear`` whose weight gets the PC layer before parallelization."""
+
+    Config = _pc_config(Linear.Config)
 
     def __init__(self, config: Config):
         super().__init__(config)
@@ -238,16 +246,7 @@ class PCGroupedExperts(PCExperts, GroupedExperts):
     """torchtitan's routed-expert stacks with the PC layer on ``w1_EFD``, ``w2_EDF``, ``w3_EFD`` (:class:`PCExperts`)."""
 
     PC_STACKS = dict.fromkeys(EXPERT_STACKS, 1)
-
-    @dataclass(kw_only=True, slots=True)
-    class Config(GroupedExperts.Config):
-        degree: int = 9
-        """Degree of the PC polynomial (see :class:`PCLinear.Config`)."""
-
-        num_power_iterations: int = 10
-        learn_gamma: bool = True
-        eps: float = 1e-7
-        pc_mode: str = "auto"
+    Config = _pc_config(GroupedExperts.Config)
 
 
 class PCGptOssGroupedExperts(PCExperts, GptOssGroupedExperts):
@@ -256,16 +255,7 @@ class PCGptOssGroupedExperts(PCExperts, GptOssGroupedExperts):
     ``mlp2_weight_EDF`` per expert. The biases are untouched (:class:`PCExperts`)."""
 
     PC_STACKS = {"mlp1_weight_EGD": 2, "mlp2_weight_EDF": 1}
-
-    @dataclass(kw_only=True, slots=True)
-    class Config(GptOssGroupedExperts.Config):
-        degree: int = 9
-        """Degree of the PC polynomial (see :class:`PCLinear.Config`)."""
-
-        num_power_iterations: int = 10
-        learn_gamma: bool = True
-        eps: float = 1e-7
-        pc_mode: str = "auto"
+    Config = _pc_config(GptOssGroupedExperts.Config)
 
 
 _PC_EXPERTS = {GroupedExperts.Config: PCGroupedExperts, GptOssGroupedExperts.Config: PCGptOssGroupedExperts}
