@@ -157,7 +157,9 @@ def muon_row(name: str, experts: int, repeats: int) -> dict:
         step_ours()
     with StepProfile() as prof_theirs:
         step_theirs()
-    ours_update = torch.cat([(params[n].detach().double() - before[n])[e, j::k].reshape(-1) for n, e, j, k in views])
+    ours_update = torch.cat(
+        [(params[n].detach().double() - before[n])[e, j::k].reshape(-1) for n, e, j, k in views]
+    )
     theirs_update = torch.cat([(p.detach().double() - b).reshape(-1) for p, b in zip(loose, loose_before)])
     diff = float((ours_update - theirs_update).norm() / theirs_update.norm())
     times = {"pcopt": [], "torch": []}
@@ -178,12 +180,19 @@ def muon_row(name: str, experts: int, repeats: int) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.pc_experts", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", default="qwen3-30b-a3b,deepseek-v3", help=f"comma-separated, of {sorted(SHAPES)}")
-    p.add_argument("--experts", type=int, default=2, help="experts per stack to measure (costs are linear in E)")
+    p.add_argument(
+        "--shapes", default="qwen3-30b-a3b,deepseek-v3", help=f"comma-separated, of {sorted(SHAPES)}"
+    )
+    p.add_argument(
+        "--experts", type=int, default=2, help="experts per stack to measure (costs are linear in E)"
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--no-muon", action="store_true", help="PC only (torch's Muon runs Newton-Schulz in bf16, slow on a "
-                   "CPU without native bf16)")
+    p.add_argument(
+        "--no-muon",
+        action="store_true",
+        help="PC only (torch's Muon runs Newton-Schulz in bf16, slow on a CPU without native bf16)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat (CI)")
     args = p.parse_args(argv)
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]

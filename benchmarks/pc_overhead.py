@@ -104,7 +104,11 @@ class _Arm:
     def step(self, micro_batches: list[torch.Tensor]) -> float:
         t0 = time.perf_counter()
         with C.autocast(self.dtype):
-            ctx = pcopt.PCState(self.model).accumulate() if self.variant == "pc_once" else contextlib.nullcontext()
+            ctx = (
+                pcopt.PCState(self.model).accumulate()
+                if self.variant == "pc_once"
+                else contextlib.nullcontext()
+            )
             with ctx:
                 for mb in micro_batches:
                     (C.lm_loss(self.model, mb) / len(micro_batches)).backward()

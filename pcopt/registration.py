@@ -176,7 +176,9 @@ def precondition(
             f"matrices, so its row count must be divisible by {row_interleave}; got shape {tuple(param.shape)}."
         )
 
-    pc = PolynomialPC(param.shape, opts, device=param.device, dtype=param.dtype, row_interleave=row_interleave)
+    pc = PolynomialPC(
+        param.shape, opts, device=param.device, dtype=param.dtype, row_interleave=row_interleave
+    )
     pc.label = f"{type(module).__name__}.{name} of shape {tuple(param.shape)}"
     parametrize.register_parametrization(module, name, pc)
     pc._identity_inverse = False
@@ -197,7 +199,9 @@ def unregister(module: nn.Module, name: str = "weight") -> nn.Parameter:
     class between a model and its copies, and deleting its property would break the other copies.
     """
     raw = module.parametrizations[name].original
-    if len(module.parametrizations) > 1:  # other tensors stay parametrized: torch's removal, on a class of its own
+    if (
+        len(module.parametrizations) > 1
+    ):  # other tensors stay parametrized: torch's removal, on a class of its own
         cls = module.__class__  # (torch's removal deletes the property from the class the copies share)
         body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
         module.__class__ = type(cls.__name__, cls.__bases__, body)

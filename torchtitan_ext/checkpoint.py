@@ -138,7 +138,9 @@ class PCCheckpointManager(CheckpointManager):
         for part in self._pc_model_parts:
             for fqn, pc in pcopt.preconditioners(part):
                 module = fqn.rpartition(".")[0]
-                if pc.strategy == "once_per_step":  # written by the last step's PCState.after_step, placed like raw
+                if (
+                    pc.strategy == "once_per_step"
+                ):  # written by the last step's PCState.after_step, placed like raw
                     effective[module] = pc._plist.effective.detach()
                 else:  # per forward: the map of the (gathered) raw weight, placed back like it
                     raw = pc.raw_weight
@@ -158,7 +160,9 @@ class PCCheckpointManager(CheckpointManager):
                 value = effective[module].to(value.dtype)
                 merged += 1
             out[key] = value
-        logger.info("Hugging Face save: %d PC matrices written as their merged W_eff, PC state left out", merged)
+        logger.info(
+            "Hugging Face save: %d PC matrices written as their merged W_eff, PC state left out", merged
+        )
         return out
 
     def dcp_load(

@@ -540,7 +540,9 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "llama2": Family("llama2", "LlamaForCausalLM", llama_config),
     "llama3": Family("llama3", "LlamaForCausalLM", llama_config),
-    "qwen3": Family("qwen3", "Qwen3ForCausalLM", qwen3_config, qwen3_state_dict),  # Qwen3MoeForCausalLM with MoE
+    "qwen3": Family(
+        "qwen3", "Qwen3ForCausalLM", qwen3_config, qwen3_state_dict
+    ),  # Qwen3MoeForCausalLM with MoE
     "deepseek_v3": Family("deepseek_v3", "DeepseekV3ForCausalLM", deepseek_v3_config, deepseek_v3_state_dict),
 }
 

@@ -200,7 +200,10 @@ class PCScaledBiasRowwiseLinear(PCLinear):
         return ScaledBiasRowwiseLinear.forward(self, x)
 
 
-_PC_LINEAR_CONFIGS = {Linear.Config: PCLinear.Config, ScaledBiasRowwiseLinear.Config: PCScaledBiasRowwiseLinear.Config}
+_PC_LINEAR_CONFIGS = {
+    Linear.Config: PCLinear.Config,
+    ScaledBiasRowwiseLinear.Config: PCScaledBiasRowwiseLinear.Config,
+}
 """The Linear configs the PC layer takes, and their PC counterparts (same fields plus the PC settings)."""
 
 
@@ -236,7 +239,9 @@ class PCExperts:
         if not pcopt.is_preconditioned(self, next(iter(self.PC_STACKS))):
             super()._init_self_parameters()
             return
-        for name in self._init_order:  # the baseline's draws in its order, the PC stacks' into their raw stacks
+        for (
+            name
+        ) in self._init_order:  # the baseline's draws in its order, the PC stacks' into their raw stacks
             param = self.parametrizations[name].original if name in self.PC_STACKS else self._parameters[name]
             self._init_param(name, param)
         pcopt.reset_preconditioners(self)
@@ -429,7 +434,9 @@ def _shard_larger_dim(placement_fn):
                 ours, result = _ours(param), _theirs(param)
                 if ours is None:
                     return result
-                if hasattr(result, "mesh_info"):  # a per-parameter mesh (EP > 1): ours on the mesh torchtitan chose
+                if hasattr(
+                    result, "mesh_info"
+                ):  # a per-parameter mesh (EP > 1): ours on the mesh torchtitan chose
                     return dataclasses.replace(result, placement=ours)
                 return ours
 
@@ -542,8 +549,10 @@ def parallelize_with_pc(
                 f"strategy {sorted(modes)}. Set context_parallel_degree to 1, and use once per step (a _pc config, "
                 "not _per_forward) with tensor parallelism."
             )
-        if parallel_dims.ep_enabled and modes & {"per_forward"} and any(
-            isinstance(m, PCExperts) for m in pc_modules.values()
+        if (
+            parallel_dims.ep_enabled
+            and modes & {"per_forward"}
+            and any(isinstance(m, PCExperts) for m in pc_modules.values())
         ):
             raise ValueError(
                 f"PC per forward maps a whole weight in every forward, but expert parallelism (degree "

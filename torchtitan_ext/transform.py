@@ -508,7 +508,9 @@ def for_cpu(config: Trainer.Config, *, quiet: bool = False) -> Trainer.Config:
     if getattr(config.optimizer, "implementation", None) == "fused":
         change("optimizer.implementation", "fused", "foreach")
         config.optimizer.implementation = "foreach"
-    if not getattr(t, "disable_cuda_graphs", True):  # torchtitan refuses EP's all-to-all dispatcher under them
+    if not getattr(
+        t, "disable_cuda_graphs", True
+    ):  # torchtitan refuses EP's all-to-all dispatcher under them
         change("training.disable_cuda_graphs", False, True)
         t.disable_cuda_graphs = True
     if config.validator.enable:

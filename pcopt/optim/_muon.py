@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Muon", "muon", "AdjustLrT", "NsAlgorithmT"]
 
+
 def _validate_options(options: MutableMapping[str, Any], *, warn: bool = True) -> None:
     """Raise ``ValueError`` for invalid Muon hyperparameters (constructor defaults or a param group).
 
@@ -369,5 +370,3 @@ Muon.__doc__ = r"""Implements Muon (MomentUm Orthogonalized by Newton-Schulz), c
         ...            lr=0.02, adjust_lr_fn="match_rms_adamw", ns_coefficient_set="polar_express")
         >>> loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
     """
-
-

@@ -226,7 +226,9 @@ def _addmm(C: Tensor, A: Tensor, B: Tensor, beta=1.0, alpha=1.0, out: Tensor | N
     return fn(C, A, B, beta=beta, alpha=alpha, out=out)
 
 
-def symmetric_product(A: Tensor, B: Tensor, blocks: int, C: Tensor | None = None, beta=1.0, alpha=1.0) -> Tensor:
+def symmetric_product(
+    A: Tensor, B: Tensor, blocks: int, C: Tensor | None = None, beta=1.0, alpha=1.0
+) -> Tensor:
     """``beta C + alpha A B`` for ``(n, n)`` or ``(b, n, n)`` results that are symmetric in exact arithmetic (see the module
     docstring): the blocks on and above the diagonal are computed, one matmul per block row, the rest mirrored."""
     if blocks == 1:
@@ -366,7 +368,11 @@ def newton_schulz_flops(
     """
     s, l_ = sorted(int(d) for d in shape[-2:])
     k = resolve_symmetric_blocks(symmetric_blocks, shape)
-    gram_sl, square, apply_sl = symmetric_product_flops(s, l_, k), symmetric_product_flops(s, s, k), 2 * s * s * l_
+    gram_sl, square, apply_sl = (
+        symmetric_product_flops(s, l_, k),
+        symmetric_product_flops(s, s, k),
+        2 * s * s * l_,
+    )
     standard = ns_steps * (gram_sl + square + apply_sl)
     if algorithm != "gram":
         return standard

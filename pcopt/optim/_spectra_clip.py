@@ -36,6 +36,7 @@ def clip_dtype(p: Tensor, dtype: torch.dtype | None, auto: bool, steps: int | No
     dtype = dtype if dtype is not None else preferred_dtype(p.device)
     return dtype if steps is None or not auto else auto_clip_dtype(steps, dtype)
 
+
 def clip_steps(items: list[tuple[Tensor, Tensor, float]], steps: int | str, dtype: torch.dtype | None) -> int:
     """The Newton-Schulz steps of one clip of ``(param, local block, c)`` items: ``steps`` if an int, else (``"auto"``)
     from the largest ``||X||_F / c`` (an upper bound of ``sigma_max / c``), with one host sync.
@@ -48,9 +49,7 @@ def clip_steps(items: list[tuple[Tensor, Tensor, float]], steps: int | str, dtyp
     mats = [(p, x, c) for p, x, c in items if p.ndim >= 2 and 0.0 < c < math.inf]
     if not mats:
         return AUTHORS_CLIP_STEPS
-    sq = torch.stack(
-        [torch.linalg.vector_norm(x, dtype=torch.float64) ** 2 / (c * c) for _, x, c in mats]
-    )
+    sq = torch.stack([torch.linalg.vector_norm(x, dtype=torch.float64) ** 2 / (c * c) for _, x, c in mats])
     by_mesh: dict[Any, list[int]] = {}
     for i, (p, _, _) in enumerate(mats):
         if _is_dtensor(p) and p.device_mesh.size() > 1:
@@ -63,6 +62,7 @@ def clip_steps(items: list[tuple[Tensor, Tensor, float]], steps: int | str, dtyp
     count, _ = auto_clip_plan(1.0 + float(sq.max()), finest)  # the one host sync; fp32's count if fp32
     return count
 
+
 def clip_updates(
     params: list[Tensor], locals_: list[Tensor], c: float, steps: int, dtype: torch.dtype | None, auto: bool
 ) -> list[Tensor]:
@@ -71,9 +71,7 @@ def clip_updates(
     mats = [i for i, p in enumerate(params) if p.ndim >= 2]
     for i, p in enumerate(params):
         if p.ndim < 2:  # the vector rule, its norm taken on the full vector (gathered: exact, and small)
-            out[i] = locals_[i] * vector_clip_scale(full_tensor(like(p, locals_[i])), c).to(
-                locals_[i].dtype
-            )
+            out[i] = locals_[i] * vector_clip_scale(full_tensor(like(p, locals_[i])), c).to(locals_[i].dtype)
     if not mats:
         return out  # type: ignore[return-value]
     if not math.isfinite(c):

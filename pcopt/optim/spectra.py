@@ -427,7 +427,9 @@ class Spectra(Optimizer):
         ]
         grads = [_local(p.grad) for p in params]
         steps = clip_steps([(p, g, self.pre_clip) for p, g in zip(params, grads)], self.steps, self.dtype)
-        for p, h in zip(params, clip_updates(params, grads, self.pre_clip, steps, self.dtype, self.steps == "auto")):
+        for p, h in zip(
+            params, clip_updates(params, grads, self.pre_clip, steps, self.dtype, self.steps == "auto")
+        ):
             _local(p.grad).copy_(h)
         self._grads_clipped = True
 
@@ -464,7 +466,9 @@ class Spectra(Optimizer):
         for params, updates, lr, c in work:
             # c = 0 (the end of a decay to final_scale = 0): the clipped update is zero, only the decay remains
             clipped = (
-                [torch.zeros_like(u) for u in updates] if c == 0.0 else clip_updates(params, updates, c, steps, self.dtype, self.steps == "auto")
+                [torch.zeros_like(u) for u in updates]
+                if c == 0.0
+                else clip_updates(params, updates, c, steps, self.dtype, self.steps == "auto")
             )
             for p, u, h in zip(params, updates, clipped):
                 alpha = _shape_factor(p.shape) if self.shape_factor else 1.0

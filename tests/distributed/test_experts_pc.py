@@ -110,7 +110,9 @@ def _shard(layout, mesh):
         if layout == "ep":
             for name in ("w1_EFD", "w2_EDF"):
                 p = model.experts._parameters[name]
-                model.experts._parameters[name] = nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)]))
+                model.experts._parameters[name] = nn.Parameter(
+                    distribute_tensor(p.detach(), mesh, [Shard(0)])
+                )
             model.experts.ep = True
             return
         matrix = layout == "fsdp_matrix"
@@ -146,7 +148,9 @@ def _equality(rank, world, layout, kind, fused=False):
         pcopt.set_strategy(model, "once_per_step", shard=_shard(layout, mesh))
         state = pcopt.PCState(model)
         w1 = model.experts.parametrizations.w1_EFD.original
-        assert isinstance(w1, DTensor) and w1.placements[0].dim == (1 + fused if layout == "fsdp_matrix" else 0)
+        assert isinstance(w1, DTensor) and w1.placements[0].dim == (
+            1 + fused if layout == "fsdp_matrix" else 0
+        )
         gamma = model.experts.parametrizations.w1_EFD[0].gamma
         assert gamma.shape == ((EXPERTS, 2) if fused else (EXPERTS,))
         if layout != "fsdp_matrix":  # sharded like the experts, so the pull-back is local
@@ -158,7 +162,9 @@ def _equality(rank, world, layout, kind, fused=False):
                 return [torch.optim.AdamW([p for _, p in named], lr=1e-2, weight_decay=0.1, eps=1e-4)]
             stacks = [p for n, p in named if n.endswith("original") and p.ndim == 3]
             rest = [p for n, p in named if not (n.endswith("original") and p.ndim == 3)]
-            groups = [{"params": [p], "row_interleave": 2 if p.shape[-2] == 2 * HIDDEN else 1} for p in stacks]
+            groups = [
+                {"params": [p], "row_interleave": 2 if p.shape[-2] == 2 * HIDDEN else 1} for p in stacks
+            ]
             return [
                 pcopt.optim.Muon(groups, lr=2e-2, batched_weights=True, ns_dtype=torch.float64,
                                  adjust_lr_fn="match_rms_adamw"),

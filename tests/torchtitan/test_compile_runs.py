@@ -64,7 +64,10 @@ def test_compile_enable_on_a_pc_config_matches_eager(tmp_path, monkeypatch):
     recompiles = re.findall(r"Recompiling function.*", compiled.log)
     assert not breaks and not recompiles, (breaks[:3], recompiles[:3])
     assert sorted(compiled.losses) == sorted(eager.losses) == list(range(1, STEPS + 1))
-    assert abs(compiled.losses[1] - eager.losses[1]) <= FP32_BOUND, (eager.losses, compiled.losses)  # no update yet
+    assert abs(compiled.losses[1] - eager.losses[1]) <= FP32_BOUND, (
+        eager.losses,
+        compiled.losses,
+    )  # no update yet
     worst = max(abs(compiled.losses[s] - eager.losses[s]) for s in eager.losses)
     assert worst <= _bound(eager.losses), (worst, _bound(eager.losses), eager.losses, compiled.losses)
     assert eager.losses[STEPS] < eager.losses[1] - 1.0, eager.losses  # it trains

@@ -490,7 +490,9 @@ def test_overwriting_a_complete_checkpoint_removes_its_marker_first(tmp_path, mo
 # Kill test: SIGKILL mid-training, restart with the same command
 # ---------------------------------------------------------------------------------------------------
 STEPS, EVERY = MUON_PC_STEPS, MUON_PC_EVERY
-CKPT_ARGS = MUON_PC_ARGS  # the command of the shared run (tests/torchtitan/conftest.py): its uninterrupted reference
+CKPT_ARGS = (
+    MUON_PC_ARGS  # the command of the shared run (tests/torchtitan/conftest.py): its uninterrupted reference
+)
 
 
 @pytest.fixture(scope="module")

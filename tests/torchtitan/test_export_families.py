@@ -332,8 +332,11 @@ def _biased_attention():
             r"qwen3 -> Qwen3ForCausalLM, deepseek_v3 -> DeepseekV3ForCausalLM; .*'not_a_family'",
         ),
         (_softmax_router, r"router scores experts with 'softmax'.*always uses sigmoid.*score_func='sigmoid'"),
-        (_qwen3_moe_sigmoid, r"qwen3 model to Hugging Face: its router scores experts with sigmoid, but Qwen3MoeTopKRouter uses "
-         r"softmax\. Train with score_func='softmax'"),
+        (
+            _qwen3_moe_sigmoid,
+            r"qwen3 model to Hugging Face: its router scores experts with sigmoid, but Qwen3MoeTopKRouter uses "
+            r"softmax\. Train with score_func='softmax'",
+        ),
         (_biased_attention, r"Linear layers with a bias: \['layers\.0\.attention\.wo'\]"),
     ],
     ids=["unknown-family", "softmax-router", "qwen3-moe-sigmoid", "bias"],

@@ -204,8 +204,12 @@ def test_gpt_oss_experts_get_muon_per_expert_and_per_gate_up_matrix():
     mlp1 = {n: kw for n, (opt, kw) in got.items() if n.endswith("inner_experts.mlp1_weight_EGD")}
     mlp2 = {n: kw for n, (opt, kw) in got.items() if n.endswith("inner_experts.mlp2_weight_EDF")}
     assert mlp1 and len(mlp1) == len(mlp2)
-    assert all(got[n][0] == "Muon" and kw["row_interleave"] == 2 and kw["batched_weights"] for n, kw in mlp1.items())
-    assert all(got[n][0] == "Muon" and "row_interleave" not in kw and kw["batched_weights"] for n, kw in mlp2.items())
+    assert all(
+        got[n][0] == "Muon" and kw["row_interleave"] == 2 and kw["batched_weights"] for n, kw in mlp1.items()
+    )
+    assert all(
+        got[n][0] == "Muon" and "row_interleave" not in kw and kw["batched_weights"] for n, kw in mlp2.items()
+    )
     assert all(got[n][0] == "AdamW" for n in got if re.search(r"inner_experts\.mlp[12]_bias", n))
     name = next(iter(mlp1))
     kwargs = {k: v for k, v in mlp1[name].items() if k != "lr"}
@@ -246,7 +250,10 @@ def test_gpt_oss_with_pc_preconditions_its_biased_attention_output_and_its_exper
             f"{experts.format(i)}.{n}" for n in ("mlp1_weight_EGD", "mlp2_weight_EDF")))
     ]  # fmt: skip
     for i in range(2):
-        wo, ref = model.get_submodule(f"layers.{i}.attention.wo"), base.get_submodule(f"layers.{i}.attention.wo")
+        wo, ref = (
+            model.get_submodule(f"layers.{i}.attention.wo"),
+            base.get_submodule(f"layers.{i}.attention.wo"),
+        )
         assert isinstance(wo, PCScaledBiasRowwiseLinear) and ref.bias is not None
         assert torch.equal(wo.parametrizations.weight.original, ref.weight)
         assert torch.equal(wo.bias, ref.bias)
@@ -456,8 +463,20 @@ _SMALL_BATCH = ("--training.seq_len", "64", "--training.local_batch_size", "1")
 _RUNS = {
     "llama3_debugmodel": ("llama3_debugmodel_muon_pc", "torchtitan_ext", (), 24, 0),
     "qwen3_debugmodel": ("qwen3_debugmodel_muon_pc", "torchtitan_ext", (), 32, 0),
-    "deepseek_v3_debugmodel": ("deepseek_v3_debugmodel_muon_pc", "torchtitan_ext", (), 24, 5),  # FSDP2 on experts
-    "deepseek_v3_debugmodel_ep": ("deepseek_v3_debugmodel_muon_pc", "torchtitan_ext", (*_EP, *_SMALL_BATCH), 24, 5),
+    "deepseek_v3_debugmodel": (
+        "deepseek_v3_debugmodel_muon_pc",
+        "torchtitan_ext",
+        (),
+        24,
+        5,
+    ),  # FSDP2 on experts
+    "deepseek_v3_debugmodel_ep": (
+        "deepseek_v3_debugmodel_muon_pc",
+        "torchtitan_ext",
+        (*_EP, *_SMALL_BATCH),
+        24,
+        5,
+    ),
     "qwen3_moe_tiny": ("qwen3_moe_tiny_muon_pc", "tests.torchtitan.tt_configs", _EP, 2, 2),
 }
 
@@ -532,7 +551,9 @@ def test_stock_qwen3_moe_debug_trains_with_pc_and_muon_under_ep(workdir):
         timeout=400,
     ).check()  # fmt: skip
     assert sorted(run.losses) == [1, 2] and run.losses[2] < run.losses[1], run.losses
-    assert re.search(r"PC layer on 8 matrices and 24 expert stacks \(state per expert matrix\), once_per_step", run.log)
+    assert re.search(
+        r"PC layer on 8 matrices and 24 expert stacks \(state per expert matrix\), once_per_step", run.log
+    )
     assert re.search(r"optimizer Muon, pattern .*", run.log), run.log[-3000:]
 
 

@@ -185,7 +185,9 @@ def test_interleaved_stack_once_per_step_equals_per_forward(micro_batches, dtype
         for _ in range(3):
             for chunk in x:
                 m(chunk).pow(2).sum().backward()
-            m.grads = {n: (_raw(m, n).grad.clone(), m.parametrizations[n][0].gamma.grad.clone()) for n in FUSED}
+            m.grads = {
+                n: (_raw(m, n).grad.clone(), m.parametrizations[n][0].gamma.grad.clone()) for n in FUSED
+            }
             opt.step()
             opt.zero_grad()
     for name in FUSED:
@@ -235,7 +237,10 @@ def test_interleaved_rows_get_a_state_each_and_map_like_separate_matrices(strate
             # float64 rounding over reductions of <= 40 terms, far below 1e-12
             assert _rel(m.mlp1_weight_EGD.detach()[e, j::2], single.weight.detach()) < 1e-12, (e, j)
             (single.weight * G[e, j::2]).sum().backward()
-            assert _rel(_raw(m, "mlp1_weight_EGD").grad[e, j::2], single.parametrizations.weight.original.grad) < 1e-12
+            assert (
+                _rel(_raw(m, "mlp1_weight_EGD").grad[e, j::2], single.parametrizations.weight.original.grad)
+                < 1e-12
+            )
             assert _rel(pc.gamma.grad[e, j], one.gamma.grad[0]) < 1e-12, (e, j)
 
 

@@ -378,6 +378,7 @@ def test_owner_table_balances_flops_and_is_deterministic():
     assert max(loads) / min(loads) < 1.15 and set(owners) == {0, 1}
     assert assign_owners(shapes, 1, cost) == [0] * len(shapes)
 
+
 # ----------------------------------------------------------------------------------------------------
 # Tests that kill the surviving mutants of pcopt/optim/_muon.py (tools/mutation.py, docs/reliability.md).
 #
@@ -409,7 +410,9 @@ def test_matrices_per_call(shape, foreach, device, expected):
 
 def test_hardware_check_runs_once_at_the_first_step(monkeypatch):
     calls = []
-    monkeypatch.setattr(pcopt.optim._muon, "warn_slow_newton_schulz", lambda groups: calls.append(list(groups)))
+    monkeypatch.setattr(
+        pcopt.optim._muon, "warn_slow_newton_schulz", lambda groups: calls.append(list(groups))
+    )
     p = torch.nn.Parameter(torch.randn(4, 4))
     opt = Muon([p], lr=0.01)
     assert calls == []

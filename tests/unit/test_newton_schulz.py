@@ -401,9 +401,15 @@ def test_row_interleave_steps_each_interleaved_matrix_as_its_own_parameter(shape
 @pytest.mark.parametrize(
     "group, message",
     [
-        ({"row_interleave": 2, "shape": (2, 7, 4)}, r"row_interleave=2\) .* divisible by 2, got shape \(2, 7, 4\)"),
+        (
+            {"row_interleave": 2, "shape": (2, 7, 4)},
+            r"row_interleave=2\) .* divisible by 2, got shape \(2, 7, 4\)",
+        ),
         ({"row_interleave": 0, "shape": (4, 4)}, r"Invalid row_interleave: 0\. Expected an int >= 1"),
-        ({"row_interleave": 2, "split_sizes": (2, 2), "shape": (4, 4)}, r"split_sizes=\(2, 2\) and row_interleave=2"),
+        (
+            {"row_interleave": 2, "split_sizes": (2, 2), "shape": (4, 4)},
+            r"split_sizes=\(2, 2\) and row_interleave=2",
+        ),
     ],
 )
 def test_row_interleave_refuses_what_it_cannot_split(group, message):
@@ -472,6 +478,7 @@ def test_foreach_modes_give_the_same_bits(ns_dtype):
     # is a diverged or non-finite step; fp32 above pins the bits.
     for x, y in zip(results[None], results[False]):
         assert (x - y).abs().max().item() <= 0.17
+
 
 # ----------------------------------------------------------------------------------------------------
 # Tests that kill the surviving mutants of pcopt/optim/_newton_schulz.py (tools/mutation.py).

@@ -136,6 +136,7 @@ def test_pc_polynomial_shape_matches_the_published_facts(degree):
     first = x[torch.nonzero(p >= 0.9)[0, 0]].item()
     assert abs(first - reach) <= 5e-4 + 1e-6, (degree, first)
 
+
 # ----------------------------------------------------------------------------------------------------
 # Tests that kill the surviving mutants of pcopt/polynomials.py (tools/mutation.py, docs/reliability.md).
 #

@@ -271,6 +271,7 @@ def test_auto_steps_past_the_bf16_limit_run_in_fp32():
     bad = pcopt.spectral_clip(X, 0.5, steps=25, dtype=torch.bfloat16).double()
     assert not torch.isfinite(bad).all() or float((bad - ref).norm() / ref.norm()) > 1
 
+
 # ----------------------------------------------------------------------------------------------------
 # Tests that kill the surviving mutants of pcopt/spectral_clip.py (tools/mutation.py, docs/reliability.md).
 #

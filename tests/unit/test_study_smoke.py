@@ -147,7 +147,9 @@ def test_kept_records_from_another_checkout_are_reused_and_saved(smoke, tmp_path
     argv = [*smoke["argv"], "--save-records", "--no-plots"]
     saved = study.main(argv)  # the smoke cache: nothing trained, every run copied
     kept = sorted((records / "tiny" / "runs").glob("*.json"))
-    assert saved["new_runs_trained"] == 0 and len(kept) == sum(1 for _ in (smoke["out"] / "tiny" / "runs").glob("*.json"))
+    assert saved["new_runs_trained"] == 0 and len(kept) == sum(
+        1 for _ in (smoke["out"] / "tiny" / "runs").glob("*.json")
+    )
     moved = tmp_path / "elsewhere" / "tiny.jsonl"  # same corpus, another checkout's path
     moved.parent.mkdir()
     moved.write_bytes(smoke["data"].read_bytes())
