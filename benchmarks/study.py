@@ -242,6 +242,24 @@ GRIDS: dict[str, Grid] = {
             data="outputs/corpora/python-docs.jsonl",
         ),
         Grid(
+            "kjv-muon-deg3-pcwd1",
+            "Muon + PC with the two changes that each beat the paper's recipe on KJV combined: degree 3 and weight "
+            "decay 1 on the raw PC weights, lr swept around degree 3's optimum 1.7e-2, vs Muon (KJV)",
+            (Arm("muon", MUON_LRS), Arm("muon_pc:deg3+pcwd1", _sqrt2_grid(1.7e-2, 1, 1))),
+            data="outputs/corpora/kjv.jsonl",
+        ),
+        Grid(
+            "python-docs-muon-deg3",
+            "the second corpus for degree 3 and degree 3 with raw-PC decay 1: each lr swept until interior, 3 seeds "
+            "at its best, vs Muon (python-docs)",
+            (
+                Arm("muon", MUON_LRS),
+                Arm("muon_pc:deg3", _sqrt2_grid(1.7e-2, 1, 1)),
+                Arm("muon_pc:deg3+pcwd1", _sqrt2_grid(1.7e-2, 1, 1)),
+            ),
+            data="outputs/corpora/python-docs.jsonl",
+        ),
+        Grid(
             "kjv-muon-raw-scale",
             "every issue-32 variant against Muon on KJV (no runs of its own: the tables of the grids above)",
             (
