@@ -294,7 +294,7 @@ GRIDS: dict[str, Grid] = {
             (
                 Arm("muon", (1.2e-2,)),
                 Arm("muon_pc", (2.4e-2,)),
-                Arm("adamw", (4e-3,)),
+                Arm("adamw", (5.7e-3,)),  # its 3.3M best (kjv-adamw)
                 Arm("adamw_pc", (4e-3,)),
             ),
             data="outputs/corpora/kjv.jsonl",
