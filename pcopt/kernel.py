@@ -123,9 +123,8 @@ def _vectors(chunk: list[PCSlot], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
             s.index = s.index.to(along.device)
         if s.experts is not None and s.experts.device != along.device:
             s.experts = s.experts.to(along.device)
-    if (
-        s0.experts is not None
-    ):  # this rank's experts of a stack sharded on its expert dim (one layout per chunk)
+    # this rank's experts of a stack sharded on its expert dim (one layout per chunk)
+    if s0.experts is not None:
         along, other = along.index_select(1, s0.experts), other.index_select(1, s0.experts)
     if s0.index is not None:
         index = torch.stack([s.index for s in chunk])  # (b, rows_local)

@@ -66,9 +66,8 @@ def _local_view(weight: Tensor) -> tuple[Tensor, tuple, tuple, tuple[int, ...]]:
             f"placements, got {placements}. Redistribute the weight before refreshing."
         )
     sharded_dims = tuple(i for i, p in enumerate(placements) if shards(p))
-    if any(
-        shards(p) and not p.is_shard() for p in placements
-    ):  # FSDP over tensor parallel: not one contiguous slice
+    # FSDP over tensor parallel: not one contiguous slice
+    if any(shards(p) and not p.is_shard() for p in placements):
         dims = {p.dim for p in placements if shards(p)}
         if len(dims) != 1:
             raise NotImplementedError(

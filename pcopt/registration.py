@@ -199,9 +199,8 @@ def unregister(module: nn.Module, name: str = "weight") -> nn.Parameter:
     class between a model and its copies, and deleting its property would break the other copies.
     """
     raw = module.parametrizations[name].original
-    if (
-        len(module.parametrizations) > 1
-    ):  # other tensors stay parametrized: torch's removal, on a class of its own
+    # other tensors stay parametrized: torch's removal, on a class of its own
+    if len(module.parametrizations) > 1:
         cls = module.__class__  # (torch's removal deletes the property from the class the copies share)
         body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
         module.__class__ = type(cls.__name__, cls.__bases__, body)

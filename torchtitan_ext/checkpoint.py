@@ -138,9 +138,8 @@ class PCCheckpointManager(CheckpointManager):
         for part in self._pc_model_parts:
             for fqn, pc in pcopt.preconditioners(part):
                 module = fqn.rpartition(".")[0]
-                if (
-                    pc.strategy == "once_per_step"
-                ):  # written by the last step's PCState.after_step, placed like raw
+                # written by the last step's PCState.after_step, placed like raw
+                if pc.strategy == "once_per_step":
                     effective[module] = pc._plist.effective.detach()
                 else:  # per forward: the map of the (gathered) raw weight, placed back like it
                     raw = pc.raw_weight

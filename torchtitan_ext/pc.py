@@ -239,9 +239,8 @@ class PCExperts:
         if not pcopt.is_preconditioned(self, next(iter(self.PC_STACKS))):
             super()._init_self_parameters()
             return
-        for (
-            name
-        ) in self._init_order:  # the baseline's draws in its order, the PC stacks' into their raw stacks
+        # the baseline's draws in its order, the PC stacks' into their raw stacks
+        for name in self._init_order:
             param = self.parametrizations[name].original if name in self.PC_STACKS else self._parameters[name]
             self._init_param(name, param)
         pcopt.reset_preconditioners(self)
@@ -434,9 +433,8 @@ def _shard_larger_dim(placement_fn):
                 ours, result = _ours(param), _theirs(param)
                 if ours is None:
                     return result
-                if hasattr(
-                    result, "mesh_info"
-                ):  # a per-parameter mesh (EP > 1): ours on the mesh torchtitan chose
+                # a per-parameter mesh (EP > 1): ours on the mesh torchtitan chose
+                if hasattr(result, "mesh_info"):
                     return dataclasses.replace(result, placement=ours)
                 return ours
 

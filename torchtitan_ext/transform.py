@@ -110,9 +110,8 @@ def _pc_components(config: Trainer.Config) -> Trainer.Config:
     """The config with torchtitan_ext's trainer, checkpoint manager, metrics and optimizers container."""
     config = _upgrade(config, Trainer.Config, PCTrainer.Config, "trainer")
     spec = config.model_spec
-    if (
-        getattr(spec.parallelize_fn, "_pc_inner", None) is None
-    ):  # PC-less too: the same wrapper (gloo's SUM fix)
+    # PC-less too: the same wrapper (gloo's SUM fix)
+    if getattr(spec.parallelize_fn, "_pc_inner", None) is None:
         config.model_spec = dataclasses.replace(
             spec, parallelize_fn=_with_pc_parallelize(spec.parallelize_fn, ())
         )
@@ -508,9 +507,8 @@ def for_cpu(config: Trainer.Config, *, quiet: bool = False) -> Trainer.Config:
     if getattr(config.optimizer, "implementation", None) == "fused":
         change("optimizer.implementation", "fused", "foreach")
         config.optimizer.implementation = "foreach"
-    if not getattr(
-        t, "disable_cuda_graphs", True
-    ):  # torchtitan refuses EP's all-to-all dispatcher under them
+    # torchtitan refuses EP's all-to-all dispatcher under them
+    if not getattr(t, "disable_cuda_graphs", True):
         change("training.disable_cuda_graphs", False, True)
         t.disable_cuda_graphs = True
     if config.validator.enable:

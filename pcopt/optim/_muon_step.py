@@ -292,9 +292,8 @@ def muon_impl(
 ) -> None:
     if not params:
         return
-    if (
-        row_interleave > 1
-    ):  # whole on each rank (check_interleave): the k matrices stepped as matrices of their own
+    # whole on each rank (check_interleave): the k matrices stepped as matrices of their own
+    if row_interleave > 1:
         options = dict(
             foreach=foreach, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
             ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps, adjust_lr_fn=adjust_lr_fn,

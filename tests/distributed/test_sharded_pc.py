@@ -146,9 +146,8 @@ def _equality(rank, world, layout="fsdp"):
     kwargs, dp, dp_size = {}, rank, world  # dp: which slice of the batch this rank trains on
     if layout == "hsdp":  # 2 replicas x 2 shards: placements (Replicate(), Shard(d))
         kwargs["mesh"] = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp_replicate", "dp_shard"))
-    if (
-        layout == "fsdp_tp"
-    ):  # FSDP 2 x TP 2: placements (_StridedShard(d), Shard(d)); a TP group shares a batch
+    # FSDP 2 x TP 2: placements (_StridedShard(d), Shard(d)); a TP group shares a batch
+    if layout == "fsdp_tp":
         mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
         kwargs.update(mesh=mesh["dp"], tp_mesh=mesh["tp"])
         dp, dp_size = mesh["dp"].get_local_rank(), 2
@@ -509,9 +508,8 @@ def _collectives_2d_layout(rank, world, layout):
     assert all(n == "c10d::allreduce_" and g == group_size for n, _, g in step.calls), step.calls
     grams = [s for _, s, _ in step.calls if s[0] > sum(max(s) for s, _ in slots)]
     vectors = [s for _, s, _ in step.calls if s[0] <= sum(max(s) for s, _ in slots)]
-    assert grams == [[sum(q + 1 for q in nns)] for nns in groups.values()], (
-        grams
-    )  # the map: one per shape group
+    # the map: one per shape group
+    assert grams == [[sum(q + 1 for q in nns)] for nns in groups.values()], grams
     # the power iteration: every matrix's full-length partial vector in one all-reduce per half-step
     iters = pcopt.preconditioners(model)[0][1].num_power_iterations
     half = [[sum(s[1] for s, _ in slots)], [sum(s[0] for s, _ in slots)]]  # W^T u (length n), then W v (m)
