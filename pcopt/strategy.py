@@ -361,7 +361,7 @@ def _bind(
         from torch.distributed.tensor import DTensor, Replicate
 
         mesh, placements = w.device_mesh, tuple(w.placements)
-        dim, mesh_dims, expert_dims = _sharded_dims(fqn, w, pc.row_interleave)
+        dim, mesh_dims, expert_dims = _sharded_dims(fqn, w, pc)
         raw = nn.Parameter(
             DTensor.from_local(local, mesh, placements, shape=w.shape, stride=w.stride()), requires_grad=True
         )
@@ -409,13 +409,11 @@ def _only_dim(placements: tuple, dim: int, ndim: int) -> tuple:
     return tuple(p if shards(p) and p.dim % ndim == dim else Replicate() for p in placements)
 
 
-def _sharded_dims(
-    fqn: str, w: Tensor, row_interleave: int = 1
-) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+def _sharded_dims(fqn: str, w: Tensor, pc: PolynomialPC) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
     """``(dim, mesh_dims, expert_dims)`` of a DTensor PC weight: the matrix dim (0 rows, 1 columns) its rows are
     oriented along (the sharded one, else the larger), the mesh dims that shard that matrix dim (its Gram is a sum
     over them), and the mesh dims that shard the expert dim of a ``(E, m, n)`` stack (local, whole matrices).
-    Rows that interleave ``row_interleave > 1`` matrices must not be sharded (their view needs them whole)."""
+    Rows that interleave ``pc.row_interleave > 1`` matrices must not be sharded (their view needs them whole)."""
     from torch.distributed.tensor import Partial
 
     placements, ndim = tuple(w.placements), w.ndim
@@ -431,17 +429,16 @@ def _sharded_dims(
             "the tensor-parallel plan shards; an expert stack may also be sharded on its expert dim). Pass "
             "shard_placement_fn=placement_fn (the second argument of shard) to fully_shard."
         )
-    if row_interleave > 1 and 0 in matrix:
+    if pc.row_interleave > 1 and 0 in matrix:
         raise ValueError(
-            f"set_strategy: {fqn} interleaves the rows of {row_interleave} matrices, and it is placed as {placements}, "
+            f"set_strategy: {fqn} interleaves the rows of {pc.row_interleave} matrices, and it is placed as {placements}, "
             "which shards its rows; each rank needs those rows whole. Shard it on its expert dim (FSDP2 Shard(0), "
             "expert parallelism) or its columns (shard_placement_fn=placement_fn, the second argument of shard, "
             "does that for 2-D weights)."
         )
     mesh_dims = tuple(i for i, p in enumerate(placements) if shards(p) and p.dim % ndim >= ndim - 2)
     expert_dims = tuple(i for i, p in enumerate(placements) if shards(p) and p.dim % ndim < ndim - 2)
-    rows, cols = w.shape[-2] // row_interleave, w.shape[-1]
-    dim = matrix.pop() if matrix else _larger_dim((rows, cols))
+    dim = matrix.pop() if matrix else _larger_dim(pc.matrix_shape(w.shape)[-2:])
     return dim, mesh_dims, expert_dims
 
 
