@@ -3,6 +3,8 @@
 Each expert matrix ``W[e]`` has its own ``sigma``, ``u``, ``v`` and ``gamma`` (the paper's per-matrix rule applied
 to every matrix of the stack), held batched: ``u (E, out)``, ``v (E, in)``, ``gamma (E,)``. The sharded layouts
 (FSDP2 on the expert dim, expert parallelism, FSDP2 on a matrix dim) are in ``tests/distributed/test_experts_pc.py``.
+gpt_oss's fused stack ``(E, 2F, D)``, whose rows interleave gate and up (``row_interleave=2``), runs through the same
+tests (``LAYOUTS``) and its own below: a state per expert and per gate/up matrix, ``gamma (E, 2)``, ``u (E, 2, F)``.
 
 Tolerances are those of ``tests/unit/test_strategy.py`` (same maps, same op orders, reductions of <= 80 terms):
 float64 below 1e-12 relative, fp32 below 1e-5.
@@ -51,11 +53,47 @@ def _rel(a, b):
     return float((a - b).detach().norm() / b.detach().norm())
 
 
+# gpt_oss's fused gate/up stack: rows that interleave two matrices
+class _Fused(nn.Module):
+    """gpt_oss's expert FFN: ``mlp1`` ``(E, 2F, D)`` holds gate rows ``0::2`` and up rows ``1::2``."""
+
+    def __init__(self, experts: int, dtype=torch.float32) -> None:
+        super().__init__()
+        self.mlp1_weight_EGD = nn.Parameter(torch.randn(experts, 2 * HIDDEN, DIM, dtype=dtype) / DIM**0.5)
+        self.mlp2_weight_EDF = nn.Parameter(torch.randn(experts, DIM, HIDDEN, dtype=dtype) / HIDDEN**0.5)
+
+    def forward(self, x):
+        w1 = self.mlp1_weight_EGD
+        gates = torch.linspace(0.5, 1.5, w1.shape[0], dtype=x.dtype) / w1.shape[0]
+        h = torch.einsum("btd,egd->bteg", x, w1)
+        a = nn.functional.silu(h[..., ::2]) * h[..., 1::2]
+        return torch.einsum("btef,edf,e->btd", a, self.mlp2_weight_EDF, gates)
+
+
+def _fused(experts=3, degree=5, dtype=torch.float32, strategy="per_forward", seed=0):
+    torch.manual_seed(seed)
+    m = _Fused(experts, dtype)
+    pcopt.precondition(m, "mlp1_weight_EGD", degree=degree, row_interleave=2)
+    pcopt.precondition(m, "mlp2_weight_EDF", degree=degree)
+    if strategy == "once_per_step":
+        pcopt.set_strategy(m, "once_per_step")
+    return m
+
+
+FUSED = ("mlp1_weight_EGD", "mlp2_weight_EDF")
+
+
+LAYOUTS = {"stacks": (_stacks, ("w1_EFD", "w2_EDF")), "interleaved": (_fused, FUSED)}
+"""Plain stacks, and gpt_oss's layout (``mlp1``'s rows interleave gate and up: ``row_interleave=2``)."""
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("degree", [5, 9])
 @pytest.mark.parametrize("micro_batches", [1, 4])
-def test_stack_once_per_step_equals_per_forward(degree, micro_batches, dtype, tol):
-    ref = _stacks(degree=degree, dtype=dtype)
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_stack_once_per_step_equals_per_forward(layout, degree, micro_batches, dtype, tol):
+    build, names = LAYOUTS[layout]
+    ref = build(degree=degree, dtype=dtype)
     once = copy.deepcopy(ref)
     pcopt.set_strategy(once, "once_per_step")
     assert pcopt.strategy_of(once) == "once_per_step"
@@ -65,11 +103,12 @@ def test_stack_once_per_step_equals_per_forward(degree, micro_batches, dtype, to
         for _ in range(3):
             for chunk in x:
                 m(chunk).pow(2).sum().backward()  # once per step: pulled back at the end of each backward
-            m.grads = {n: (_raw(m, n).grad.clone(), m.parametrizations[n][0].gamma.grad.clone()) for n in
-                       ("w1_EFD", "w2_EDF")}  # fmt: skip
+            m.grads = {
+                n: (_raw(m, n).grad.clone(), m.parametrizations[n][0].gamma.grad.clone()) for n in names
+            }
             opt.step()
             opt.zero_grad()
-    for name in ("w1_EFD", "w2_EDF"):
+    for name in names:
         assert _rel(once.grads[name][0], ref.grads[name][0]) < tol
         assert _rel(once.grads[name][1], ref.grads[name][1]) < tol
         assert _rel(_raw(once, name), _raw(ref, name)) < tol
@@ -106,8 +145,8 @@ def test_state_is_per_expert_and_each_expert_maps_like_a_matrix_of_its_own():
             assert _rel(m.w1_EFD[e], single.weight) < 1e-12, e
 
 
-def _pc_step_profile(experts: int) -> StepProfile:
-    m = _stacks(experts=experts, strategy="once_per_step")
+def _pc_step_profile(experts: int, build=_stacks) -> StepProfile:
+    m = build(experts=experts, strategy="once_per_step")
     state = pcopt.PCState(m)
     x = torch.randn(2, 4, DIM)
     m(x).pow(2).sum().backward()  # warm-up: the index and stack caches
@@ -118,9 +157,11 @@ def _pc_step_profile(experts: int) -> StepProfile:
     return prof
 
 
-def test_pc_on_a_stack_reads_nothing_on_the_host_and_its_ops_do_not_grow_with_experts():
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_pc_on_a_stack_reads_nothing_on_the_host_and_its_ops_do_not_grow_with_experts(layout):
     """The batched state makes a stack one kernel chain: 2 or 64 experts, the same aten ops, no host sync."""
-    few, many = _pc_step_profile(2), _pc_step_profile(64)
+    build = LAYOUTS[layout][0]
+    few, many = _pc_step_profile(2, build), _pc_step_profile(64, build)
     assert few.total_syncs == 0 and many.total_syncs == 0, (few.syncs, many.syncs)
     assert few.total_ops == many.total_ops, (few.ops - many.ops) + (many.ops - few.ops)
 
@@ -141,60 +182,6 @@ def test_merge_writes_the_plain_stack(strategy):
         # same polynomial in another op order, float64 rounding far below 1e-12
         assert _rel(p, w) < 1e-12, n
     assert _rel(m(x), y) < 1e-12
-
-
-# -- gpt_oss's fused gate/up stack: rows that interleave two matrices -------------------------------------------
-class _Fused(nn.Module):
-    """gpt_oss's expert FFN: ``mlp1`` ``(E, 2F, D)`` holds gate rows ``0::2`` and up rows ``1::2``."""
-
-    def __init__(self, experts: int, dtype=torch.float32) -> None:
-        super().__init__()
-        self.mlp1_weight_EGD = nn.Parameter(torch.randn(experts, 2 * HIDDEN, DIM, dtype=dtype) / DIM**0.5)
-        self.mlp2_weight_EDF = nn.Parameter(torch.randn(experts, DIM, HIDDEN, dtype=dtype) / HIDDEN**0.5)
-
-    def forward(self, x):
-        w1 = self.mlp1_weight_EGD
-        gates = torch.linspace(0.5, 1.5, w1.shape[0], dtype=x.dtype) / w1.shape[0]
-        h = torch.einsum("btd,egd->bteg", x, w1)
-        a = nn.functional.silu(h[..., ::2]) * h[..., 1::2]
-        return torch.einsum("btef,edf,e->btd", a, self.mlp2_weight_EDF, gates)
-
-
-def _fused(experts=3, degree=5, dtype=torch.float32, strategy="per_forward", seed=0):
-    torch.manual_seed(seed)
-    m = _Fused(experts, dtype)
-    pcopt.precondition(m, "mlp1_weight_EGD", degree=degree, row_interleave=2)
-    pcopt.precondition(m, "mlp2_weight_EDF", degree=degree)
-    if strategy == "once_per_step":
-        pcopt.set_strategy(m, "once_per_step")
-    return m
-
-
-FUSED = ("mlp1_weight_EGD", "mlp2_weight_EDF")
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("micro_batches", [1, 4])
-def test_interleaved_stack_once_per_step_equals_per_forward(micro_batches, dtype, tol):
-    ref = _fused(dtype=dtype)
-    once = copy.deepcopy(ref)
-    pcopt.set_strategy(once, "once_per_step")
-    x = torch.randn(micro_batches, 3, 5, DIM, dtype=dtype)
-    for m in (ref, once):
-        opt = pcopt.build_optimizer(m, lr=3e-3, ns_dtype=dtype)
-        for _ in range(3):
-            for chunk in x:
-                m(chunk).pow(2).sum().backward()
-            m.grads = {
-                n: (_raw(m, n).grad.clone(), m.parametrizations[n][0].gamma.grad.clone()) for n in FUSED
-            }
-            opt.step()
-            opt.zero_grad()
-    for name in FUSED:
-        assert _rel(once.grads[name][0], ref.grads[name][0]) < tol
-        assert _rel(once.grads[name][1], ref.grads[name][1]) < tol
-        assert _rel(_raw(once, name), _raw(ref, name)) < tol
-    assert _rel(once(x[0]), ref(x[0])) < tol
 
 
 @pytest.mark.parametrize("strategy", ["per_forward", "once_per_step"])
@@ -242,22 +229,6 @@ def test_interleaved_rows_get_a_state_each_and_map_like_separate_matrices(strate
                 < 1e-12
             )
             assert _rel(pc.gamma.grad[e, j], one.gamma.grad[0]) < 1e-12, (e, j)
-
-
-def test_interleaved_stack_reads_nothing_on_the_host_and_its_ops_do_not_grow_with_experts():
-    def profile(experts):
-        m = _fused(experts=experts, strategy="once_per_step")
-        state = pcopt.PCState(m)
-        m(torch.randn(2, 4, DIM)).pow(2).sum().backward()
-        state.after_step()
-        with StepProfile() as prof:
-            pcopt.kernel.pull_back_(list(pcopt.strategy.slots(m)))
-            state.after_step()
-        return prof
-
-    few, many = profile(2), profile(64)
-    assert few.total_syncs == 0 and many.total_syncs == 0, (few.syncs, many.syncs)
-    assert few.total_ops == many.total_ops, (few.ops - many.ops) + (many.ops - few.ops)
 
 
 @pytest.mark.parametrize("strategy", ["per_forward", "once_per_step"])
