@@ -1,6 +1,6 @@
 """Seeded, best-vs-best study of the PC layer: named grids of token-efficiency runs, with confidence intervals.
 
-    python -m benchmarks.study --grid NAME [--data PATH.jsonl] [--out outputs/study] [--steps N]
+    python -m benchmarks.study --grid NAME [--data PATH.jsonl] [--out outputs/study] [--steps N] [--arms A,B]
         [--seeds 0,1,2] [--threads 1] [--max-runs N] [--no-plots] [--no-progress] [--list]
 
 A grid names a corpus, a step count, seeds and arms. An arm is a :mod:`benchmarks.token_efficiency` arm
@@ -290,12 +290,14 @@ GRIDS: dict[str, Grid] = {
         Grid(
             "kjv-size-384",
             "the size trend: dim 384, 6 layers (13.8M parameters, 4.1x), the same tokens per parameter as the "
-            "3.3M grids (823 steps); Muon vs Muon + PC and AdamW vs AdamW + PC at the 3.3M best lrs, seed 0",
+            "3.3M grids (823 steps); Muon vs Muon + PC (the recipe and deg3+pcwd1) and AdamW vs AdamW + PC at the "
+            "3.3M best lrs, seed 0",
             (
                 Arm("muon", (1.2e-2,)),
                 Arm("muon_pc", (2.4e-2,)),
                 Arm("adamw", (5.7e-3,)),  # its 3.3M best (kjv-adamw)
                 Arm("adamw_pc", (4e-3,)),
+                Arm("muon_pc:deg3+pcwd1", (1.7e-2,)),  # its 3.3M KJV best (kjv-muon-deg3-pcwd1)
             ),
             data="outputs/corpora/kjv.jsonl",
             steps=823,
@@ -824,6 +826,20 @@ def plot(summary: dict, runs: dict, best: dict, out: Path, prefix: str) -> list[
 
 
 # ----------------------------------------------------------------------------------------------------
+def _select_arms(p: argparse.ArgumentParser, grid: Grid, spec: str) -> tuple[Arm, ...]:
+    """The grid's arms named in ``spec`` (in the grid's order), plus the swept arms they borrow an lr from."""
+    wanted = [s.strip() for s in spec.split(",") if s.strip()]
+    known = {a.spec: a for a in grid.arms}
+    unknown = [s for s in wanted if s not in known]
+    if not wanted or unknown:
+        p.error(
+            f"--arms: expected comma-separated arms of grid {grid.name!r} ({', '.join(known)}), got {spec!r}"
+            + (f" (not in the grid: {', '.join(unknown)})" if unknown else "")
+        )
+    keep = set(wanted) | {known[s].lr_from for s in wanted if known[s].lr_from is not None}
+    return tuple(a for a in grid.arms if a.spec in keep)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.study", description=__doc__.split("\n\n")[0])
     p.add_argument("--grid", help=f"one of: {', '.join(GRIDS)}")
@@ -841,6 +857,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--seeds", default=None, help="comma-separated seeds (default: the grid's); the first sweeps lr"
     )
+    p.add_argument(
+        "--arms", default=None,
+        help="comma-separated arm specs: train only these arms of the grid (e.g. two processes on two cores, "
+        "each on its own arms; a later run without --arms summarizes the whole grid from the cache)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--max-runs", type=int, default=None, help="train at most N new runs, then summarize")
     p.add_argument(
@@ -865,6 +886,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not seeds:
             p.error("--seeds: give at least one seed")
         grid = dataclasses.replace(grid, seeds=seeds)
+    if args.arms is not None:
+        grid = dataclasses.replace(grid, arms=_select_arms(p, grid, args.arms))
     if args.steps is not None:
         if args.steps < 2:
             p.error(f"--steps must be >= 2, got {args.steps}")

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
+import shutil
 
 import pytest
 
 pytest.importorskip("torchtitan", reason="the benchmarks build torchtitan's Llama3 model")
 pytest.importorskip("tokenizers", reason="the token-efficiency benchmark trains a BPE with tokenizers")
 
-from benchmarks import study  # noqa: E402
+from benchmarks import size_trend, study  # noqa: E402
 
 pytestmark = pytest.mark.slow  # about 15-40 s: 13 tiny training runs
 
@@ -139,6 +141,22 @@ def test_resume_reuses_runs_and_budget_stops(smoke, tmp_path):
     assert json.loads((tmp_path / "smoke" / "summary.json").read_text())["complete"] is False
 
 
+def test_arms_restricts_the_grid_and_keeps_the_lr_source(smoke, tmp_path, capsys):
+    """``--arms`` trains only the named arms (plus the arm an lr is borrowed from), so that two processes can share
+    a grid's cache; the smoke cache already holds them, so nothing is trained and the restricted summary is whole."""
+    shutil.copytree(smoke["out"] / "tiny", tmp_path / "tiny")  # the cache, not the smoke grid's summary
+    argv = [*smoke["argv"], "--out", str(tmp_path), "--no-plots", "--max-runs", "0"]  # the last --out wins
+    part = study.main([*argv, "--arms", "muon_pc:merge50"])
+    assert sorted(part["arms"]) == ["muon", "muon_pc:merge50"]
+    assert part["complete"] is True and part["new_runs_trained"] == 0
+    assert part["arms"]["muon"]["final_val_loss"] == smoke["summary"]["arms"]["muon"]["final_val_loss"]
+    for bad, why in (("muon,adamw", r"got 'muon,adamw' \(not in the grid: adamw\)"), (" , ", r"got ' , '\n")):
+        with pytest.raises(SystemExit):
+            study.main([*argv, "--arms", bad])
+        assert re.search(r"--arms: expected comma-separated arms of grid 'smoke' \(muon, muon_pc, muon_pc:merge50\), "
+                         + why, capsys.readouterr().err)  # fmt: skip
+
+
 def test_kept_records_from_another_checkout_are_reused_and_saved(smoke, tmp_path, monkeypatch):
     """A fresh checkout has no run cache: the records kept in the repository (``--save-records``) stand in for it,
     matched by the corpus's content even though they were made from another path."""
@@ -179,3 +197,26 @@ def test_bad_grid_and_seeds_are_rejected(capsys):
     with pytest.raises(SystemExit):
         study.main(["--grid", "smoke", "--data", "missing.jsonl"])
     assert "--data: no file at 'missing.jsonl'" in capsys.readouterr().err
+
+
+def test_size_trend_rows_are_the_grids_comparisons(smoke, tmp_path):
+    """The size trend's row for a comparison is the grid's best-vs-best entry; its seed-0 ratio recomputed here from
+    the two seed-0 records; an arm whose runs are missing is a 'not run' row, not dropped."""
+    shutil.copytree(smoke["out"] / "tiny", tmp_path / "tiny")
+    extra = ("--data", str(smoke["data"]))
+    (row,) = size_trend.trend((("smoke",),), ("muon_pc",), out=str(tmp_path), extra_argv=extra)
+    cmp = smoke["summary"]["best_vs_best"]["muon_pc"]
+    assert row["token_ratio"]["mean"] == cmp["token_ratio"]["mean"] and row["seeds"] == cmp["seeds"]
+    arms = smoke["summary"]["arms"]
+    base, pc = (
+        json.loads(open(arms[a]["runs"][f"{arms[a]['best_lr']:g}"]["0"]).read()) for a in ("muon", "muon_pc")
+    )
+    target = max(base["final_val_loss"], pc["final_val_loss"])
+    expected = _interpolated_tokens(base["curve"], target) / _interpolated_tokens(pc["curve"], target)
+    assert row["seed0_token_ratio"] == pytest.approx(expected, rel=1e-12)
+    assert row["seed0_delta"] == pytest.approx(pc["final_val_loss"] - base["final_val_loss"], abs=1e-12)
+    assert row["params"] == base["params"] > 0
+    assert f"| muon_pc vs muon | {base['params'] / 1e6:.1f}M | `smoke` |" in size_trend.markdown([row])
+    empty = size_trend.trend((("smoke",),), ("muon_pc",), out=str(tmp_path / "empty"), extra_argv=extra)
+    assert empty == [{"comparison": "muon_pc", "spec": "muon_pc", "grid": "smoke", "missing": True}]
+    assert "| muon_pc | | `smoke` | | not run | not run |" in size_trend.markdown(empty)
