@@ -19,9 +19,11 @@ from pathlib import Path
 from benchmarks import study
 
 # KJV at 3.3M parameters (200 steps) and at 13.8M (dim 384, 6 layers, 823 steps: the same tokens per parameter).
+# A comparison comes from the first grid of its size that has all its runs: at 13.8M the two-lr check where it is
+# complete, else the 3.3M best lrs.
 SIZES: tuple[tuple[str, ...], ...] = (
     ("kjv-muon", "kjv-muon-deg3-pcwd1", "kjv-adamw"),
-    ("kjv-size-384",),
+    ("kjv-size-384-lr", "kjv-size-384"),
 )
 COMPARISONS = ("muon_pc", "muon_pc:deg3+pcwd1", "adamw_pc")
 

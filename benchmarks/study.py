@@ -306,6 +306,22 @@ GRIDS: dict[str, Grid] = {
             te_args=("--dim", "384", "--n-layers", "6", "--n-heads", "6"),
         ),
         Grid(
+            "kjv-size-384-lr",
+            "the lr check of the size trend: each arm of kjv-size-384 also one sqrt(2) step below its 3.3M best lr "
+            "(a larger model trained longer usually wants a lower lr), seed 0",
+            (
+                Arm("muon", (8.5e-3, 1.2e-2)),
+                Arm("muon_pc", (1.7e-2, 2.4e-2)),
+                Arm("adamw", (4e-3, 5.7e-3)),
+                Arm("adamw_pc", (2.8e-3, 4e-3)),
+            ),
+            data="outputs/corpora/kjv.jsonl",
+            steps=823,
+            seeds=(0,),
+            max_extend=0,
+            te_args=("--dim", "384", "--n-layers", "6", "--n-heads", "6"),
+        ),
+        Grid(
             "kjv-adamw",
             "AdamW vs AdamW + PC (degree 9), best lr vs best lr, KJV, 3.3M model",
             (Arm("adamw", ADAMW_LRS), Arm("adamw_pc", ADAMW_LRS)),
