@@ -100,6 +100,16 @@ MUON_LRS = _sqrt2_grid(1.2e-2, 1, 1)  # 8.5e-3, 1.2e-2, 1.7e-2: around the 400-s
 MUON_PC_LRS = _sqrt2_grid(1.7e-2, 0, 2)  # 1.7e-2, 2.4e-2, 3.4e-2: the PC arm tied Muon only at 2.4e-2
 ADAMW_LRS = _sqrt2_grid(4e-3, 1, 1)
 
+# The size trend's larger model: dim 384, 6 layers (13.8M parameters, 4.1x), 823 steps (the same tokens per parameter
+# as the 3.3M grids' 200), KJV, seed 0.
+SIZE_384 = dict(
+    data="outputs/corpora/kjv.jsonl",
+    steps=823,
+    seeds=(0,),
+    max_extend=0,
+    te_args=("--dim", "384", "--n-layers", "6", "--n-heads", "6"),
+)
+
 GRIDS: dict[str, Grid] = {
     g.name: g
     for g in (
@@ -299,27 +309,20 @@ GRIDS: dict[str, Grid] = {
                 Arm("adamw_pc", (4e-3,)),
                 Arm("muon_pc:deg3+pcwd1", (1.7e-2,)),  # its 3.3M KJV best (kjv-muon-deg3-pcwd1)
             ),
-            data="outputs/corpora/kjv.jsonl",
-            steps=823,
-            seeds=(0,),
-            max_extend=0,
-            te_args=("--dim", "384", "--n-layers", "6", "--n-heads", "6"),
+            **SIZE_384,
         ),
         Grid(
             "kjv-size-384-lr",
             "the lr check of the size trend: each arm of kjv-size-384 also one sqrt(2) step below its 3.3M best lr "
-            "(a larger model trained longer usually wants a lower lr), seed 0",
+            "(a larger model trained longer usually wants a lower lr), seed 0; deg3+pcwd1 at its 3.3M best only",
             (
                 Arm("muon", (8.5e-3, 1.2e-2)),
                 Arm("muon_pc", (1.7e-2, 2.4e-2)),
+                Arm("muon_pc:deg3+pcwd1", (1.7e-2,)),  # against Muon's best of two
                 Arm("adamw", (4e-3, 5.7e-3)),
                 Arm("adamw_pc", (2.8e-3, 4e-3)),
             ),
-            data="outputs/corpora/kjv.jsonl",
-            steps=823,
-            seeds=(0,),
-            max_extend=0,
-            te_args=("--dim", "384", "--n-layers", "6", "--n-heads", "6"),
+            **SIZE_384,
         ),
         Grid(
             "kjv-adamw",
