@@ -115,11 +115,11 @@ def plot(rows: list[dict], path: Path) -> None:
             if r["spec"] == spec and not r.get("missing") and r["token_ratio"]["mean"] is not None
         ]
         color = f"C{i}"
+        x = [r["params"] * (1 + 0.03 * i) for r in pts]  # the comparisons side by side at one size
         for ax, key, seed0 in (
             (axes[0], "token_ratio", "seed0_token_ratio"),
             (axes[1], "delta_final_val_loss", "seed0_delta"),
         ):
-            x = [r["params"] * (1 + 0.03 * i) for r in pts]  # side by side at one size
             ax.plot(
                 x,
                 [r[key]["mean"] for r in pts],
@@ -127,11 +127,10 @@ def plot(rows: list[dict], path: Path) -> None:
                 color=color,
                 label=pts[0]["comparison"] if pts else spec,
             )
-            for r in pts:
+            for xi, r in zip(x, pts):
                 if r[key]["ci95"]:
-                    lo, hi = r[key]["ci95"]
-                    ax.vlines(r["params"] * (1 + 0.03 * i), lo, hi, color=color, alpha=0.6)
-            s0 = [(r["params"] * (1 + 0.03 * i), r[seed0]) for r in pts if r[seed0] is not None]
+                    ax.vlines(xi, *r[key]["ci95"], color=color, alpha=0.6)
+            s0 = [(xi, r[seed0]) for xi, r in zip(x, pts) if r[seed0] is not None]
             if s0:
                 ax.plot(*zip(*s0), "x", color=color, ms=8)
     axes[0].axhline(1.0, color="gray", lw=0.8)
